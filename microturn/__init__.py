@@ -1,0 +1,7 @@
+"""microturn: engine, server and trainer for interaction models streamed in micro-turns."""
+
+from microturn.checkpoint import LoadedModel, load_model
+from microturn.errors import MicroturnError
+
+__version__ = "0.1.0"
+__all__ = ["LoadedModel", "MicroturnError", "load_model"]

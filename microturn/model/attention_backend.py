@@ -1,0 +1,72 @@
+"""Where attention keys and values live. The decoder computes q/k/v; a backend stores and attends.
+
+A backend sees one forward pass as `prepare(num_new_tokens)` once, then `attend(layer, q, k, v)`
+for every layer, so per-pass work (masks, slot ranges) is done once, not once per layer.
+Shapes: q [B, Hq, T, D]; k, v [B, Hkv, T, D]; result [B, Hq, T, D].
+"""
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from microturn.errors import MicroturnError
+from microturn.model.config import ModelConfig
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, num_new_tokens: int) -> None: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor: ...
+
+
+class CausalAttention:
+    """No cache: the tokens of this pass attend causally to each other (whole-sequence forward)."""
+
+    def prepare(self, num_new_tokens: int) -> None:
+        pass
+
+    def attend(self, layer, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+
+
+class DenseKVCache:
+    """A contiguous KV buffer per batch row, allocated once; each pass appends in place.
+
+    All rows advance together (same number of new tokens per pass). Slot i holds the i-th token
+    fed; a token attends to every slot up to and including its own.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if capacity <= 0:
+            raise MicroturnError(f"kv cache: capacity must be > 0, got {capacity}")
+        shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+        self._start = 0
+        self._mask: torch.Tensor | None = None
+
+    def prepare(self, num_new_tokens: int) -> None:
+        start, end = self.length, self.length + num_new_tokens
+        if end > self.capacity:
+            raise MicroturnError(
+                f"kv cache: {end} tokens exceed its capacity of {self.capacity}")
+        self._mask = None
+        if num_new_tokens > 1 and start > 0:  # queries see all earlier slots, causal among new ones
+            slot = torch.arange(end, device=self.k.device)
+            query_slot = torch.arange(start, end, device=self.k.device).unsqueeze(1)
+            self._mask = slot <= query_slot
+        self._start, self.length = start, end
+
+    def attend(self, layer, q, k, v):
+        start, end = self._start, self.length
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        causal = self._mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask,
+                                              is_causal=causal, enable_gqa=True)
