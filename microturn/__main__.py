@@ -1,0 +1,5 @@
+import sys
+
+from microturn.cli import main
+
+sys.exit(main())

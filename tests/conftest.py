@@ -1,0 +1,49 @@
+"""Shared fixtures: the real default model (loaded once per run) and the reference implementation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from microturn import load_model
+from microturn.checkpoint.default_model import default_model_path
+
+DATA = Path(__file__).parent / "data"
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference|, the figure the correctness goals are stated in."""
+    actual, reference = actual.double(), reference.double()
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(scope="session")
+def english_text() -> str:
+    return (DATA / "english.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def smollm_fp32():
+    return load_model(dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm_bf16():
+    return load_model(dtype="bf16", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """Hugging Face transformers loading the same GGUF file, in float32."""
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
