@@ -1,0 +1,175 @@
+"""Tiny randomly initialised models: shapes, edge cases, KV cache, and the safetensors path
+against transformers for each architecture the decoder claims (Llama, Qwen2, Qwen3)."""
+
+import json
+
+import pytest
+import torch
+from conftest import relative_error
+
+from microturn import MicroturnError, load_model
+from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
+from microturn.model.decoder import init_random_weights
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, intermediate_size=48, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  rope_layout="half", max_position=16, tie_word_embeddings=True)
+    return ModelConfig(**(fields | overrides))
+
+
+def tiny_model(seed: int = 0, **overrides) -> Decoder:
+    return init_random_weights(Decoder(tiny_config(**overrides)), seed=seed).eval()
+
+
+def full_logits(model: Decoder, tokens: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.inference_mode():
+        return model(tokens, positions, CausalAttention())
+
+
+def test_shapes_and_batch_of_one():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1, 7))
+    assert full_logits(model, tokens).shape == (1, 7, 97)
+    batch = torch.randint(0, 97, (3, 5))
+    logits = full_logits(model, batch)
+    assert logits.shape == (3, 5, 97)
+    # every row of a batch computes what it computes alone
+    for row in range(3):
+        assert torch.allclose(logits[row], full_logits(model, batch[row:row + 1])[0], atol=1e-5)
+
+
+def test_empty_input_gives_empty_logits():
+    model = tiny_model()
+    empty = torch.zeros((1, 0), dtype=torch.long)
+    assert full_logits(model, empty).shape == (1, 0, 97)
+    cache = DenseKVCache(model.config, batch=1, capacity=4, dtype=torch.float32)
+    with torch.inference_mode():
+        assert model(empty, empty, cache).shape == (1, 0, 97)
+    assert cache.length == 0
+
+
+def test_positions_past_trained_context_run():
+    model = tiny_model()  # trained context 16
+    tokens = torch.randint(0, 97, (1, 4))
+    far = torch.tensor([[1000, 1001, 1002, 1003]])
+    with torch.inference_mode():
+        logits = model(tokens, far, CausalAttention())
+    assert torch.isfinite(logits).all()
+    # rotary is relative: shifting every position by the same amount changes nothing (fp32 noise)
+    assert relative_error(logits, full_logits(model, tokens)) < 1e-4
+
+
+def test_logits_at_selects_steps():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 6))
+    positions = torch.arange(6).expand(2, 6)
+    with torch.inference_mode():
+        picked = model(tokens, positions, CausalAttention(), logits_at=torch.tensor([0, 5]))
+    full = full_logits(model, tokens)
+    assert torch.allclose(picked, full[:, [0, 5]], atol=1e-6)
+
+
+@pytest.mark.parametrize("split", [[10], [1] * 10, [4, 1, 1, 3, 1], [7, 3]])
+def test_kv_cache_matches_full_forward(split):
+    model = tiny_model(seed=3)
+    tokens = torch.randint(0, 97, (2, sum(split)))
+    full = full_logits(model, tokens)
+    cache = DenseKVCache(model.config, batch=2, capacity=sum(split), dtype=torch.float32)
+    start, pieces = 0, []
+    with torch.inference_mode():
+        for n in split:
+            positions = torch.arange(start, start + n).expand(2, n)
+            pieces.append(model(tokens[:, start:start + n], positions, cache))
+            start += n
+    assert relative_error(torch.cat(pieces, dim=1), full) < 1e-5
+    with pytest.raises(MicroturnError, match="capacity"):
+        model(tokens[:, :1], torch.zeros((2, 1), dtype=torch.long), cache)
+
+
+def test_interleaved_layout_equals_half_with_permuted_rows():
+    """GGUF llama files permute Q/K rows; running rotary interleaved undoes exactly that."""
+    half = tiny_model(seed=5)
+    inter = tiny_model(seed=5, rope_layout="interleaved")
+    c = half.config
+    perm = torch.cat([torch.arange(c.head_dim // 2).unsqueeze(1),
+                      torch.arange(c.head_dim // 2, c.head_dim).unsqueeze(1)], 1).flatten()
+
+    def permute_heads(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return w.view(heads, c.head_dim, -1)[:, perm].reshape(w.shape)
+
+    with torch.no_grad():
+        for a, b in zip(half.layers, inter.layers, strict=True):
+            q, k, v = a.self_attn.qkv_proj.weight.split((c.q_size, c.kv_size, c.kv_size))
+            b.self_attn.qkv_proj.weight.copy_(torch.cat(
+                [permute_heads(q, c.num_heads), permute_heads(k, c.num_kv_heads), v]))
+    tokens = torch.randint(0, 97, (1, 9))
+    assert relative_error(full_logits(inter, tokens), full_logits(half, tokens)) < 1e-5
+    # negative control: without the permutation the two layouts disagree
+    plain = tiny_model(seed=5, rope_layout="interleaved")
+    assert relative_error(full_logits(plain, tokens), full_logits(half, tokens)) > 1e-3
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(MicroturnError, match="num_kv_heads"):
+        tiny_config(num_heads=4, num_kv_heads=3)
+    with pytest.raises(MicroturnError, match="hidden_size"):
+        tiny_config(hidden_size=0)
+
+
+HF_TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               rms_norm_eps=1e-6)
+
+
+def save_tiny_hf(kind: str, directory, tie: bool):
+    transformers = pytest.importorskip("transformers")
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    extra = {"head_dim": 16} if kind == "qwen3" else {}  # Qwen3 decouples head_dim from width
+    config = config_class(**HF_TINY, **extra, tie_word_embeddings=tie, rope_theta=50000.0)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():  # make biases and norms non-trivial so a dropped one is visible
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen2", True),
+                                      ("qwen3", False)])
+def test_safetensors_directory_matches_transformers(kind, tie, tmp_path, smollm_fp32):
+    reference = save_tiny_hf(kind, tmp_path, tie)
+    smollm_fp32.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_model(tmp_path, dtype="fp32", device="cpu")
+    assert loaded.config.architecture == kind
+    assert loaded.config.attention_bias == (kind == "qwen2")
+    assert loaded.config.qk_norm == (kind == "qwen3")
+    tokens = torch.randint(0, 97, (2, 11))
+    with torch.inference_mode():
+        expected = reference(tokens).logits
+    assert relative_error(full_logits(loaded.model, tokens), expected) < 1e-5
+
+
+def test_broken_checkpoints_fail_with_one_clear_line(tmp_path, smollm_fp32):
+    with pytest.raises(MicroturnError, match="no such file"):
+        load_model(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(MicroturnError, match="junk.gguf: not a readable GGUF"):
+        load_model(tmp_path / "junk.gguf")
+    model_dir = tmp_path / "model"
+    save_tiny_hf("llama", model_dir, tie=True)
+    smollm_fp32.tokenizer.backend.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(MicroturnError, match="model.safetensors: not a readable safetensors"):
+        load_model(model_dir)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(MicroturnError, match="model_type 'gpt2' is not supported"):
+        load_model(model_dir)

@@ -1,0 +1,52 @@
+"""Sampling rules and streaming detokenisation."""
+
+import pytest
+import torch
+
+from microturn import MicroturnError
+from microturn.checkpoint.tokenizer import StreamingDecoder
+from microturn.sampling import SamplingParams, sample
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
+    assert sample(logits, SamplingParams()) == 1
+
+
+def test_top_k_one_is_greedy_and_seed_reproduces():
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, top_k=1, seed=7)
+    assert sample(logits, params, torch.Generator().manual_seed(7)) == int(logits.argmax())
+    free = SamplingParams(temperature=1.0, seed=7)
+    draws = [sample(logits, free, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([5.0, 4.0, 3.0, -10.0, -10.0])
+    generator = torch.Generator().manual_seed(0)
+    top2 = {sample(logits, SamplingParams(temperature=2.0, top_k=2), generator)
+            for _ in range(200)}
+    assert top2 == {0, 1}
+    # p(0) = 0.66: top_p 0.5 keeps only token 0, top_p 0.9 keeps tokens 0 and 1
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), generator)
+            for _ in range(100)} == {0}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), generator)
+            for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("field,kwargs", [("temperature", {"temperature": -1}),
+                                          ("top_p", {"top_p": 0.0}), ("top_k", {"top_k": -2})])
+def test_bad_sampling_params_name_the_field(field, kwargs):
+    with pytest.raises(MicroturnError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_streaming_decoder_holds_back_partial_characters(smollm_fp32):
+    tokenizer = smollm_fp32.tokenizer
+    text = "Tokyo is 東京, and 🙂 is a smile."
+    ids = tokenizer.encode(text)
+    stream = StreamingDecoder(tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
