@@ -30,7 +30,7 @@ class GenerationStats:
 
 @torch.inference_mode()
 def generate_tokens(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
-                    sampling: SamplingParams = SamplingParams(),
+                    sampling: SamplingParams | None = None,
                     stats: GenerationStats | None = None,
                     stop_at_eos: bool = True) -> Iterator[int]:
     """Yield up to max_tokens new token ids, stopping after an end-of-sequence token."""
@@ -39,6 +39,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
     if max_tokens < 0:
         raise MicroturnError(f"max_tokens must be >= 0, got {max_tokens}")
     stats = stats if stats is not None else GenerationStats()
+    sampling = sampling or SamplingParams()
     model = loaded.model
     cache = DenseKVCache(loaded.config, batch=1, capacity=len(prompt_ids) + max_tokens,
                          dtype=model.dtype, device=model.device)

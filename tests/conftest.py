@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model (loaded once per run) and the reference implementation."""
+"""Shared fixtures: the real default model (loaded once) and the reference implementation."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |actual - reference| / max |reference|, the figure the correctness goals are stated in."""
+    """max |actual - reference| / max |reference|: the figure the correctness goals use."""
     actual, reference = actual.double(), reference.double()
     return float((actual - reference).abs().max() / reference.abs().max())
 

@@ -1,0 +1,114 @@
+"""`microturn bench model`: one forward pass against a 1,000-token context, next to its floor.
+
+The floor of a pass is the larger of (bytes it must read) / (measured read bandwidth) and
+(FLOPs it must do) / (measured matmul peak). Bytes: every weight once (the tied embedding as the
+output head) plus the KV cache it attends over. FLOPs: 2 per weight per new token, attention,
+and the output head for the one token whose logits a decode needs.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from microturn.bench.machine import measure_machine
+from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
+from microturn.errors import MicroturnError
+from microturn.model.attention_backend import DenseKVCache
+
+
+def weight_bytes(loaded: LoadedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters())  # tied: once
+
+
+def pass_flops(loaded: LoadedModel, new_tokens: int, context: int) -> float:
+    c = loaded.config
+    layer_weights = sum(p.numel() for n, p in loaded.model.layers.named_parameters()
+                        if p.dim() == 2)
+    head = c.vocab_size * c.hidden_size
+    mean_keys = context + (new_tokens + 1) / 2
+    attention = 4 * c.num_layers * c.num_heads * c.head_dim * mean_keys * new_tokens
+    return 2 * layer_weights * new_tokens + attention + 2 * head
+
+
+def kv_bytes(loaded: LoadedModel, keys: int) -> int:
+    c = loaded.config
+    return 2 * c.num_layers * c.kv_size * keys * loaded.model.dtype.itemsize
+
+
+def time_pass(loaded: LoadedModel, cache: DenseKVCache, context: int, new_tokens: int,
+              repeats: int) -> list[float]:
+    model = loaded.model
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, new_tokens), device=model.device)
+    positions = torch.arange(context, context + new_tokens, device=model.device).unsqueeze(0)
+    last = torch.tensor([new_tokens - 1], device=model.device)
+    times = []
+    for i in range(repeats + 3):
+        cache.length = context  # drop the previous pass: every repeat appends at the same place
+        started = time.perf_counter()
+        model(tokens, positions, cache, logits_at=last)
+        if i >= 3:  # first passes warm caches and allocator
+            times.append(time.perf_counter() - started)
+    return times
+
+
+@torch.inference_mode()
+def run_model_bench(args: argparse.Namespace) -> None:
+    console = Console(stderr=True)
+    sizes = [int(n) for n in args.new_tokens.split(",")]
+    dtypes = args.dtypes.split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise MicroturnError(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    if args.context < 1 or min(sizes) < 1 or args.repeats < 1:
+        raise MicroturnError("--context, --new-tokens and --repeats must all be >= 1")
+    with console.status("measuring memory bandwidth and matmul peak"):
+        peaks = measure_machine({d: DTYPES[d] for d in dtypes})
+    bandwidth = peaks.read_bytes_per_second
+    out = Console()
+    out.print(f"machine: {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    out.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; matmul peak " + ", ".join(
+        f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in peaks.matmul_flops_per_second.items()))
+    table = Table(title=f"one forward pass, {args.context}-token context (median of "
+                        f"{args.repeats})")
+    for column in ("dtype", "new tokens", "time ms", "bytes floor ms", "flops floor ms",
+                   "x floor", "tokens/s"):
+        table.add_column(column, justify="right")
+    records = []
+    for dtype in dtypes:
+        with console.status(f"loading the model in {dtype}"):
+            loaded = load_model(args.model, dtype, "cpu")
+        if args.context + max(sizes) > loaded.config.max_position:
+            console.print(f"note: context exceeds the trained {loaded.config.max_position}")
+        cache = DenseKVCache(loaded.config, 1, args.context + max(sizes), loaded.model.dtype)
+        context_ids = torch.randint(0, loaded.config.vocab_size, (1, args.context))
+        with console.status(f"prefilling {args.context} tokens"):
+            loaded.model(context_ids, torch.arange(args.context).unsqueeze(0), cache,
+                         logits_at=torch.tensor([args.context - 1]))
+        for n in sizes:
+            with console.status(f"{dtype}: timing passes of {n} new tokens"):
+                seconds = statistics.median(time_pass(loaded, cache, args.context, n,
+                                                      args.repeats))
+            byte_floor = (weight_bytes(loaded) + kv_bytes(loaded, args.context + n)) / bandwidth
+            flop_floor = pass_flops(loaded, n, args.context) / peaks.matmul_flops_per_second[dtype]
+            floor = max(byte_floor, flop_floor)
+            record = dict(dtype=dtype, new_tokens=n, context=args.context, ms=seconds * 1e3,
+                          bytes_floor_ms=byte_floor * 1e3, flops_floor_ms=flop_floor * 1e3,
+                          ratio_to_floor=seconds / floor, tokens_per_s=n / seconds)
+            records.append(record)
+            table.add_row(dtype, str(n), f"{seconds * 1e3:.2f}", f"{byte_floor * 1e3:.2f}",
+                          f"{flop_floor * 1e3:.2f}", f"{seconds / floor:.2f}",
+                          f"{n / seconds:.0f}")
+    out.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"read_GBps": bandwidth / 1e9,
+                       "matmul_GFLOPs": {d: v / 1e9
+                                         for d, v in peaks.matmul_flops_per_second.items()},
+                       "passes": records}, f, indent=2)
