@@ -38,5 +38,6 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float
 
 
 def measure_machine(dtypes: dict[str, torch.dtype]) -> MachinePeaks:
+    """Bandwidth, and the matmul peak of each named dtype (the dtype the matmul runs in)."""
     return MachinePeaks(read_bandwidth(),
                         {name: matmul_peak(dtype) for name, dtype in dtypes.items()})

@@ -19,6 +19,8 @@ from rich.table import Table
 from microturn.bench.machine import measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.errors import MicroturnError
+from microturn.kernels import build
+from microturn.kernels.build import cpu_has_bf16_gemm
 from microturn.model.attention_backend import DenseKVCache
 
 
@@ -67,14 +69,20 @@ def run_model_bench(args: argparse.Namespace) -> None:
         raise MicroturnError(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
     if args.context < 1 or min(sizes) < 1 or args.repeats < 1:
         raise MicroturnError("--context, --new-tokens and --repeats must all be >= 1")
+    # Without bf16 hardware microturn computes bf16 models in fp32 (bf16 is storage only), so the
+    # fp32 peak is the honest compute floor for both.
+    compute = {d: (torch.float32 if d == "bf16" and not cpu_has_bf16_gemm() else DTYPES[d])
+               for d in dtypes}
     with console.status("measuring memory bandwidth and matmul peak"):
-        peaks = measure_machine({d: DTYPES[d] for d in dtypes})
+        peaks = measure_machine(compute)
     bandwidth = peaks.read_bytes_per_second
     out = Console()
     out.print(f"machine: {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     out.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; matmul peak " + ", ".join(
-        f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in peaks.matmul_flops_per_second.items()))
+        f"{d} {f / 1e9:.0f} GFLOP/s" + (" (computed in fp32)" if compute[d] != DTYPES[d] else "")
+        for d, f in peaks.matmul_flops_per_second.items()))
+    out.print(f"CPU kernels: {'on' if build.load() else 'off (torch fallback)'}")
     table = Table(title=f"one forward pass, {args.context}-token context (median of "
                         f"{args.repeats})")
     for column in ("dtype", "new tokens", "time ms", "bytes floor ms", "flops floor ms",

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from microturn.errors import MicroturnError
+from microturn.kernels import build
 from microturn.model.config import ModelConfig
+
+# Decode-sized passes use the CPU kernel (reads the cache once, no mask); longer fp32 prefills use
+# torch's flash attention. In bf16 the kernel always wins: torch has no fast bf16 path here.
+KERNEL_MAX_QUERIES = 16
 
 
 class AttentionBackend(Protocol):
@@ -66,6 +71,9 @@ class DenseKVCache:
         start, end = self._start, self.length
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
+        if q.device.type == "cpu" and (kernel := build.load()) and (
+                q.shape[2] <= KERNEL_MAX_QUERIES or q.dtype == torch.bfloat16):
+            return kernel.cached_attention(q, self.k[layer], self.v[layer], start)
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         causal = self._mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask,

@@ -1,15 +1,35 @@
-"""Linear and Embedding that skip PyTorch's default initialisation.
+"""Linear and Embedding for the decoder: no default init, and decode-shaped matmuls on CPU.
 
-Weights always come from a checkpoint or from `init_random_weights`; the default init would be
-wasted work (and on first use it imports torch._dynamo, ~2 s of a model load).
+Weights always come from a checkpoint or from `init_random_weights`, so PyTorch's default init
+would be wasted work (and on first use it imports torch._dynamo, ~2 s of a model load).
 """
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from microturn.kernels import build
+
+# Up to this many activation rows a matmul is bound by reading the weight once: the
+# small-batch kernel streams it; above it torch's GEMM (MKL) is faster.
+SMALL_BATCH_ROWS = 8
 
 
 class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() <= SMALL_BATCH_ROWS * self.in_features and (kernel := build.load()):
+            return kernel.small_batch_linear(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16 and not build.cpu_has_bf16_gemm():
+            # torch's bf16 GEMM has no fast path without bf16 hardware (~1 GFLOP/s):
+            # widen to fp32 for the big matmuls of a prefill, one copy per call.
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Embedding):

@@ -1,0 +1,1 @@
+"""Latency-shaped CPU kernels, compiled on first use, with reference implementations."""

@@ -1,0 +1,173 @@
+// Latency-shaped CPU kernels: decode-shaped linear and attention over an in-place KV buffer.
+//
+// small_batch_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m.
+//
+// Decode multiplies 1..8 activation rows by every weight, so the cost is streaming the weight
+// matrix from memory once. Each weight row is read once and reused (from L1) for every
+// activation row; bf16 weights are widened to fp32 in registers (a 16-bit shift), so bf16 runs
+// at memory speed on CPUs without bf16 arithmetic. Accumulation is fp32 in a fixed order that
+// depends only on K: a row's result never depends on how many rows are in the call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// ROWS weight rows against one fp32 activation row. Per weight row: two accumulators over
+// alternating blocks of 8, summed in a fixed order, then the scalar tail. The order depends only
+// on k, and is the same for ROWS = 1 and 4, so grouping never changes a result. Several rows at
+// once keep enough loads in flight to stream memory and share each activation load.
+template <int ROWS, typename W>
+inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* out) {
+  __m256 even[ROWS], odd[ROWS];
+  for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256 x0 = load8(x + i), x1 = load8(x + i + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (ROWS + r) * ldw + i), _MM_HINT_T0);
+      even[r] = _mm256_fmadd_ps(load8(w + r * ldw + i), x0, even[r]);
+      odd[r] = _mm256_fmadd_ps(load8(w + r * ldw + i + 8), x1, odd[r]);
+    }
+  }
+  if (i + 8 <= k) {
+    const __m256 x0 = load8(x + i);
+    for (int r = 0; r < ROWS; ++r) even[r] = _mm256_fmadd_ps(load8(w + r * ldw + i), x0, even[r]);
+    i += 8;
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = horizontal_sum(_mm256_add_ps(even[r], odd[r]));
+    for (int64_t j = i; j < k; ++j) sum += static_cast<float>(w[r * ldw + j]) * x[j];
+    out[r] = sum;
+  }
+}
+
+template <typename W, typename Out>
+void run(const float* x, const W* w, const float* bias, Out* y, int64_t m, int64_t n,
+         int64_t k) {
+  constexpr int64_t kGroup = 4;
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    float sums[kGroup];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t row = g * kGroup, rows = std::min(kGroup, n - row);
+      for (int64_t r = 0; r < m; ++r) {
+        if (rows == kGroup) {
+          dot_rows<kGroup>(w + row * k, k, x + r * k, k, sums);
+        } else {
+          for (int64_t j = 0; j < rows; ++j) dot_rows<1>(w + (row + j) * k, k, x + r * k, k, sums + j);
+        }
+        for (int64_t j = 0; j < rows; ++j)
+          y[r * n + row + j] = static_cast<Out>(sums[j] + (bias ? bias[row + j] : 0.0f));
+      }
+    }
+  });
+}
+
+// One query row against keys [0, keys): scaled scores, softmax, weighted sum of values, all fp32
+// in a fixed sequential order. keys/values rows are head_dim apart.
+template <typename T>
+void attend_row(const float* q, const T* keys, const T* values, int64_t n_keys, int64_t d,
+                float* scores, float* acc) {
+  int64_t s = 0;
+  for (; s + 4 <= n_keys; s += 4) dot_rows<4>(keys + s * d, d, q, d, scores + s);
+  for (; s < n_keys; ++s) dot_rows<1>(keys + s * d, d, q, d, scores + s);
+  float top = -INFINITY;
+  for (s = 0; s < n_keys; ++s) top = std::max(top, scores[s]);
+  float total = 0.0f;
+  for (s = 0; s < n_keys; ++s) total += (scores[s] = std::exp(scores[s] - top));
+  for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
+  for (s = 0; s < n_keys; ++s) {
+    const __m256 p = _mm256_set1_ps(scores[s] / total);
+    const T* v = values + s * d;
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(v + j), load8(acc + j)));
+    for (; j < d; ++j) acc[j] += scores[s] / total * static_cast<float>(v[j]);
+  }
+}
+
+}  // namespace
+
+// Attention of q [B, Hq, T, D] over a KV buffer [B, Hkv, capacity, D] whose first
+// `start + T` slots are filled; query t sits at slot start + t and sees slots [0, start + t].
+torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               int64_t start) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "cached_attention: 4-D tensors expected");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+              v_cache.strides() == k_cache.strides(), "cached_attention: rows must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "cached_attention: dtype mismatch");
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
+  const int64_t hkv = k_cache.size(1), group = hq / hkv;
+  TORCH_CHECK(start + t <= k_cache.size(2), "cached_attention: slots past the buffer");
+  auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
+  auto out = torch::empty({b, hq, t, d}, torch::kFloat32);
+  const float* qp = q32.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1);
+  auto body = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, b * hq * t, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(start + t);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bi = row / (hq * t), h = (row / t) % hq, ti = row % t;
+        const int64_t offset = bi * sb + (h / group) * sh;
+        attend_row(qp + row * d, kp + offset, vp + offset, start + ti + 1, d, scores.data(),
+                   op + row * d);
+      }
+    });
+  };
+  if (q.scalar_type() == torch::kBFloat16) {
+    body(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "cached_attention: fp32 or bf16 only");
+    body(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  }
+  return out.to(q.scalar_type());
+}
+
+torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_batch_linear: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "small_batch_linear: weight must be 2-D, contiguous");
+  const int64_t k = w.size(1), n = w.size(0);
+  TORCH_CHECK(x.size(-1) == k, "small_batch_linear: x has ", x.size(-1), " features, weight ", k);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  auto x32 = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
+  const int64_t m = x32.size(0);
+  auto y = torch::empty({m, n}, x.options());
+  torch::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(torch::kFloat32).contiguous();
+  const float* bp = bias.has_value() ? b32.data_ptr<float>() : nullptr;
+  const float* xp = x32.data_ptr<float>();
+  if (w.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16) {
+    run(xp, w.data_ptr<at::BFloat16>(), bp, y.data_ptr<at::BFloat16>(), m, n, k);
+  } else if (w.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32) {
+    run(xp, w.data_ptr<float>(), bp, y.data_ptr<float>(), m, n, k);
+  } else {
+    TORCH_CHECK(false, "small_batch_linear: x and weight must both be fp32 or both bf16");
+  }
+  return y.view(out_shape);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_batch_linear", &small_batch_linear, "decode-shaped linear (AVX2/FMA)");
+  m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
+}
