@@ -64,3 +64,41 @@ def test_cached_attention_matches_reference(dtype, start, steps):
     # negative control: a changed value inside the visible range moves the result
     v_cache[:, :, 0] += 3.0
     assert rel_error(kernels.cached_attention(q, k_cache, v_cache, start), reference) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_kernels_match_torch(dtype):
+    from microturn.model.rotary import RotaryAngles, apply_rotary
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 576, generator=generator)
+    weight = torch.randn(576, generator=generator)
+    reference = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert rel_error(kernels.rms_norm(x.to(dtype), weight.to(dtype), 1e-5),
+                     reference.double()) < TOLERANCE[dtype]
+
+    gate_up = torch.randn(2, 5, 2 * 48, generator=generator)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert rel_error(kernels.silu_mul(gate_up.to(dtype)), expected.double()) < TOLERANCE[dtype]
+
+    heads, kv_heads, dim = 4, 2, 16
+    positions = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 900, 901]])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = RotaryAngles.at(positions, inv_freq, torch.float32)
+    for layout in ("half", "interleaved"):
+        qkv = torch.randn(2, 5, (heads + 2 * kv_heads) * dim, generator=generator)
+        q, k, v = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+        want_q = apply_rotary(q.view(2, 5, heads, dim).transpose(1, 2), angles.cos_heads,
+                              angles.sin_heads, layout)
+        want_k = apply_rotary(k.view(2, 5, kv_heads, dim).transpose(1, 2), angles.cos_heads,
+                              angles.sin_heads, layout)
+        rotated = qkv.to(dtype)
+        kernels.rotary_qkv_(rotated, angles.cos, angles.sin, heads, kv_heads, dim,
+                            layout == "interleaved")
+        got_q, got_k, got_v = rotated.split((heads * dim, kv_heads * dim, kv_heads * dim), -1)
+        assert rel_error(got_q.view(2, 5, heads, dim).transpose(1, 2), want_q.double()) < \
+            TOLERANCE[dtype]
+        assert rel_error(got_k.view(2, 5, kv_heads, dim).transpose(1, 2), want_k.double()) < \
+            TOLERANCE[dtype]
+        assert torch.equal(got_v, v.to(dtype))  # values are not rotated

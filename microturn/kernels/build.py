@@ -48,3 +48,11 @@ def _cached() -> bool:
     from torch.utils.cpp_extension import _get_build_directory
 
     return any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so"))
+
+
+def inference_kernels(x: torch.Tensor) -> ModuleType | None:
+    """The compiled kernels if they apply to x: on the CPU, with autograd off (the kernels
+    have no backward; training runs torch's operators)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return load()

@@ -167,7 +167,111 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional
   return y.view(out_shape);
 }
 
+// The small element-wise steps of a layer, one call each instead of 3-10 torch ops (at decode
+// sizes each torch op costs more in dispatch than in arithmetic). All arithmetic in fp32.
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t d, float eps) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * d;
+      float sq = 0.0f;
+      for (int64_t j = 0; j < d; ++j) sq += static_cast<float>(row[j]) * static_cast<float>(row[j]);
+      const float scale = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+      for (int64_t j = 0; j < d; ++j)
+        out[r * d + j] = static_cast<T>(static_cast<float>(w[j]) * (static_cast<float>(row[j]) * scale));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: dtype mismatch");
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t d = x.size(-1), rows = d ? xc.numel() / d : 0;
+  if (x.scalar_type() == torch::kBFloat16) {
+    rms_norm_rows(xc.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(),
+                  out.data_ptr<at::BFloat16>(), rows, d, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "rms_norm: fp32 or bf16 only");
+    rms_norm_rows(xc.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, d,
+                  static_cast<float>(eps));
+  }
+  return out;
+}
+
+// Rotate, in place, the q and k heads inside a fused qkv projection [tokens, (hq + 2 hkv) * d]
+// by the angles cos/sin [tokens, d / 2] (fp32). interleaved pairs (2i, 2i+1); else (i, i + d/2).
+template <typename T>
+void rotary_rows(T* qkv, const float* cos, const float* sin, int64_t tokens, int64_t heads,
+                 int64_t width, int64_t d, bool interleaved) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * half;
+      const float* s = sin + t * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x = qkv + t * width + h * d;
+        for (int64_t i = 0; i < half; ++i) {
+          const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+          const float x1 = static_cast<float>(x[a]), x2 = static_cast<float>(x[b]);
+          x[a] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+          x[b] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    }
+  });
+}
+
+void rotary_qkv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t q_heads,
+                 int64_t kv_heads, int64_t head_dim, bool interleaved) {
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "rotary_qkv_: contiguous tensors expected");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32, "rotary_qkv_: cos/sin must be fp32");
+  const int64_t width = qkv.size(-1), tokens = width ? qkv.numel() / width : 0;
+  TORCH_CHECK(cos.numel() == tokens * head_dim / 2, "rotary_qkv_: one angle row per token");
+  const int64_t heads = q_heads + kv_heads;  // q heads then k heads are contiguous
+  if (qkv.scalar_type() == torch::kBFloat16) {
+    rotary_rows(qkv.data_ptr<at::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                tokens, heads, width, head_dim, interleaved);
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat32, "rotary_qkv_: fp32 or bf16 only");
+    rotary_rows(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), tokens,
+                heads, width, head_dim, interleaved);
+  }
+}
+
+// silu(gate) * up for a fused [.., 2 * f] gate/up projection -> [.., f]
+template <typename T>
+void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t f) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < f; ++j) {
+        const float g = static_cast<float>(x[r * 2 * f + j]);
+        out[r * f + j] = static_cast<T>(g / (1.0f + std::exp(-g)) * static_cast<float>(x[r * 2 * f + f + j]));
+      }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  auto x = gate_up.contiguous();
+  auto shape = x.sizes().vec();
+  const int64_t f = shape.back() / 2, rows = f ? x.numel() / (2 * f) : 0;
+  shape.back() = f;
+  auto out = torch::empty(shape, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    silu_mul_rows(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, f);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "silu_mul: fp32 or bf16 only");
+    silu_mul_rows(x.data_ptr<float>(), out.data_ptr<float>(), rows, f);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "decode-shaped linear (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
+  m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
 }

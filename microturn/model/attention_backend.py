@@ -71,7 +71,7 @@ class DenseKVCache:
         start, end = self._start, self.length
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        if q.device.type == "cpu" and (kernel := build.load()) and (
+        if (kernel := build.inference_kernels(q)) and (
                 q.shape[2] <= KERNEL_MAX_QUERIES or q.dtype == torch.bfloat16):
             return kernel.cached_attention(q, self.k[layer], self.v[layer], start)
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]

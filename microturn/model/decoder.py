@@ -13,7 +13,7 @@ from microturn.model.config import ModelConfig
 from microturn.model.linear import Embedding, Linear
 from microturn.model.mlp import SwiGLU
 from microturn.model.rmsnorm import RMSNorm
-from microturn.model.rotary import inverse_frequencies, rotary_cos_sin
+from microturn.model.rotary import RotaryAngles, inverse_frequencies
 
 
 class DecoderLayer(nn.Module):
@@ -24,8 +24,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+    def forward(self, x, rotary, backend):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -58,9 +58,9 @@ class Decoder(nn.Module):
                              f"{tuple(positions.shape)} must both be [batch, steps]")
         backend.prepare(token_ids.shape[1])
         x = self.embed_tokens(token_ids)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
+        rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, backend)
+            x = layer(x, rotary, backend)
         return self.norm(x)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,

@@ -20,11 +20,10 @@ class Linear(nn.Linear):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        if x.numel() <= SMALL_BATCH_ROWS * self.in_features and (kernel := build.load()):
-            return kernel.small_batch_linear(x, self.weight, self.bias)
-        if x.dtype == torch.bfloat16 and not build.cpu_has_bf16_gemm():
+        kernels = build.inference_kernels(x)
+        if kernels and x.numel() <= SMALL_BATCH_ROWS * self.in_features:
+            return kernels.small_batch_linear(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not build.cpu_has_bf16_gemm():
             # torch's bf16 GEMM has no fast path without bf16 hardware (~1 GFLOP/s):
             # widen to fp32 for the big matmuls of a prefill, one copy per call.
             bias = None if self.bias is None else self.bias.float()

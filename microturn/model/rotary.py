@@ -1,5 +1,7 @@
 """Rotary position embedding for explicit token positions, in either channel layout."""
 
+from dataclasses import dataclass
+
 import torch
 
 from microturn.model.config import RopeLayout
@@ -9,10 +11,20 @@ def inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, 1, T, head_dim/2] for positions [B, T]; computed once per forward."""
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
+@dataclass(frozen=True)
+class RotaryAngles:
+    """cos/sin of one forward pass, computed once and shared by every layer."""
+
+    cos: torch.Tensor  # [B, T, head_dim/2] float32 (the CPU kernel's input)
+    sin: torch.Tensor
+    cos_heads: torch.Tensor  # [B, 1, T, head_dim/2] in the model dtype (torch path)
+    sin_heads: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+        cos, sin = angles.cos(), angles.sin()
+        return cls(cos, sin, cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
