@@ -64,7 +64,7 @@ inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* 
 template <typename W, typename Out>
 void run(const float* x, const W* w, const float* bias, Out* y, int64_t m, int64_t n,
          int64_t k) {
-  constexpr int64_t kGroup = 4;
+  constexpr int64_t kGroup = 8;
   const int64_t groups = (n + kGroup - 1) / kGroup;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     float sums[kGroup];
