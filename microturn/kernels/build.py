@@ -31,6 +31,8 @@ def load() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load as compile_extension
 
+    _put_ninja_on_path()
+
     print("microturn: compiling CPU kernels (first run only, about a minute)...",
           file=sys.stderr, flush=True) if not _cached() else None
     try:
@@ -56,3 +58,13 @@ def inference_kernels(x: torch.Tensor) -> ModuleType | None:
     if x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     return load()
+
+
+def _put_ninja_on_path() -> None:
+    """torch looks for `ninja` on PATH; the pip package's binary is there only in an
+    activated environment."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
