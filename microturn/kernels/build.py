@@ -33,8 +33,9 @@ def load() -> ModuleType | None:
 
     _put_ninja_on_path()
 
-    print("microturn: compiling CPU kernels (first run only, about a minute)...",
-          file=sys.stderr, flush=True) if not _cached() else None
+    if not _cached():
+        print("microturn: compiling CPU kernels (first run only, about a minute)...",
+              file=sys.stderr, flush=True)
     try:
         return compile_extension(
             name=NAME, sources=[str(SOURCE)],
