@@ -14,9 +14,9 @@ from microturn.errors import MicroturnError
 from microturn.kernels import build
 from microturn.model.config import ModelConfig
 
-# Decode-sized passes use the CPU kernel (reads the cache once, no mask); longer fp32 prefills use
+# Decode-sized passes (measured: up to ~4 queries) use the CPU kernel; longer fp32 passes use
 # torch's flash attention. In bf16 the kernel always wins: torch has no fast bf16 path here.
-KERNEL_MAX_QUERIES = 16
+KERNEL_MAX_QUERIES = 4
 
 
 class AttentionBackend(Protocol):
