@@ -167,6 +167,73 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional
   return y.view(out_shape);
 }
 
+// Ragged attention through block tables: token i of the batch belongs to table row rows[i] and
+// sees that session's first keys[i] KV slots (slot s lives in block table[row][s / bs] at
+// offset s % bs). Per (token, head): scores block by block, softmax, weighted values; fp32, in
+// slot order, so the result for a token depends only on its own session's KV.
+template <typename T>
+void paged_rows(const float* q, const T* k_pool, const T* v_pool, const int32_t* table,
+                int64_t table_width, const int32_t* rows, const int32_t* keys, float* out,
+                int64_t n, int64_t hq, int64_t hkv, int64_t bs, int64_t d) {
+  const int64_t group = hq / hkv;
+  at::parallel_for(0, n * hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / hq, h = item % hq, kv = h / group;
+      const int64_t n_keys = keys[i];
+      const int32_t* blocks = table + rows[i] * table_width;
+      const float* qi = q + item * d;
+      scores.resize(n_keys);
+      for (int64_t s0 = 0; s0 < n_keys; s0 += bs) {
+        const T* kb = k_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d;
+        const int64_t run = std::min(bs, n_keys - s0);
+        int64_t s = 0;
+        for (; s + 4 <= run; s += 4) dot_rows<4>(kb + s * d, d, qi, d, scores.data() + s0 + s);
+        for (; s < run; ++s) dot_rows<1>(kb + s * d, d, qi, d, scores.data() + s0 + s);
+      }
+      float top = -INFINITY;
+      for (int64_t s = 0; s < n_keys; ++s) top = std::max(top, scores[s]);
+      float total = 0.0f;
+      for (int64_t s = 0; s < n_keys; ++s) total += (scores[s] = std::exp(scores[s] - top));
+      float* acc = out + item * d;
+      for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
+      for (int64_t s = 0; s < n_keys; ++s) {
+        const T* vrow = v_pool + ((static_cast<int64_t>(blocks[s / bs]) * hkv + kv) * bs + s % bs) * d;
+        const __m256 p = _mm256_set1_ps(scores[s] / total);
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(vrow + j), load8(acc + j)));
+        for (; j < d; ++j) acc[j] += scores[s] / total * static_cast<float>(vrow[j]);
+      }
+    }
+  });
+}
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                              torch::Tensor table, torch::Tensor rows, torch::Tensor keys) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4, "paged_attention: q [N, Hq, D], pool [NB, Hkv, BS, D]");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && table.is_contiguous(),
+              "paged_attention: pool and table must be contiguous");
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && rows.scalar_type() == torch::kInt32 &&
+              keys.scalar_type() == torch::kInt32, "paged_attention: int32 metadata expected");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type(), "paged_attention: dtype mismatch");
+  const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2);
+  auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
+  auto out = torch::empty({n, hq, d}, torch::kFloat32);
+  auto rows_c = rows.contiguous(), keys_c = keys.contiguous();
+  if (q.scalar_type() == torch::kBFloat16) {
+    paged_rows(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(),
+               table.data_ptr<int32_t>(), table.size(1), rows_c.data_ptr<int32_t>(),
+               keys_c.data_ptr<int32_t>(), out.data_ptr<float>(), n, hq, hkv, bs, d);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_attention: fp32 or bf16 only");
+    paged_rows(q32.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
+               table.data_ptr<int32_t>(), table.size(1), rows_c.data_ptr<int32_t>(),
+               keys_c.data_ptr<int32_t>(), out.data_ptr<float>(), n, hq, hkv, bs, d);
+  }
+  return out.to(q.scalar_type());
+}
+
 // The small element-wise steps of a layer, one call each instead of 3-10 torch ops (at decode
 // sizes each torch op costs more in dispatch than in arithmetic). All arithmetic in fp32.
 
@@ -271,6 +338,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "decode-shaped linear (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
+  m.def("paged_attention", &paged_attention, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
   m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");

@@ -1,0 +1,1 @@
+"""The streaming-session engine: resident sessions, the micro-turn timeline, one step per tick."""

@@ -1,0 +1,169 @@
+"""Engine: resident sessions, one batched input step and a few batched decode steps per tick.
+
+    engine = Engine(load_model(), EngineConfig())
+    sid = engine.open(SessionParams(max_output_tokens=8))
+    engine.append(sid, tokenizer.encode(" hello"))   # the input slice that arrived
+    outputs = engine.tick()                           # {sid: SliceOutput}
+    engine.close(sid)                                 # -> the session's timeline export
+
+A tick (1) takes every session with a queued input slice, (2) runs all their new tokens
+(the previous slice's last output token, then `<in> … <out>`) through the model in ONE forward
+pass over a ragged batch, sampling each session's first output token, then (3) runs decode
+steps batched across the sessions still speaking, one token each, until every slice is full or
+ended. Per-session bookkeeping is O(new tokens); the KV pool never moves.
+"""
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from itertools import count
+
+import torch
+
+from microturn.checkpoint.loader import LoadedModel
+from microturn.engine.kv_pool import KVPool
+from microturn.engine.markers import MarkerTokens, install_markers
+from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
+from microturn.engine.session import Session, SessionParams, SliceOutput
+from microturn.engine.timeline import MicroTurn, Timeline
+from microturn.errors import MicroturnError
+from microturn.sampling import sample
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_budget_mb: int = 512
+    block_size: int = 16
+    max_sessions: int = 64
+    context_limit: int | None = None  # default: the model's trained context
+    keep_logits: bool = False  # record logits for every fed token (tests)
+
+    def __post_init__(self):
+        if self.kv_budget_mb <= 0:
+            raise MicroturnError(f"kv_budget_mb must be > 0, got {self.kv_budget_mb}")
+        if not 1 <= self.block_size <= 1024:
+            raise MicroturnError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.max_sessions <= 0:
+            raise MicroturnError(f"max_sessions must be > 0, got {self.max_sessions}")
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.markers: MarkerTokens = install_markers(loaded)
+        self.loaded, self.model = loaded, loaded.model
+        self.context_limit = config.context_limit or loaded.config.max_position
+        blocks_per_session = -(-self.context_limit // config.block_size)
+        self.pool = KVPool(loaded.config, config.kv_budget_mb * 2**20, config.block_size,
+                           config.max_sessions, blocks_per_session, self.model.dtype,
+                           self.model.device)
+        self.sessions: dict[int, Session] = {}
+        self._ids = count(1)
+        self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
+
+    # -- session lifecycle -------------------------------------------------------------------
+
+    def open(self, params: SessionParams | None = None) -> int:
+        params = params or SessionParams()
+        with self._lock:
+            if not self.pool.free_blocks:
+                raise MicroturnError(f"kv pool full: all {self.pool.num_blocks} blocks in use; "
+                                     "close a session or raise --kv-budget-mb")
+            row = self.pool.take_row()
+            if row is None:
+                raise MicroturnError(f"max_sessions reached ({self.config.max_sessions} open)")
+            sid = next(self._ids)
+            generator = torch.Generator(device="cpu").manual_seed(params.sampling.seed)
+            self.sessions[sid] = Session(sid, params, row, Timeline(self.markers), generator)
+            return sid
+
+    def append(self, sid: int, input_ids: list[int]) -> None:
+        """Queue the input slice that arrived (empty: silence). One slice per tick."""
+        session = self._session(sid)
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in input_ids):
+            raise MicroturnError(f"input_ids: token ids must be in [0, {vocab})")
+        session.pending.append(list(input_ids))
+
+    def close(self, sid: int) -> dict:
+        """Free the session's blocks at once; return its timeline export."""
+        with self._lock:
+            session = self._session(sid)
+            self.pool.release(session.row, session.num_blocks)
+            session.closed = True
+            del self.sessions[sid]
+            return session.timeline.export()
+
+    def _session(self, sid: int) -> Session:
+        if sid not in self.sessions:
+            raise MicroturnError(f"session {sid}: no such open session")
+        return self.sessions[sid]
+
+    # -- the tick ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def tick(self) -> dict[int, SliceOutput]:
+        with self._lock:
+            active = [s for s in self.sessions.values() if s.pending]
+            if not active:
+                return {}
+            feeds = []
+            for s in active:
+                turn = MicroTurn(len(s.timeline.turns), s.pending.popleft())
+                s.timeline.turns.append(turn)
+                feeds.append(s.unfed + s.timeline.input_tokens(turn))
+                s.unfed = []
+            self._forward_and_sample(active, feeds)
+            speaking = [s for s in active if not self._slice_done(s)]
+            while speaking:
+                self._forward_and_sample(speaking, [s.unfed for s in speaking])
+                speaking = [s for s in speaking if not self._slice_done(s)]
+            return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
+                                      list(s.timeline.turns[-1].output_ids)) for s in active}
+
+    async def tick_async(self) -> dict[int, SliceOutput]:
+        """The tick on a worker thread, so an asyncio server keeps serving meanwhile."""
+        return await asyncio.to_thread(self.tick)
+
+    def _slice_done(self, s: Session) -> bool:
+        out = s.timeline.turns[-1].output_ids
+        if len(out) >= s.params.max_output_tokens:
+            return True
+        return not s.params.force_output and self.markers.ends_output(out[-1])
+
+    def _forward_and_sample(self, sessions: list[Session], feeds: list[list[int]]) -> None:
+        """One forward over every session's new tokens; sample one token per session."""
+        segments, tokens, positions = [], [], []
+        for s, feed in zip(sessions, feeds, strict=True):
+            self._reserve(s, len(feed))
+            segments.append(Segment(s.row, len(tokens), len(tokens) + len(feed), s.length))
+            tokens += feed
+            positions += range(s.next_position, s.next_position + len(feed))
+            s.fed += feed
+            s.length += len(feed)
+            s.next_position += len(feed)
+        device = self.model.device
+        backend = PagedAttention(self.pool, PagedBatch.build(self.pool, segments))
+        rows = (torch.arange(len(tokens)) if self.config.keep_logits
+                else torch.tensor([seg.end - 1 for seg in segments]))
+        logits = self.model(torch.tensor([tokens], device=device),
+                            torch.tensor([positions], device=device), backend,
+                            logits_at=rows.to(device))[0]
+        for i, (s, seg) in enumerate(zip(sessions, segments, strict=True)):
+            if self.config.keep_logits:
+                s.logits.append(logits[seg.start:seg.end].float().cpu())
+                last = logits[seg.end - 1]
+            else:
+                last = logits[i]
+            token = sample(last, s.params.sampling, s.generator)
+            s.timeline.turns[-1].output_ids.append(token)
+            s.unfed = [token]
+
+    def _reserve(self, s: Session, new_tokens: int) -> None:
+        if s.length + new_tokens > self.context_limit:
+            raise MicroturnError(f"session {s.id}: {s.length + new_tokens} tokens exceed the "
+                                 f"context limit of {self.context_limit}")
+        while s.num_blocks * self.pool.block_size < s.length + new_tokens:
+            if not self.pool.grow(s.row, s.num_blocks):
+                raise MicroturnError(f"session {s.id}: kv pool full, cannot grow")
+            s.num_blocks += 1

@@ -1,0 +1,81 @@
+"""Attention backend for a ragged batch of sessions whose KV lives in the block pool.
+
+The batch is one row of N tokens from many sessions (grouped by session, in order). For each
+token the engine supplies its session's table row, its logical slot (where its K/V is written)
+and how many slots it sees (its own and every earlier one). Metadata is built once per forward
+from per-session counters; nothing here depends on the length of any history.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from microturn.engine.kv_pool import KVPool
+from microturn.kernels import build
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tokens [start, end) of the batch belong to table row `row` at slots first_slot..."""
+
+    row: int
+    start: int
+    end: int
+    first_slot: int
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    rows: torch.Tensor  # [N] int32 table row per token
+    keys: torch.Tensor  # [N] int32 slots each token sees (its own slot + 1)
+    write_blocks: torch.Tensor  # [N] int64 physical block of each token's slot
+    write_offsets: torch.Tensor  # [N] int64 offset inside that block
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def build(cls, pool: KVPool, segments: list[Segment]) -> "PagedBatch":
+        rows = torch.cat([torch.full((s.end - s.start,), s.row, dtype=torch.int32)
+                          for s in segments])
+        slots = torch.cat([torch.arange(s.first_slot, s.first_slot + s.end - s.start)
+                           for s in segments])
+        blocks = pool.block_table[rows.long(), slots // pool.block_size].long()
+        return cls(rows, (slots + 1).to(torch.int32), blocks, slots % pool.block_size,
+                   tuple(segments))
+
+
+class PagedAttention:
+    def __init__(self, pool: KVPool, batch: PagedBatch):
+        self.pool, self.batch = pool, batch
+
+    def prepare(self, num_new_tokens: int) -> None:
+        if num_new_tokens != self.batch.rows.numel():
+            raise ValueError(f"batch metadata covers {self.batch.rows.numel()} tokens, "
+                             f"the pass has {num_new_tokens}")
+
+    def attend(self, layer, q, k, v):
+        # q [1, Hq, N, D]; k, v [1, Hkv, N, D]: write every token's K/V at its slot, in place
+        b = self.batch
+        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
+        k_pool[b.write_blocks, :, b.write_offsets] = k[0].transpose(0, 1)
+        v_pool[b.write_blocks, :, b.write_offsets] = v[0].transpose(0, 1)
+        if kernels := build.inference_kernels(q):
+            out = kernels.paged_attention(q[0].transpose(0, 1).contiguous(), k_pool, v_pool,
+                                          self.pool.block_table, b.rows, b.keys)
+            return out.transpose(0, 1).unsqueeze(0)
+        return self.attend_reference(q, k_pool, v_pool)
+
+    def attend_reference(self, q, k_pool, v_pool):
+        """torch path: gather each session's KV and run causal attention (one call per
+        session; the fallback and the kernel's reference, not the fast path)."""
+        pool, out = self.pool, torch.empty_like(q)
+        for s in self.batch.segments:
+            seen = s.first_slot + (s.end - s.start)
+            blocks = pool.block_table[s.row, :(seen + pool.block_size - 1) // pool.block_size]
+            keys = k_pool[blocks.long()].transpose(0, 1).flatten(1, 2)[:, :seen].unsqueeze(0)
+            values = v_pool[blocks.long()].transpose(0, 1).flatten(1, 2)[:, :seen].unsqueeze(0)
+            query_slot = torch.arange(s.first_slot, seen).unsqueeze(1)
+            visible = torch.arange(seen).unsqueeze(0) <= query_slot
+            out[:, :, s.start:s.end] = F.scaled_dot_product_attention(
+                q[:, :, s.start:s.end], keys, values, attn_mask=visible, enable_gqa=True)
+        return out

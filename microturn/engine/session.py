@@ -1,0 +1,49 @@
+"""Per-session state: small, typed, updated in place each tick (never rebuilt from history)."""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from microturn.engine.timeline import Timeline
+from microturn.errors import MicroturnError
+from microturn.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SessionParams:
+    max_output_tokens: int = 8  # per output slice
+    slice_ms: int = 200
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    force_output: bool = False  # emit exactly max_output_tokens, ignoring end/silence (benchmarks)
+
+    def __post_init__(self):
+        if not 1 <= self.max_output_tokens <= 256:
+            raise MicroturnError(f"max_output_tokens must be in [1, 256], "
+                                 f"got {self.max_output_tokens}")
+        if not 20 <= self.slice_ms <= 10_000:
+            raise MicroturnError(f"slice_ms must be in [20, 10000], got {self.slice_ms}")
+
+
+@dataclass
+class Session:
+    id: int
+    params: SessionParams
+    row: int  # this session's row of the KV pool's block table
+    timeline: Timeline
+    generator: torch.Generator
+    num_blocks: int = 0
+    length: int = 0  # KV slots written
+    next_position: int = 0  # position of the next token fed
+    unfed: list[int] = field(default_factory=list)  # sampled, fed at the next forward
+    pending: deque = field(default_factory=deque)  # queued input slices (token id lists)
+    fed: list[int] = field(default_factory=list)  # every token fed, in order
+    logits: list[torch.Tensor] = field(default_factory=list)  # per fed token (keep_logits only)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class SliceOutput:
+    session_id: int
+    index: int  # micro-turn index
+    output_ids: list[int]
