@@ -14,7 +14,7 @@ from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.engine.timeline import Timeline
 from microturn.kernels import build
-from microturn.model import CausalAttention, Decoder, ModelConfig
+from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 from microturn.sampling import SamplingParams
 
@@ -209,3 +209,41 @@ def test_bad_input_names_the_field(tiny):
         SessionParams(max_output_tokens=0)
     with pytest.raises(MicroturnError, match="no such open session"):
         engine.append(12345, [1])
+
+
+def dense_replay_logits(loaded: LoadedModel, fed: list[int], evictions) -> torch.Tensor:
+    """Reference for the long-session policy: a plain contiguous KV cache fed the same tokens
+    at the same positions, dropping the same slots at the same moments."""
+    cache = DenseKVCache(loaded.config, batch=1, capacity=len(fed), dtype=torch.float32)
+    pieces, done = [], 0
+    with torch.inference_mode():
+        for at, slot, count in [*evictions, (len(fed), 0, 0)]:
+            if at > done:
+                pieces.append(loaded.model(torch.tensor([fed[done:at]]),
+                                           torch.arange(done, at).unsqueeze(0), cache)[0])
+                done = at
+            if count:
+                keep = torch.cat([torch.arange(slot), torch.arange(slot + count, cache.length)])
+                cache.k[:, :, :, :len(keep)] = cache.k[:, :, :, keep].clone()
+                cache.v[:, :, :, :len(keep)] = cache.v[:, :, :, keep].clone()
+                cache.length = len(keep)
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("sessions", [1, 3])
+def test_long_sessions_evict_and_match_the_dense_reference(tiny, kernel_choice, sessions):
+    config = EngineConfig(kv_budget_mb=64, block_size=8, context_limit=96, sink_tokens=8,
+                          keep_logits=True)
+    engine = Engine(tiny, config)
+    results = stream(engine, random.Random(5), sessions, ticks=40, churn=False)
+    for sid, (fed, logits) in zip(engine.sessions, results, strict=True):
+        s = engine.sessions[sid]
+        assert len(fed) > 2 * config.context_limit and s.evictions  # the policy really ran
+        assert s.length <= config.context_limit
+        reference = dense_replay_logits(tiny, fed, s.evictions)
+        assert relative_error(logits, reference) < TOLERANCE
+        # the sink survives: the first block of the table is the one it started with
+        assert s.evictions[0][1] == engine.sink_blocks * config.block_size
+    # negative control: a reference that forgets to evict disagrees
+    s = engine.sessions[next(iter(engine.sessions))]
+    assert relative_error(torch.cat(s.logits), full_forward_logits(tiny, s.fed)) > TOLERANCE

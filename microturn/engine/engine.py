@@ -35,7 +35,9 @@ class EngineConfig:
     kv_budget_mb: int = 512
     block_size: int = 16
     max_sessions: int = 64
-    context_limit: int | None = None  # default: the model's trained context
+    context_limit: int | None = None  # KV slots per session; default: the trained context
+    sink_tokens: int = 64  # kept forever at the start of a long session (rounded up to blocks)
+    evict_fraction: float = 0.25  # share of the context dropped at once when it is full
     keep_logits: bool = False  # record logits for every fed token (tests)
 
     def __post_init__(self):
@@ -45,6 +47,8 @@ class EngineConfig:
             raise MicroturnError(f"block_size must be in [1, 1024], got {self.block_size}")
         if self.max_sessions <= 0:
             raise MicroturnError(f"max_sessions must be > 0, got {self.max_sessions}")
+        if not 0.0 < self.evict_fraction < 1.0:
+            raise MicroturnError(f"evict_fraction must be in (0, 1), got {self.evict_fraction}")
 
 
 class Engine:
@@ -54,6 +58,10 @@ class Engine:
         self.loaded, self.model = loaded, loaded.model
         self.context_limit = config.context_limit or loaded.config.max_position
         blocks_per_session = -(-self.context_limit // config.block_size)
+        self.sink_blocks = -(-config.sink_tokens // config.block_size)
+        if self.sink_blocks + 2 > blocks_per_session:
+            raise MicroturnError(f"context_limit {self.context_limit} leaves no window after "
+                                 f"a sink of {config.sink_tokens} tokens")
         self.pool = KVPool(loaded.config, config.kv_budget_mb * 2**20, config.block_size,
                            config.max_sessions, blocks_per_session, self.model.dtype,
                            self.model.device)
@@ -160,10 +168,34 @@ class Engine:
             s.unfed = [token]
 
     def _reserve(self, s: Session, new_tokens: int) -> None:
+        """Make room for new_tokens slots: grow by whole blocks; at the context limit (or when
+        the pool is full) evict the session's own oldest micro-turns after the sink."""
+        if new_tokens > self.context_limit - self.sink_blocks * self.pool.block_size:
+            raise MicroturnError(f"session {s.id}: a step of {new_tokens} tokens does not fit "
+                                 f"the context limit of {self.context_limit}")
         if s.length + new_tokens > self.context_limit:
-            raise MicroturnError(f"session {s.id}: {s.length + new_tokens} tokens exceed the "
-                                 f"context limit of {self.context_limit}")
+            self._evict(s, s.length + new_tokens - self.context_limit)
         while s.num_blocks * self.pool.block_size < s.length + new_tokens:
             if not self.pool.grow(s.row, s.num_blocks):
-                raise MicroturnError(f"session {s.id}: kv pool full, cannot grow")
+                if s.num_blocks <= self.sink_blocks + 1:
+                    raise MicroturnError(f"session {s.id}: kv pool full, cannot grow")
+                self._evict(s, s.length + new_tokens - s.num_blocks * self.pool.block_size)
+                continue
             s.num_blocks += 1
+
+    def _evict(self, s: Session, slots_needed: int) -> None:
+        """Long-session policy: drop whole blocks right after the sink, at least
+        evict_fraction of the context at once (so the O(blocks) table shift is rare).
+        Kept tokens keep their positions: rotary scores depend on position differences,
+        so what the window sees of itself is unchanged."""
+        bs, row = self.pool.block_size, self.pool.block_table[s.row]
+        at_least = int(self.config.evict_fraction * self.context_limit) // bs
+        evict = min(max(-(-slots_needed // bs), at_least, 1),
+                    s.num_blocks - self.sink_blocks - 1)  # keep the block being written
+        start, end = self.sink_blocks, self.sink_blocks + evict
+        self.pool.free_blocks += row[start:end].tolist()
+        row[start:s.num_blocks - evict] = row[end:s.num_blocks].clone()
+        row[s.num_blocks - evict:s.num_blocks] = -1
+        s.num_blocks -= evict
+        s.length -= evict * bs
+        s.evictions.append((len(s.fed), start * bs, evict * bs))

@@ -39,6 +39,7 @@ class Session:
     pending: deque = field(default_factory=deque)  # queued input slices (token id lists)
     fed: list[int] = field(default_factory=list)  # every token fed, in order
     logits: list[torch.Tensor] = field(default_factory=list)  # per fed token (keep_logits only)
+    evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
     closed: bool = False
 
 
