@@ -41,6 +41,12 @@ def run_generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def run_demo(args: argparse.Namespace) -> None:
+    from microturn.demo import run_demo as demo
+
+    demo(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -61,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     add_model_flags(gen)
     gen.set_defaults(run=run_generate)
+
+    demo = commands.add_parser("demo", help="scripted sessions served live in micro-turns")
+    demo.add_argument("--slice-ms", type=int, default=200)
+    demo.add_argument("--max-output-tokens", type=int, default=4)
+    demo.add_argument("--extra-slices", type=int, default=2, help="silent slices at the end")
+    demo.add_argument("--kv-budget-mb", type=int, default=256)
+    add_model_flags(demo, dtype="bf16")
+    demo.set_defaults(run=run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks that print measured numbers")
     which = bench.add_subparsers(dest="bench", required=True)
