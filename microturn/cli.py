@@ -47,6 +47,12 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args)
 
 
+def run_bench_engine(args: argparse.Namespace) -> None:
+    from microturn.bench.engine_bench import run_engine_bench
+
+    run_engine_bench(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -86,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, metavar="PATH")
     model.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     model.set_defaults(run=run_bench_model)
+
+    engine = which.add_parser("engine", help="streaming sessions: tick latency vs floor")
+    engine.add_argument("--sessions", type=int, default=1)
+    engine.add_argument("--turns", type=int, default=600, help="micro-turns per session")
+    engine.add_argument("--in", dest="input_tokens", type=int, default=None,
+                        help="input tokens per slice (default: both standard shapes)")
+    engine.add_argument("--out", dest="output_tokens", type=int, default=None,
+                        help="output tokens per slice, always emitted in full")
+    engine.add_argument("--slice-ms", type=int, default=200)
+    engine.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    engine.add_argument("--realtime", action="store_true", help="tick on the slice clock")
+    engine.add_argument("--find-capacity", action="store_true",
+                        help="search the largest N with p99 tick latency under the slice")
+    engine.add_argument("--capacity-turns", type=int, default=40,
+                        help="micro-turns per capacity probe")
+    engine.add_argument("--kv-budget-mb", type=int, default=1024)
+    engine.add_argument("--model", default=None, metavar="PATH")
+    engine.add_argument("--json", default=None, metavar="FILE")
+    engine.set_defaults(run=run_bench_engine)
     return parser
 
 

@@ -1,0 +1,207 @@
+"""`microturn bench engine`: N sessions streaming T micro-turns of I input and exactly O output
+tokens each, timed per tick and set against the floor of the work each tick must do.
+
+Floor of a tick = (weight bytes × forward passes + KV bytes every attention reads) / measured
+read bandwidth + (matmul FLOPs + attention FLOPs) / measured matmul peak. Attention's share
+grows with context, so raw latency cannot stay flat on a CPU; measured/floor (efficiency) stays
+flat when the engine has no O(history) overhead.
+"""
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from microturn.bench.machine import measure_machine
+from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
+from microturn.engine.engine import Engine, EngineConfig
+from microturn.engine.session import SessionParams
+from microturn.errors import MicroturnError
+from microturn.kernels.build import cpu_has_bf16_gemm
+
+SHAPES = {"sglang": (16, 8), "speech": (16, 2)}
+HEAD_TAIL = 10  # micro-turns averaged at each end for the tail/head ratios
+
+
+@dataclass
+class ShapeResult:
+    shape: str
+    sessions: int
+    turns: int
+    input_tokens: int
+    output_tokens: int
+    p50_ms: float
+    p99_ms: float
+    mean_turn_ms_head: float
+    mean_turn_ms_tail: float
+    tail_head_ratio: float
+    floor_ms: float  # mean floor per tick
+    floor_ratio: float  # median measured / floor
+    efficiency_tail_head_ratio: float
+    tokens_per_s: float
+    deadline_misses: int
+    peak_rss_mb: float
+    kv_blocks_peak: int
+    kv_blocks_total: int
+    evictions: int
+    capacity_sessions: int | None = None
+
+
+@dataclass(frozen=True)
+class Floors:
+    bandwidth: float  # bytes/s
+    peak: float  # FLOP/s
+
+    def tick(self, loaded: LoadedModel, passes: list[list[tuple[int, int]]]) -> float:
+        """passes: per forward, (new tokens, context after them) for each session in it."""
+        c, model = loaded.config, loaded.model
+        weights = sum(p.numel() for p in model.parameters())
+        layer_weights = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
+        size = model.dtype.itemsize
+        total_bytes = total_flops = 0.0
+        for rows in passes:
+            total_bytes += weights * size
+            for new, ctx in rows:
+                total_bytes += 2 * c.num_layers * c.kv_size * ctx * size
+                total_flops += 2 * layer_weights * new
+                total_flops += 4 * c.num_layers * c.num_heads * c.head_dim * new * ctx
+                total_flops += 2 * c.vocab_size * c.hidden_size  # one logits row
+        return total_bytes / self.bandwidth + total_flops / self.peak
+
+
+def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
+              input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
+              kv_budget_mb: int, console: Console, warmup: int = 3) -> ShapeResult:
+    engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb, max_sessions=sessions))
+    rng = random.Random(0)
+    vocab = loaded.config.vocab_size - len(engine.markers.added)
+    params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
+                           force_output=True)
+    ids = [engine.open(params) for _ in range(sessions)]
+    latencies, floors_ms, tokens, misses, peak_blocks = [], [], 0, 0, 0
+    next_tick = time.perf_counter()
+    started = time.perf_counter()
+    for turn in range(turns + warmup):
+        passes = []
+        for sid in ids:
+            engine.append(sid, [rng.randrange(300, vocab) for _ in range(input_tokens)])
+        t0 = time.perf_counter()
+        engine.tick()
+        latency = time.perf_counter() - t0
+        # the work this tick did: one input step (carried token, <in>, input, <out>), then
+        # output_tokens - 1 decode steps; contexts read back after any eviction
+        feed = input_tokens + 3 + (1 if turn else 0)
+        after_input = {sid: engine.sessions[sid].length - (output_tokens - 1) for sid in ids}
+        passes.append([(feed, after_input[sid]) for sid in ids])
+        passes += [[(1, after_input[sid] + step) for sid in ids]
+                   for step in range(1, output_tokens)]
+        if turn >= warmup:
+            latencies.append(latency)
+            floors_ms.append(floors.tick(loaded, passes) * 1e3)
+            tokens += sessions * (feed + output_tokens - 1)
+            misses += latency * 1e3 > slice_ms
+        peak_blocks = max(peak_blocks, engine.pool.blocks_in_use)
+        if realtime:
+            next_tick += slice_ms / 1e3
+            time.sleep(max(0.0, next_tick - time.perf_counter()))
+        if turn % 50 == 0:
+            console.log(f"{shape} x{sessions}: turn {turn}/{turns + warmup}, "
+                        f"tick {latency * 1e3:.0f} ms")
+    elapsed = time.perf_counter() - started
+    evictions = sum(len(engine.sessions[sid].evictions) for sid in ids)
+    for sid in ids:
+        engine.close(sid)
+    ms = [x * 1e3 for x in latencies]
+    ratio = [m / f for m, f in zip(ms, floors_ms, strict=True)]
+    n = min(HEAD_TAIL, max(1, len(ms) // 2))
+    head, tail = statistics.mean(ms[:n]), statistics.mean(ms[-n:])
+    return ShapeResult(
+        shape=shape, sessions=sessions, turns=turns, input_tokens=input_tokens,
+        output_tokens=output_tokens, p50_ms=statistics.median(ms),
+        p99_ms=sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
+        mean_turn_ms_head=head, mean_turn_ms_tail=tail, tail_head_ratio=tail / head,
+        floor_ms=statistics.mean(floors_ms), floor_ratio=statistics.median(ratio),
+        efficiency_tail_head_ratio=statistics.mean(ratio[-n:]) / statistics.mean(ratio[:n]),
+        tokens_per_s=tokens / elapsed,
+        deadline_misses=misses,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        kv_blocks_peak=peak_blocks, kv_blocks_total=engine.pool.num_blocks,
+        evictions=evictions)
+
+
+def find_capacity(loaded, floors, shape, args, console) -> int:
+    """Largest N whose p99 tick latency stays under the slice: doubling, then bisection."""
+    in_tokens, out_tokens = SHAPES[shape]
+
+    def fits(n: int) -> bool:
+        result = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
+                           out_tokens, args.slice_ms, False, args.kv_budget_mb, console)
+        console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
+        return result.p99_ms < args.slice_ms
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+@torch.inference_mode()
+def run_engine_bench(args: argparse.Namespace) -> None:
+    console = Console(stderr=True)
+    if args.sessions < 1 or args.turns < 2 * HEAD_TAIL:
+        raise MicroturnError(f"--sessions must be >= 1 and --turns >= {2 * HEAD_TAIL}")
+    if args.input_tokens is not None or args.output_tokens is not None:
+        shapes = {"custom": (args.input_tokens or 16, args.output_tokens or 2)}
+    else:
+        shapes = SHAPES
+    dtype = DTYPES[args.dtype]
+    compute = torch.float32 if dtype == torch.bfloat16 and not cpu_has_bf16_gemm() else dtype
+    with console.status("measuring memory bandwidth and matmul peak"):
+        peaks = measure_machine({"compute": compute})
+    floors = Floors(peaks.read_bytes_per_second, peaks.matmul_flops_per_second["compute"])
+    with console.status(f"loading the model in {args.dtype}"):
+        loaded = load_model(args.model, args.dtype, "cpu")
+    results = []
+    for shape, (in_tokens, out_tokens) in shapes.items():
+        result = run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
+                           out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb, console)
+        if args.find_capacity and shape in SHAPES:
+            result.capacity_sessions = find_capacity(loaded, floors, shape, args, console)
+        results.append(result)
+    out = Console()
+    out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
+              f"{floors.peak / 1e9:.0f} GFLOP/s ({compute}); {args.dtype}; "
+              f"{'real time' if args.realtime else 'as fast as possible'}; "
+              f"slice {args.slice_ms} ms")
+    table = Table(title=f"microturn bench engine: {args.sessions} session(s) x {args.turns} "
+                        "micro-turns")
+    columns = ["shape", "p50 ms", "p99 ms", "floor ms", "x floor", "tail/head",
+               "eff. tail/head", "tokens/s", "misses", "capacity", "evictions", "RSS MiB"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(f"{r.shape} {r.input_tokens}/{r.output_tokens}", f"{r.p50_ms:.1f}",
+                      f"{r.p99_ms:.1f}", f"{r.floor_ms:.1f}", f"{r.floor_ratio:.2f}",
+                      f"{r.tail_head_ratio:.2f}", f"{r.efficiency_tail_head_ratio:.2f}",
+                      f"{r.tokens_per_s:.0f}", str(r.deadline_misses),
+                      "-" if r.capacity_sessions is None else str(r.capacity_sessions),
+                      str(r.evictions), f"{r.peak_rss_mb:.0f}")
+    out.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": args.dtype, "slice_ms": args.slice_ms,
+                       "bandwidth_GBps": floors.bandwidth / 1e9,
+                       "matmul_GFLOPs": floors.peak / 1e9,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
