@@ -180,7 +180,7 @@ def run_engine_bench(args: argparse.Namespace) -> None:
         if args.find_capacity and shape in SHAPES:
             result.capacity_sessions = find_capacity(loaded, floors, shape, args, console)
         results.append(result)
-    out = Console()
+    out = Console(width=160)
     out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
               f"{floors.peak / 1e9:.0f} GFLOP/s ({compute}); {args.dtype}; "
               f"{'real time' if args.realtime else 'as fast as possible'}; "

@@ -32,52 +32,76 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// ROWS weight rows against one fp32 activation row. Per weight row: two accumulators over
-// alternating blocks of 8, summed in a fixed order, then the scalar tail. The order depends only
-// on k, and is the same for ROWS = 1 and 4, so grouping never changes a result. Several rows at
-// once keep enough loads in flight to stream memory and share each activation load.
-template <int ROWS, typename W>
-inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* out) {
-  __m256 even[ROWS], odd[ROWS];
-  for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+// A tile of NR weight rows x MR activation rows. Every output (m, n) has one accumulator that
+// adds the products of consecutive 8-element chunks in order, then its 8 lanes, then the scalar
+// tail: the same arithmetic whatever the tile, so a row's result never depends on how many rows
+// share the call (batch invariance) or where it sits. Each weight chunk is loaded and widened
+// once per tile and reused for all MR activation rows.
+template <int NR, int MR, typename W>
+inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k,
+                     float* out, int64_t ldo) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m256 x0 = load8(x + i), x1 = load8(x + i + 8);
-    for (int r = 0; r < ROWS; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (ROWS + r) * ldw + i), _MM_HINT_T0);
-      even[r] = _mm256_fmadd_ps(load8(w + r * ldw + i), x0, even[r]);
-      odd[r] = _mm256_fmadd_ps(load8(w + r * ldw + i + 8), x1, odd[r]);
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + i), _MM_HINT_T0);
+      wv[r] = load8(w + r * ldw + i);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = load8(x + m * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
     }
   }
-  if (i + 8 <= k) {
-    const __m256 x0 = load8(x + i);
-    for (int r = 0; r < ROWS; ++r) even[r] = _mm256_fmadd_ps(load8(w + r * ldw + i), x0, even[r]);
-    i += 8;
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    float sum = horizontal_sum(_mm256_add_ps(even[r], odd[r]));
-    for (int64_t j = i; j < k; ++j) sum += static_cast<float>(w[r * ldw + j]) * x[j];
-    out[r] = sum;
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float sum = horizontal_sum(acc[m][r]);
+      for (int64_t j = i; j < k; ++j) sum += static_cast<float>(w[r * ldw + j]) * x[m * ldx + j];
+      out[m * ldo + r] = sum;
+    }
+}
+
+// Keys are weight rows of a single activation row: the attention kernels reuse the tile.
+template <int ROWS, typename W>
+inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* out) {
+  dot_tile<ROWS, 1>(w, ldw, x, 0, k, out, 0);
 }
 
 template <typename W, typename Out>
 void run(const float* x, const W* w, const float* bias, Out* y, int64_t m, int64_t n,
          int64_t k) {
-  constexpr int64_t kGroup = 8;
-  const int64_t groups = (n + kGroup - 1) / kGroup;
+  // decode (m == 1): 8 weight rows at once keep enough loads in flight to stream memory;
+  // a few rows (m > 1): 4 x 3 tiles, so each widened weight chunk serves three rows.
+  const int64_t group = m == 1 ? 8 : 4;
+  const int64_t groups = (n + group - 1) / group;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    float sums[kGroup];
+    float sums[3 * 8];
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = g * kGroup, rows = std::min(kGroup, n - row);
-      for (int64_t r = 0; r < m; ++r) {
-        if (rows == kGroup) {
-          dot_rows<kGroup>(w + row * k, k, x + r * k, k, sums);
+      const int64_t row = g * group, rows = std::min(group, n - row);
+      const W* wg = w + row * k;
+      for (int64_t r = 0; r < m;) {
+        const float* xr = x + r * k;
+        int64_t taken = 1;
+        if (rows == 8) {
+          dot_tile<8, 1>(wg, k, xr, k, k, sums, 8);
+        } else if (rows == 4 && r + 2 < m) {
+          dot_tile<4, 3>(wg, k, xr, k, k, sums, 4);
+          taken = 3;
+        } else if (rows == 4 && r + 1 < m) {
+          dot_tile<4, 2>(wg, k, xr, k, k, sums, 4);
+          taken = 2;
+        } else if (rows == 4) {
+          dot_tile<4, 1>(wg, k, xr, k, k, sums, 4);
         } else {
-          for (int64_t j = 0; j < rows; ++j) dot_rows<1>(w + (row + j) * k, k, x + r * k, k, sums + j);
+          for (int64_t j = 0; j < rows; ++j) dot_tile<1, 1>(wg + j * k, k, xr, k, k, sums + j, 1);
         }
-        for (int64_t j = 0; j < rows; ++j)
-          y[r * n + row + j] = static_cast<Out>(sums[j] + (bias ? bias[row + j] : 0.0f));
+        for (int64_t t = 0; t < taken; ++t)
+          for (int64_t j = 0; j < rows; ++j)
+            y[(r + t) * n + row + j] =
+                static_cast<Out>(sums[t * (rows == 8 ? 8 : 4) + j] + (bias ? bias[row + j] : 0.0f));
+        r += taken;
       }
     }
   });
