@@ -31,6 +31,7 @@ class PagedBatch:
     keys: torch.Tensor  # [N] int32 slots each token sees (its own slot + 1)
     write_blocks: torch.Tensor  # [N] int64 physical block of each token's slot
     write_offsets: torch.Tensor  # [N] int64 offset inside that block
+    starts: torch.Tensor  # [S + 1] int32 first token of each segment, then N
     segments: tuple[Segment, ...]
 
     @classmethod
@@ -40,7 +41,9 @@ class PagedBatch:
         slots = torch.cat([torch.arange(s.first_slot, s.first_slot + s.end - s.start)
                            for s in segments])
         blocks = pool.block_table[rows.long(), slots // pool.block_size].long()
-        return cls(rows, (slots + 1).to(torch.int32), blocks, slots % pool.block_size,
+        starts = torch.tensor([s.start for s in segments] + [segments[-1].end],
+                              dtype=torch.int32)
+        return cls(rows, (slots + 1).to(torch.int32), blocks, slots % pool.block_size, starts,
                    tuple(segments))
 
 
@@ -61,7 +64,7 @@ class PagedAttention:
         v_pool[b.write_blocks, :, b.write_offsets] = v[0].transpose(0, 1)
         if kernels := build.inference_kernels(q):
             out = kernels.paged_attention(q[0].transpose(0, 1).contiguous(), k_pool, v_pool,
-                                          self.pool.block_table, b.rows, b.keys)
+                                          self.pool.block_table, b.rows, b.keys, b.starts)
             return out.transpose(0, 1).unsqueeze(0)
         return self.attend_reference(q, k_pool, v_pool)
 

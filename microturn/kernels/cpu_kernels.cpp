@@ -191,69 +191,103 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional
   return y.view(out_shape);
 }
 
-// Ragged attention through block tables: token i of the batch belongs to table row rows[i] and
-// sees that session's first keys[i] KV slots (slot s lives in block table[row][s / bs] at
-// offset s % bs). Per (token, head): scores block by block, softmax, weighted values; fp32, in
-// slot order, so the result for a token depends only on its own session's KV.
+// Ragged attention through block tables. The batch holds segments: segment g is tokens
+// [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
+// first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
+// Work item = (segment, query head): every K/V block is widened to fp32 once and used by all of
+// the segment's queries (a 20-token input slice reads its history once, not 20 times).
+// Per query the arithmetic is fixed: scores in slot order, max, exp-sum in slot order, values
+// accumulated in slot order; so a token's result does not depend on how many tokens share
+// its pass (prefill or decode) or on the other sessions in the batch.
 template <typename T>
-void paged_rows(const float* q, const T* k_pool, const T* v_pool, const int32_t* table,
-                int64_t table_width, const int32_t* rows, const int32_t* keys, float* out,
-                int64_t n, int64_t hq, int64_t hkv, int64_t bs, int64_t d) {
+void paged_segments(const float* q, const T* k_pool, const T* v_pool, const int32_t* table,
+                    int64_t table_width, const int32_t* rows, const int32_t* keys,
+                    const int32_t* starts, int64_t segments, float* out, int64_t hq,
+                    int64_t hkv, int64_t bs, int64_t d) {
   const int64_t group = hq / hkv;
-  at::parallel_for(0, n * hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  at::parallel_for(0, segments * hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, kbuf(bs * d), vbuf(bs * d);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / hq, h = item % hq, kv = h / group;
-      const int64_t n_keys = keys[i];
-      const int32_t* blocks = table + rows[i] * table_width;
-      const float* qi = q + item * d;
-      scores.resize(n_keys);
-      for (int64_t s0 = 0; s0 < n_keys; s0 += bs) {
-        const T* kb = k_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d;
-        const int64_t run = std::min(bs, n_keys - s0);
-        int64_t s = 0;
-        for (; s + 4 <= run; s += 4) dot_rows<4>(kb + s * d, d, qi, d, scores.data() + s0 + s);
-        for (; s < run; ++s) dot_rows<1>(kb + s * d, d, qi, d, scores.data() + s0 + s);
+      const int64_t g = item / hq, h = item % hq, kv = h / group;
+      const int64_t first = starts[g], count = starts[g + 1] - first;
+      if (count == 0) continue;
+      const int32_t* blocks = table + rows[first] * table_width;
+      const int64_t span = keys[first + count - 1];  // keys seen by the segment's last token
+      scores.assign(count * span, 0.0f);
+      auto widen = [&](const T* src, std::vector<float>& dst, int64_t n) {
+        for (int64_t j = 0; j < n * d; ++j) dst[j] = static_cast<float>(src[j]);
+      };
+      for (int64_t s0 = 0; s0 < span; s0 += bs) {
+        const int64_t run = std::min(bs, span - s0);
+        widen(k_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d, kbuf, run);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t visible = std::min<int64_t>(run, keys[first + t] - s0);
+          const float* qt = q + ((first + t) * hq + h) * d;
+          float* st = scores.data() + t * span + s0;
+          int64_t s = 0;
+          for (; s + 4 <= visible; s += 4) dot_rows<4>(kbuf.data() + s * d, d, qt, d, st + s);
+          for (; s < visible; ++s) dot_rows<1>(kbuf.data() + s * d, d, qt, d, st + s);
+        }
       }
-      float top = -INFINITY;
-      for (int64_t s = 0; s < n_keys; ++s) top = std::max(top, scores[s]);
-      float total = 0.0f;
-      for (int64_t s = 0; s < n_keys; ++s) total += (scores[s] = std::exp(scores[s] - top));
-      float* acc = out + item * d;
-      for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
-      for (int64_t s = 0; s < n_keys; ++s) {
-        const T* vrow = v_pool + ((static_cast<int64_t>(blocks[s / bs]) * hkv + kv) * bs + s % bs) * d;
-        const __m256 p = _mm256_set1_ps(scores[s] / total);
-        int64_t j = 0;
-        for (; j + 8 <= d; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(vrow + j), load8(acc + j)));
-        for (; j < d; ++j) acc[j] += scores[s] / total * static_cast<float>(vrow[j]);
+      for (int64_t t = 0; t < count; ++t) {  // softmax over each query's own keys
+        float* st = scores.data() + t * span;
+        const int64_t n_keys = keys[first + t];
+        float top = -INFINITY;
+        for (int64_t s = 0; s < n_keys; ++s) top = std::max(top, st[s]);
+        float total = 0.0f;
+        for (int64_t s = 0; s < n_keys; ++s) total += (st[s] = std::exp(st[s] - top));
+        for (int64_t s = 0; s < n_keys; ++s) st[s] /= total;
+        float* acc = out + ((first + t) * hq + h) * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
+      }
+      for (int64_t s0 = 0; s0 < span; s0 += bs) {
+        const int64_t run = std::min(bs, span - s0);
+        widen(v_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d, vbuf, run);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t visible = std::min<int64_t>(run, keys[first + t] - s0);
+          const float* pt = scores.data() + t * span + s0;
+          float* acc = out + ((first + t) * hq + h) * d;
+          for (int64_t s = 0; s < visible; ++s) {
+            const __m256 p = _mm256_set1_ps(pt[s]);
+            const float* vrow = vbuf.data() + s * d;
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8)
+              _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(vrow + j), load8(acc + j)));
+            for (; j < d; ++j) acc[j] += pt[s] * vrow[j];
+          }
+        }
       }
     }
   });
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                              torch::Tensor table, torch::Tensor rows, torch::Tensor keys) {
+                              torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
+                              torch::Tensor starts) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4, "paged_attention: q [N, Hq, D], pool [NB, Hkv, BS, D]");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && table.is_contiguous(),
               "paged_attention: pool and table must be contiguous");
-  TORCH_CHECK(table.scalar_type() == torch::kInt32 && rows.scalar_type() == torch::kInt32 &&
-              keys.scalar_type() == torch::kInt32, "paged_attention: int32 metadata expected");
+  for (const auto& t : {table, rows, keys, starts})
+    TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(),
+                "paged_attention: contiguous int32 metadata expected");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type(), "paged_attention: dtype mismatch");
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
-  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2);
+  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), segments = starts.numel() - 1;
+  TORCH_CHECK(segments >= 0 && (segments == 0 || starts[segments].item<int64_t>() == n),
+              "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({n, hq, d}, torch::kFloat32);
-  auto rows_c = rows.contiguous(), keys_c = keys.contiguous();
   if (q.scalar_type() == torch::kBFloat16) {
-    paged_rows(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(),
-               table.data_ptr<int32_t>(), table.size(1), rows_c.data_ptr<int32_t>(),
-               keys_c.data_ptr<int32_t>(), out.data_ptr<float>(), n, hq, hkv, bs, d);
+    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(),
+                   v_pool.data_ptr<at::BFloat16>(), table.data_ptr<int32_t>(), table.size(1),
+                   rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
+                   segments, out.data_ptr<float>(), hq, hkv, bs, d);
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_attention: fp32 or bf16 only");
-    paged_rows(q32.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
-               table.data_ptr<int32_t>(), table.size(1), rows_c.data_ptr<int32_t>(),
-               keys_c.data_ptr<int32_t>(), out.data_ptr<float>(), n, hq, hkv, bs, d);
+    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
+                   table.data_ptr<int32_t>(), table.size(1), rows.data_ptr<int32_t>(),
+                   keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), segments,
+                   out.data_ptr<float>(), hq, hkv, bs, d);
   }
   return out.to(q.scalar_type());
 }
