@@ -194,68 +194,115 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional
 // Ragged attention through block tables. The batch holds segments: segment g is tokens
 // [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
 // first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
-// Work item = (segment, query head): every K/V block is widened to fp32 once and used by all of
-// the segment's queries (a 20-token input slice reads its history once, not 20 times).
+// Work item = (segment, kv head): each K/V block is widened to fp32 once and used by every
+// query that reads it: the kv head's query heads times the segment's tokens (GQA and a
+// 20-token input slice read the history once, not 60 times).
 // Per query the arithmetic is fixed: scores in slot order, max, exp-sum in slot order, values
 // accumulated in slot order; so a token's result does not depend on how many tokens share
 // its pass (prefill or decode) or on the other sessions in the batch.
+inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
+// time in exp, and the scalar libm call costs more than the dot products around it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                              _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// In place: x[s] = exp(x[s] - top) / sum, in slot order (the sum is sequential over 8-lane
+// partial sums, a fixed order that depends only on n).
+inline void softmax_inplace(float* x, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) top = std::max(top, x[s]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 lanes = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), shift));
+    _mm256_storeu_ps(x + s, e);
+    lanes = _mm256_add_ps(lanes, e);
+  }
+  float total = horizontal_sum(lanes);
+  for (; s < n; ++s) total += (x[s] = std::exp(x[s] - top));
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+  for (; s < n; ++s) x[s] *= 1.0f / total;
+}
+
+// out[0:d] = sum_s p[s] * v[s, 0:d], in slot order, accumulated in registers 64 channels at a time.
+inline void weighted_sum(const float* p, const float* v, int64_t n, int64_t d, float* out) {
+  for (int64_t j0 = 0; j0 < d; j0 += 64) {
+    const int64_t width = std::min<int64_t>(64, d - j0);
+    if (width == 64) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < n; ++s) {
+        const __m256 ps = _mm256_set1_ps(p[s]);
+        const float* row = v + s * d + j0;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(row + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
+    } else {
+      for (int64_t j = j0; j < j0 + width; ++j) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < n; ++s) acc = std::fma(p[s], v[s * d + j], acc);
+        out[j] = acc;
+      }
+    }
+  }
+}
+
 template <typename T>
 void paged_segments(const float* q, const T* k_pool, const T* v_pool, const int32_t* table,
                     int64_t table_width, const int32_t* rows, const int32_t* keys,
                     const int32_t* starts, int64_t segments, float* out, int64_t hq,
                     int64_t hkv, int64_t bs, int64_t d) {
   const int64_t group = hq / hkv;
-  at::parallel_for(0, segments * hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, kbuf(bs * d), vbuf(bs * d);
+  at::parallel_for(0, segments * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, k_all, v_all;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / hq, h = item % hq, kv = h / group;
+      const int64_t g = item / hkv, kv = item % hkv;
       const int64_t first = starts[g], count = starts[g + 1] - first;
       if (count == 0) continue;
       const int32_t* blocks = table + rows[first] * table_width;
       const int64_t span = keys[first + count - 1];  // keys seen by the segment's last token
-      scores.assign(count * span, 0.0f);
-      auto widen = [&](const T* src, std::vector<float>& dst, int64_t n) {
-        for (int64_t j = 0; j < n * d; ++j) dst[j] = static_cast<float>(src[j]);
-      };
-      for (int64_t s0 = 0; s0 < span; s0 += bs) {
+      k_all.resize(span * d);
+      v_all.resize(span * d);
+      for (int64_t s0 = 0; s0 < span; s0 += bs) {  // gather the history once, widened
+        const int64_t offset = ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d;
         const int64_t run = std::min(bs, span - s0);
-        widen(k_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d, kbuf, run);
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t visible = std::min<int64_t>(run, keys[first + t] - s0);
-          const float* qt = q + ((first + t) * hq + h) * d;
-          float* st = scores.data() + t * span + s0;
-          int64_t s = 0;
-          for (; s + 4 <= visible; s += 4) dot_rows<4>(kbuf.data() + s * d, d, qt, d, st + s);
-          for (; s < visible; ++s) dot_rows<1>(kbuf.data() + s * d, d, qt, d, st + s);
-        }
+        widen(k_pool + offset, k_all.data() + s0 * d, run * d);
+        widen(v_pool + offset, v_all.data() + s0 * d, run * d);
       }
-      for (int64_t t = 0; t < count; ++t) {  // softmax over each query's own keys
-        float* st = scores.data() + t * span;
-        const int64_t n_keys = keys[first + t];
-        float top = -INFINITY;
-        for (int64_t s = 0; s < n_keys; ++s) top = std::max(top, st[s]);
-        float total = 0.0f;
-        for (int64_t s = 0; s < n_keys; ++s) total += (st[s] = std::exp(st[s] - top));
-        for (int64_t s = 0; s < n_keys; ++s) st[s] /= total;
-        float* acc = out + ((first + t) * hq + h) * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
-      }
-      for (int64_t s0 = 0; s0 < span; s0 += bs) {
-        const int64_t run = std::min(bs, span - s0);
-        widen(v_pool + ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d, vbuf, run);
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t visible = std::min<int64_t>(run, keys[first + t] - s0);
-          const float* pt = scores.data() + t * span + s0;
-          float* acc = out + ((first + t) * hq + h) * d;
-          for (int64_t s = 0; s < visible; ++s) {
-            const __m256 p = _mm256_set1_ps(pt[s]);
-            const float* vrow = vbuf.data() + s * d;
-            int64_t j = 0;
-            for (; j + 8 <= d; j += 8)
-              _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(vrow + j), load8(acc + j)));
-            for (; j < d; ++j) acc[j] += pt[s] * vrow[j];
-          }
-        }
+      scores.resize(span);
+      for (int64_t r = 0; r < count * group; ++r) {  // query (t, hh) is row t * group + hh
+        const int64_t token = first + r / group, head = kv * group + r % group;
+        const float* qr = q + (token * hq + head) * d;
+        const int64_t n_keys = keys[token];
+        int64_t s = 0;
+        for (; s + 4 <= n_keys; s += 4) dot_rows<4>(k_all.data() + s * d, d, qr, d, scores.data() + s);
+        for (; s < n_keys; ++s) dot_rows<1>(k_all.data() + s * d, d, qr, d, scores.data() + s);
+        softmax_inplace(scores.data(), n_keys);
+        weighted_sum(scores.data(), v_all.data(), n_keys, d, out + (token * hq + head) * d);
       }
     }
   });
