@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input tokens per slice (default: both standard shapes)")
     engine.add_argument("--out", dest="output_tokens", type=int, default=None,
                         help="output tokens per slice, always emitted in full")
+    engine.add_argument("--shape", default="both", choices=["sglang", "speech", "both"],
+                        help="sglang: 16 in / 8 out; speech: 16 in / 2 out")
     engine.add_argument("--slice-ms", type=int, default=200)
     engine.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     engine.add_argument("--realtime", action="store_true", help="tick on the slice clock")

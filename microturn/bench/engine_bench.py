@@ -165,7 +165,7 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     if args.input_tokens is not None or args.output_tokens is not None:
         shapes = {"custom": (args.input_tokens or 16, args.output_tokens or 2)}
     else:
-        shapes = SHAPES
+        shapes = {name: SHAPES[name] for name in SHAPES if args.shape in (name, "both")}
     dtype = DTYPES[args.dtype]
     compute = torch.float32 if dtype == torch.bfloat16 and not cpu_has_bf16_gemm() else dtype
     with console.status("measuring memory bandwidth and matmul peak"):
