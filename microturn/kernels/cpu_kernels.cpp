@@ -46,10 +46,10 @@ inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     __m256 wv[NR];
-    for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + i), _MM_HINT_T0);
-      wv[r] = load8(w + r * ldw + i);
-    }
+    if ((i & 31) == 0)  // one prefetch per cache line of the next tile's rows
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + i), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) wv[r] = load8(w + r * ldw + i);
     for (int m = 0; m < MR; ++m) {
       const __m256 xv = load8(x + m * ldx + i);
       for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
