@@ -7,6 +7,7 @@ import torch
 
 from microturn import load_model
 from microturn.checkpoint.default_model import default_model_path
+from microturn.kernels import build
 
 DATA = Path(__file__).parent / "data"
 
@@ -47,3 +48,13 @@ def reference_tokenizer():
     transformers = pytest.importorskip("transformers")
     path = default_model_path()
     return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def kernel_choice(request, monkeypatch):
+    """Run a test with the CPU kernels, and again with torch's operators only."""
+    if request.param == "torch":
+        monkeypatch.setattr(build, "load", lambda: None)
+    elif build.load() is None:
+        pytest.skip("CPU kernels unavailable here")
+    return request.param

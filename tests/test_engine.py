@@ -13,7 +13,6 @@ from microturn.engine import paged_attention
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.engine.timeline import Timeline
-from microturn.kernels import build
 from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 from microturn.sampling import SamplingParams
@@ -34,15 +33,6 @@ def tiny_loaded(tokenizer, seed: int = 0, **overrides) -> LoadedModel:
 @pytest.fixture
 def tiny(smollm_fp32):
     return tiny_loaded(smollm_fp32.tokenizer)
-
-
-@pytest.fixture(params=["kernels", "torch"])
-def kernel_choice(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(build, "load", lambda: None)
-    elif build.load() is None:
-        pytest.skip("CPU kernels unavailable here")
-    return request.param
 
 
 def full_forward_logits(loaded: LoadedModel, tokens: list[int]) -> torch.Tensor:

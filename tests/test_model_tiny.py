@@ -8,7 +8,6 @@ import torch
 from conftest import relative_error
 
 from microturn import MicroturnError, load_model
-from microturn.kernels import build
 from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 
@@ -71,16 +70,6 @@ def test_logits_at_selects_steps():
         picked = model(tokens, positions, CausalAttention(), logits_at=torch.tensor([0, 5]))
     full = full_logits(model, tokens)
     assert torch.allclose(picked, full[:, [0, 5]], atol=1e-6)
-
-
-@pytest.fixture(params=["kernels", "torch"])
-def kernel_choice(request, monkeypatch):
-    """Run a test with the CPU kernels, and again with torch's operators only."""
-    if request.param == "torch":
-        monkeypatch.setattr(build, "load", lambda: None)
-    elif build.load() is None:
-        pytest.skip("CPU kernels unavailable here")
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
