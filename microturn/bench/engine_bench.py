@@ -58,13 +58,21 @@ class ShapeResult:
 class Floors:
     bandwidth: float  # bytes/s
     peak: float  # FLOP/s
+    weights: int  # parameters read by every forward (the tied embedding once)
+    layer_weights: int  # matmul parameters of the layers (2 FLOPs each per token)
+
+    @classmethod
+    def measure(cls, loaded: LoadedModel, compute: torch.dtype) -> "Floors":
+        peaks = measure_machine({"compute": compute})
+        model = loaded.model
+        return cls(peaks.read_bytes_per_second, peaks.matmul_flops_per_second["compute"],
+                   sum(p.numel() for p in model.parameters()),
+                   sum(p.numel() for p in model.layers.parameters() if p.dim() == 2))
 
     def tick(self, loaded: LoadedModel, passes: list[list[tuple[int, int]]]) -> float:
         """passes: per forward, (new tokens, context after them) for each session in it."""
-        c, model = loaded.config, loaded.model
-        weights = sum(p.numel() for p in model.parameters())
-        layer_weights = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
-        size = model.dtype.itemsize
+        c, size = loaded.config, loaded.model.dtype.itemsize
+        weights, layer_weights = self.weights, self.layer_weights
         total_bytes = total_flops = 0.0
         for rows in passes:
             total_bytes += weights * size
@@ -168,11 +176,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
         shapes = {name: SHAPES[name] for name in SHAPES if args.shape in (name, "both")}
     dtype = DTYPES[args.dtype]
     compute = torch.float32 if dtype == torch.bfloat16 and not cpu_has_bf16_gemm() else dtype
-    with console.status("measuring memory bandwidth and matmul peak"):
-        peaks = measure_machine({"compute": compute})
-    floors = Floors(peaks.read_bytes_per_second, peaks.matmul_flops_per_second["compute"])
     with console.status(f"loading the model in {args.dtype}"):
         loaded = load_model(args.model, args.dtype, "cpu")
+    with console.status("measuring memory bandwidth and matmul peak"):
+        floors = Floors.measure(loaded, compute)
     results = []
     for shape, (in_tokens, out_tokens) in shapes.items():
         result = run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,

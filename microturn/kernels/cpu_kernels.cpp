@@ -107,26 +107,80 @@ void run(const float* x, const W* w, const float* bias, Out* y, int64_t m, int64
   });
 }
 
-// One query row against keys [0, keys): scaled scores, softmax, weighted sum of values, all fp32
-// in a fixed sequential order. keys/values rows are head_dim apart.
+// exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
+// time in exp, and the scalar libm call costs more than the dot products around it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                              _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// In place: x[s] = exp(x[s] - top) / sum, in slot order (the sum is sequential over 8-lane
+// partial sums, a fixed order that depends only on n).
+inline void softmax_inplace(float* x, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) top = std::max(top, x[s]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 lanes = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), shift));
+    _mm256_storeu_ps(x + s, e);
+    lanes = _mm256_add_ps(lanes, e);
+  }
+  float total = horizontal_sum(lanes);
+  for (; s < n; ++s) total += (x[s] = std::exp(x[s] - top));
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+  for (; s < n; ++s) x[s] *= 1.0f / total;
+}
+
+// out[0:d] = sum_s p[s] * v[s, 0:d], in slot order, accumulated in registers 64 channels at a time.
+template <typename V>
+inline void weighted_sum(const float* p, const V* v, int64_t n, int64_t d, float* out) {
+  for (int64_t j0 = 0; j0 < d; j0 += 64) {
+    const int64_t width = std::min<int64_t>(64, d - j0);
+    if (width == 64) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < n; ++s) {
+        const __m256 ps = _mm256_set1_ps(p[s]);
+        const V* row = v + s * d + j0;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(ps, load8(row + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
+    } else {
+      for (int64_t j = j0; j < j0 + width; ++j) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < n; ++s) acc = std::fma(p[s], static_cast<float>(v[s * d + j]), acc);
+        out[j] = acc;
+      }
+    }
+  }
+}
+
+// One query row against keys [0, n_keys): scores, softmax, weighted values (the same steps as
+// the paged kernel, reading a contiguous per-head KV buffer).
 template <typename T>
 void attend_row(const float* q, const T* keys, const T* values, int64_t n_keys, int64_t d,
                 float* scores, float* acc) {
   int64_t s = 0;
   for (; s + 4 <= n_keys; s += 4) dot_rows<4>(keys + s * d, d, q, d, scores + s);
   for (; s < n_keys; ++s) dot_rows<1>(keys + s * d, d, q, d, scores + s);
-  float top = -INFINITY;
-  for (s = 0; s < n_keys; ++s) top = std::max(top, scores[s]);
-  float total = 0.0f;
-  for (s = 0; s < n_keys; ++s) total += (scores[s] = std::exp(scores[s] - top));
-  for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
-  for (s = 0; s < n_keys; ++s) {
-    const __m256 p = _mm256_set1_ps(scores[s] / total);
-    const T* v = values + s * d;
-    int64_t j = 0;
-    for (; j + 8 <= d; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(p, load8(v + j), load8(acc + j)));
-    for (; j < d; ++j) acc[j] += scores[s] / total * static_cast<float>(v[j]);
-  }
+  softmax_inplace(scores, n_keys);
+  weighted_sum(scores, values, n_keys, d, acc);
 }
 
 }  // namespace
@@ -206,69 +260,6 @@ inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
   for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-// exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
-// time in exp, and the scalar libm call costs more than the dot products around it.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
-                                              _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i pow2 = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-
-// In place: x[s] = exp(x[s] - top) / sum, in slot order (the sum is sequential over 8-lane
-// partial sums, a fixed order that depends only on n).
-inline void softmax_inplace(float* x, int64_t n) {
-  float top = -INFINITY;
-  for (int64_t s = 0; s < n; ++s) top = std::max(top, x[s]);
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 lanes = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= n; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), shift));
-    _mm256_storeu_ps(x + s, e);
-    lanes = _mm256_add_ps(lanes, e);
-  }
-  float total = horizontal_sum(lanes);
-  for (; s < n; ++s) total += (x[s] = std::exp(x[s] - top));
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
-  for (; s < n; ++s) x[s] *= 1.0f / total;
-}
-
-// out[0:d] = sum_s p[s] * v[s, 0:d], in slot order, accumulated in registers 64 channels at a time.
-inline void weighted_sum(const float* p, const float* v, int64_t n, int64_t d, float* out) {
-  for (int64_t j0 = 0; j0 < d; j0 += 64) {
-    const int64_t width = std::min<int64_t>(64, d - j0);
-    if (width == 64) {
-      __m256 acc[8];
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < n; ++s) {
-        const __m256 ps = _mm256_set1_ps(p[s]);
-        const float* row = v + s * d + j0;
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(row + 8 * c), acc[c]);
-      }
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
-    } else {
-      for (int64_t j = j0; j < j0 + width; ++j) {
-        float acc = 0.0f;
-        for (int64_t s = 0; s < n; ++s) acc = std::fma(p[s], v[s * d + j], acc);
-        out[j] = acc;
-      }
-    }
-  }
 }
 
 template <typename T>
