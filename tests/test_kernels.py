@@ -14,36 +14,83 @@ def rel_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual.double() - reference).abs().max() / reference.abs().max())
 
 
+def linear(x, w, bias=None):
+    return kernels.packed_linear(x, kernels.pack_linear_weight(w), w.shape[0], bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 3072, 576), (3, 576, 1536), (8, 97, 37), (1, 5, 8),
-                                      (2, 49152, 576)])
-def test_small_batch_linear_matches_reference(dtype, rows, n, k):
+                                      (2, 49152, 576), (100, 960, 576), (7, 17, 3)])
+def test_packed_linear_matches_reference(dtype, rows, n, k):
     generator = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k, generator=generator).to(dtype)
     w = torch.randn(n, k, generator=generator).to(dtype)
     bias = torch.randn(n, generator=generator).to(dtype)
     reference = x.double() @ w.double().T + bias.double()
-    out = kernels.small_batch_linear(x, w, bias)
+    out = linear(x, w, bias)
     assert out.dtype == dtype and out.shape == (rows, n)
     assert rel_error(out, reference) < TOLERANCE[dtype]
     # negative control: a perturbed weight is caught by the same check
-    w[0] += 1.0
-    assert rel_error(kernels.small_batch_linear(x, w, bias), reference) > TOLERANCE[dtype]
+    w[-1] += 1.0
+    assert rel_error(linear(x, w, bias), reference) > TOLERANCE[dtype]
+
+
+# Every linear shape of the default model (SmolLM2-135M: qkv, o, gate/up, down; the 49k-wide
+# head separately below), at every batch size from 1 to 512.
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_batch_linear_row_result_is_batch_invariant(dtype):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 576, generator=generator).to(dtype)
-    w = torch.randn(1536, 576, generator=generator).to(dtype)
-    alone = kernels.small_batch_linear(x[3:4], w, None)
-    for rows in (slice(0, 8), slice(3, 5), slice(1, 4)):
-        batched = kernels.small_batch_linear(x[rows], w, None)
-        assert torch.equal(batched[3 - rows.start], alone[0])
-    # negative control: the bitwise check sees a small change of one input
-    nudged = x[3:4].clone()
-    nudged[0, 0] += 0.05
-    assert not torch.equal(kernels.small_batch_linear(nudged, w, None), alone)
+@pytest.mark.parametrize("n,k", MODEL_SHAPES)
+def test_packed_linear_is_batch_invariant_for_every_batch_size(dtype, n, k):
+    generator = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(1024, k, generator=generator) * torch.logspace(-3, 3, k)).to(dtype)
+    w = torch.randn(n, k, generator=generator).to(dtype)
+    panels = kernels.pack_linear_weight(w)
+    full = kernels.packed_linear(x, panels, n, None)
+    for rows in range(1, 513):
+        at = (rows * 389) % (1024 - rows)  # the row block sits anywhere in the big batch
+        part = kernels.packed_linear(x[at:at + rows], panels, n, None)
+        assert torch.equal(part, full[at:at + rows]), f"batch of {rows} rows at {at} differs"
+    # negative control: torch's own matmul does change a row's bits with the batch here
+    if dtype == torch.float32:
+        whole = torch.nn.functional.linear(x, w)
+        assert any(not torch.equal(torch.nn.functional.linear(x[:rows], w), whole[:rows])
+                   for rows in (1, 2, 3, 5, 7, 16, 33))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_head_and_logprobs_are_batch_invariant(dtype):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 576, generator=generator).to(dtype)
+    w = (torch.randn(49152, 576, generator=generator) * 0.05).to(dtype)
+    panels = kernels.pack_linear_weight(w)
+    full = kernels.packed_linear(x, panels, 49152, None)
+    targets = torch.randint(0, 49152, (64,), generator=generator)
+    logprobs = kernels.token_logprobs(full, targets)
+    reference = full.double().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    assert float((logprobs.double() - reference).abs().max()) < 1e-4
+    for rows in (1, 2, 5, 6, 7, 13, 31):
+        part = kernels.packed_linear(x[rows:2 * rows], panels, 49152, None)
+        assert torch.equal(part, full[rows:2 * rows])
+        assert torch.equal(kernels.token_logprobs(part, targets[rows:2 * rows]),
+                           logprobs[rows:2 * rows])
+
+
+def test_rms_norm_and_rotary_angles_are_batch_invariant():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 576, generator=generator) * 10
+    weight = torch.randn(576, generator=generator)
+    full = kernels.rms_norm(x, weight, 1e-5)
+    positions = torch.arange(5000, 5300)
+    inv_freq = 1.0 / (100000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    cos, sin = kernels.rotary_angles(positions, inv_freq)
+    for rows in (1, 2, 7, 64, 129):
+        assert torch.equal(kernels.rms_norm(x[rows:2 * rows], weight, 1e-5), full[rows:2 * rows])
+        c, s = kernels.rotary_angles(positions[rows:2 * rows], inv_freq)
+        assert torch.equal(c, cos[rows:2 * rows]) and torch.equal(s, sin[rows:2 * rows])
+    angles = positions.float()[:, None] * inv_freq
+    assert float((cos - angles.cos()).abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

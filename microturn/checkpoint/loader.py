@@ -29,6 +29,7 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     load_seconds: float
+    markers: object | None = None  # the timeline's MarkerTokens, once an engine installed them
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -27,7 +27,8 @@ from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
 from microturn.engine.session import Session, SessionParams, SliceOutput
 from microturn.engine.timeline import MicroTurn, Timeline
 from microturn.errors import MicroturnError
-from microturn.sampling import sample
+from microturn.kernels import ops, policy
+from microturn.sampling import draw_seed, sample
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class EngineConfig:
     context_limit: int | None = None  # KV slots per session; default: the trained context
     sink_tokens: int = 64  # kept forever at the start of a long session (rounded up to blocks)
     evict_fraction: float = 0.25  # share of the context dropped at once when it is full
-    keep_logits: bool = False  # record logits for every fed token (tests)
+    keep_logits: bool = False  # record logits and log-probabilities for every fed token
+    deterministic: bool | None = None  # batch-invariant kernels; None: the process default
 
     def __post_init__(self):
         if self.kv_budget_mb <= 0:
@@ -65,6 +67,8 @@ class Engine:
         self.pool = KVPool(loaded.config, config.kv_budget_mb * 2**20, config.block_size,
                            config.max_sessions, blocks_per_session, self.model.dtype,
                            self.model.device)
+        self.deterministic = (policy.deterministic() if config.deterministic is None
+                              else config.deterministic)
         self.sessions: dict[int, Session] = {}
         self._ids = count(1)
         self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
@@ -94,13 +98,32 @@ class Engine:
         session.pending.append(list(input_ids))
 
     def close(self, sid: int) -> dict:
-        """Free the session's blocks at once; return its timeline export."""
+        """Free the session's blocks at once; return its export (see `export`)."""
         with self._lock:
             session = self._session(sid)
             self.pool.release(session.row, session.num_blocks)
             session.closed = True
             del self.sessions[sid]
-            return session.timeline.export()
+            return self._export(session)
+
+    def export(self, sid: int) -> dict:
+        """The session so far: its timeline, and for every token of `timeline.tokens()` the
+        log-probability the sampler computed for it (None where none was computed), plus
+        what a trainer needs to recompute them (dtype, mode, evictions)."""
+        with self._lock:
+            return self._export(self._session(sid))
+
+    def _export(self, s: Session) -> dict:
+        tokens = s.timeline.tokens()
+        return {**s.timeline.export(),
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "deterministic": self.deterministic,
+                "sampling": {"temperature": s.params.sampling.temperature,
+                             "top_k": s.params.sampling.top_k, "top_p": s.params.sampling.top_p,
+                             "seed": s.params.sampling.seed},
+                "logprobs": [s.logprobs.get(i) for i in range(len(tokens))],
+                "evictions": [{"at_token": fed, "first_slot": slot, "slots": n}
+                              for fed, slot, n in s.evictions]}
 
     def _session(self, sid: int) -> Session:
         if sid not in self.sessions:
@@ -111,7 +134,7 @@ class Engine:
 
     @torch.inference_mode()
     def tick(self) -> dict[int, SliceOutput]:
-        with self._lock:
+        with self._lock, policy.deterministic_mode(self.deterministic):
             active = [s for s in self.sessions.values() if s.pending]
             if not active:
                 return {}
@@ -157,15 +180,38 @@ class Engine:
         logits = self.model(torch.tensor([tokens], device=device),
                             torch.tensor([positions], device=device), backend,
                             logits_at=rows.to(device))[0]
-        for i, (s, seg) in enumerate(zip(sessions, segments, strict=True)):
-            if self.config.keep_logits:
+        keep = self.config.keep_logits
+        ends = [seg.end - 1 for seg in segments]
+        last_rows = logits[ends] if keep else logits
+        drawn = [self._draw(s, row) for s, row in zip(sessions, last_rows, strict=True)]
+        # log-probabilities in one batched call: each drawn token (sequence index len(s.fed)),
+        # and with keep_logits each fed token after the first of its forward
+        rows, targets, owners, indices = [], [], [], []
+        for i, (s, seg, token) in enumerate(zip(sessions, segments, drawn, strict=True)):
+            rows.append(ends[i] if keep else i)
+            targets.append(token)
+            owners.append(s)
+            indices.append(len(s.fed))
+            if keep:
+                first = len(s.fed) - (seg.end - seg.start)
+                rows += range(seg.start, seg.end - 1)
+                targets += s.fed[first + 1:]
+                owners += [s] * (seg.end - seg.start - 1)
+                indices += range(first + 1, len(s.fed))
                 s.logits.append(logits[seg.start:seg.end].float().cpu())
-                last = logits[seg.end - 1]
-            else:
-                last = logits[i]
-            token = sample(last, s.params.sampling, s.generator)
+        values = ops.token_logprobs(logits[rows], torch.tensor(targets)).tolist()
+        for s, index, value in zip(owners, indices, values, strict=True):
+            s.logprobs[index] = value
+        for s, token in zip(sessions, drawn, strict=True):
             s.timeline.turns[-1].output_ids.append(token)
             s.unfed = [token]
+
+    @staticmethod
+    def _draw(s: Session, logits: torch.Tensor) -> int:
+        params = s.params.sampling
+        if not params.greedy:  # the draw depends on the seed and the token's index only
+            s.generator.manual_seed(draw_seed(params.seed, len(s.fed)))
+        return sample(logits, params, s.generator)
 
     def _reserve(self, s: Session, new_tokens: int) -> None:
         """Make room for new_tokens slots: grow by whole blocks; at the context limit (or when

@@ -49,7 +49,10 @@ class MarkerTokens:
 
 
 def install_markers(loaded: LoadedModel) -> MarkerTokens:
-    """Resolve the markers, adding missing ones to tokenizer, embedding and config."""
+    """Resolve the markers, adding missing ones to tokenizer, embedding and config (once per
+    loaded model: a second engine on the same model gets the same record)."""
+    if isinstance(loaded.markers, MarkerTokens):
+        return loaded.markers
     tokenizer = loaded.tokenizer
     ids, missing = {}, []
     for name, spellings in CANDIDATES.items():
@@ -68,7 +71,8 @@ def install_markers(loaded: LoadedModel) -> MarkerTokens:
             ids[name] = tokenizer.token_id(text)
             tokenizer.special_ids.add(ids[name])
         grow_vocabulary(loaded, len(missing))
-    return MarkerTokens(**ids, added=tuple(missing))
+    loaded.markers = MarkerTokens(**ids, added=tuple(missing))
+    return loaded.markers
 
 
 def grow_vocabulary(loaded: LoadedModel, extra: int) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from microturn.engine.kv_pool import KVPool
-from microturn.kernels import build
+from microturn.kernels import ops
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PagedAttention:
         k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
         k_pool[b.write_blocks, :, b.write_offsets] = k[0].transpose(0, 1)
         v_pool[b.write_blocks, :, b.write_offsets] = v[0].transpose(0, 1)
-        if kernels := build.inference_kernels(q):
+        if kernels := ops.kernels_for(q):
             out = kernels.paged_attention(q[0].transpose(0, 1).contiguous(), k_pool, v_pool,
                                           self.pool.block_table, b.rows, b.keys, b.starts)
             return out.transpose(0, 1).unsqueeze(0)

@@ -39,6 +39,9 @@ class Session:
     pending: deque = field(default_factory=deque)  # queued input slices (token id lists)
     fed: list[int] = field(default_factory=list)  # every token fed, in order
     logits: list[torch.Tensor] = field(default_factory=list)  # per fed token (keep_logits only)
+    # sequence index -> log p(token at that index | everything before), as the sampler computed
+    # it: every sampled token, and with keep_logits every fed token too
+    logprobs: dict[int, float] = field(default_factory=dict)
     evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
     closed: bool = False
 

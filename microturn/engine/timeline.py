@@ -38,6 +38,14 @@ class Timeline:
             out += turn.output_ids
         return out
 
+    def output_mask(self) -> list[bool]:
+        """For each token of `tokens()`: did the model emit it (True) or was it fed (False)."""
+        mask: list[bool] = []
+        for turn in self.turns:
+            mask += [False] * len(self.input_tokens(turn))
+            mask += [True] * len(turn.output_ids)
+        return mask
+
     def export(self) -> dict:
         return {"markers": self.markers.to_dict(),
                 "turns": [{"index": t.index, "input_ids": list(t.input_ids),

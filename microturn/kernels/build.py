@@ -53,14 +53,6 @@ def _cached() -> bool:
     return any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so"))
 
 
-def inference_kernels(x: torch.Tensor) -> ModuleType | None:
-    """The compiled kernels if they apply to x: on the CPU, with autograd off (the kernels
-    have no backward; training runs torch's operators)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
-        return None
-    return load()
-
-
 def _put_ninja_on_path() -> None:
     """torch looks for `ninja` on PATH; the pip package's binary is there only in an
     activated environment."""

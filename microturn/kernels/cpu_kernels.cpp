@@ -1,12 +1,10 @@
 // Latency-shaped CPU kernels: decode-shaped linear and attention over an in-place KV buffer.
 //
-// small_batch_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m.
-//
-// Decode multiplies 1..8 activation rows by every weight, so the cost is streaming the weight
-// matrix from memory once. Each weight row is read once and reused (from L1) for every
-// activation row; bf16 weights are widened to fp32 in registers (a 16-bit shift), so bf16 runs
-// at memory speed on CPUs without bf16 arithmetic. Accumulation is fp32 in a fixed order that
-// depends only on K: a row's result never depends on how many rows are in the call.
+// Every kernel here computes each output row with arithmetic that depends only on that row's
+// own inputs (and, for attention, its position and the keys before it): never on how many rows
+// share the call. That is what makes the sampler's numbers equal the trainer's, bit for bit.
+// bf16 values are widened to fp32 in registers (a 16-bit shift), so bf16 runs at memory speed
+// on CPUs without bf16 arithmetic.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -69,42 +67,103 @@ inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* 
   dot_tile<ROWS, 1>(w, ldw, x, 0, k, out, 0);
 }
 
-template <typename W, typename Out>
-void run(const float* x, const W* w, const float* bias, Out* y, int64_t m, int64_t n,
-         int64_t k) {
-  // decode (m == 1): 8 weight rows at once keep enough loads in flight to stream memory;
-  // a few rows (m > 1): 4 x 3 tiles, so each widened weight chunk serves three rows.
-  const int64_t group = m == 1 ? 8 : 4;
-  const int64_t groups = (n + group - 1) / group;
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    float sums[3 * 8];
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = g * group, rows = std::min(group, n - row);
-      const W* wg = w + row * k;
-      for (int64_t r = 0; r < m;) {
-        const float* xr = x + r * k;
-        int64_t taken = 1;
-        if (rows == 8) {
-          dot_tile<8, 1>(wg, k, xr, k, k, sums, 8);
-        } else if (rows == 4 && r + 2 < m) {
-          dot_tile<4, 3>(wg, k, xr, k, k, sums, 4);
-          taken = 3;
-        } else if (rows == 4 && r + 1 < m) {
-          dot_tile<4, 2>(wg, k, xr, k, k, sums, 4);
-          taken = 2;
-        } else if (rows == 4) {
-          dot_tile<4, 1>(wg, k, xr, k, k, sums, 4);
-        } else {
-          for (int64_t j = 0; j < rows; ++j) dot_tile<1, 1>(wg + j * k, k, xr, k, k, sums + j, 1);
-        }
-        for (int64_t t = 0; t < taken; ++t)
-          for (int64_t j = 0; j < rows; ++j)
-            y[(r + t) * n + row + j] =
-                static_cast<Out>(sums[t * (rows == 8 ? 8 : 4) + j] + (bias ? bias[row + j] : 0.0f));
-        r += taken;
-      }
+// ---- linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) over packed weight panels ----
+//
+// The weight is packed once into panels of 16 output columns, [panels][K][16]: a panel row
+// is the 16 weights that multiply x[m, k]. Every output is ONE fp32 accumulator updated by a
+// fused multiply-add for k = 0, 1, ..., K-1 in order, then the bias is added and the result
+// rounded once. That arithmetic is the same for every tile shape below, so a row's result never
+// depends on how many rows share the call or where it sits (batch invariance), at every M.
+// Decode (M = 1) streams four panels at once (eight independent accumulator chains keep the
+// FMA units and the memory system busy); larger M uses 6 x 16 tiles that reuse each loaded
+// weight vector six times, blocked so the activation rows stay in L2.
+// bf16 panels store columns j and 8 + j in one 32-bit word: one load and two bit operations
+// give both fp32 vectors.
+constexpr int64_t PANEL = 16;
+constexpr int64_t ROW_CHUNK = 96;  // activation rows per pass over the weights (L2-sized)
+
+inline void load_panel_row(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+
+inline void load_panel_row(const at::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(-65536)));
+}
+
+template <int MR, int P, typename W>
+inline void panel_tile(const float* x, int64_t ldx, const W* panel, int64_t panel_stride,
+                       int64_t k, float* tile) {
+  constexpr int ACC = MR * P * 2;
+  __m256 acc[ACC];
+#pragma GCC unroll 24
+  for (int a = 0; a < ACC; ++a) acc[a] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    __m256 w[2 * P];
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) load_panel_row(panel + p * panel_stride + i * PANEL, w[2 * p], w[2 * p + 1]);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * ldx + i);
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * P; ++j) acc[m * 2 * P + j] = _mm256_fmadd_ps(xv, w[j], acc[m * 2 * P + j]);
     }
-  });
+  }
+#pragma GCC unroll 24
+  for (int a = 0; a < ACC; ++a) _mm256_storeu_ps(tile + 8 * a, acc[a]);
+}
+
+template <int MR, int P, typename W, typename Out>
+inline void panel_block(const float* x, int64_t k, const W* panels, int64_t first_panel,
+                        const float* bias, Out* y, int64_t n) {
+  float tile[MR * P * PANEL];
+  panel_tile<MR, P>(x, k, panels + first_panel * k * PANEL, k * PANEL, k, tile);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < P * PANEL; ++j) {
+      const int64_t col = first_panel * PANEL + j;
+      if (col < n) y[m * n + col] = static_cast<Out>(tile[m * P * PANEL + j] + (bias ? bias[col] : 0.0f));
+    }
+}
+
+template <typename W, typename Out>
+void packed_rows(const float* x, const W* panels, const float* bias, Out* y, int64_t m,
+                 int64_t n, int64_t k) {
+  const int64_t num_panels = (n + PANEL - 1) / PANEL;
+  if (m == 1) {
+    const int64_t groups = (num_panels + 3) / 4;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        if (4 * g + 4 <= num_panels) {
+          panel_block<1, 4>(x, k, panels, 4 * g, bias, y, n);
+        } else {
+          for (int64_t p = 4 * g; p < num_panels; ++p) panel_block<1, 1>(x, k, panels, p, bias, y, n);
+        }
+      }
+    });
+    return;
+  }
+  for (int64_t m0 = 0; m0 < m; m0 += ROW_CHUNK) {
+    const int64_t rows = std::min(ROW_CHUNK, m - m0);
+    at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t r = 0;
+        for (; r + 6 <= rows; r += 6)
+          panel_block<6, 1>(x + (m0 + r) * k, k, panels, p, bias, y + (m0 + r) * n, n);
+        const float* xr = x + (m0 + r) * k;
+        Out* yr = y + (m0 + r) * n;
+        switch (rows - r) {
+          case 5: panel_block<5, 1>(xr, k, panels, p, bias, yr, n); break;
+          case 4: panel_block<4, 1>(xr, k, panels, p, bias, yr, n); break;
+          case 3: panel_block<3, 1>(xr, k, panels, p, bias, yr, n); break;
+          case 2: panel_block<2, 1>(xr, k, panels, p, bias, yr, n); break;
+          case 1: panel_block<1, 1>(xr, k, panels, p, bias, yr, n); break;
+          default: break;
+        }
+      }
+    });
+  }
 }
 
 // exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
@@ -221,11 +280,26 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out.to(q.scalar_type());
 }
 
-torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_batch_linear: CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "small_batch_linear: weight must be 2-D, contiguous");
-  const int64_t k = w.size(1), n = w.size(0);
-  TORCH_CHECK(x.size(-1) == k, "small_batch_linear: x has ", x.size(-1), " features, weight ", k);
+// [N, K] weight -> [ceil(N / 16), K, 16] panels (zero-padded columns), same dtype.
+torch::Tensor pack_linear_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be 2-D");
+  const int64_t n = w.size(0), k = w.size(1), num_panels = (n + PANEL - 1) / PANEL;
+  auto padded = torch::zeros({num_panels * PANEL, k}, w.options());
+  padded.narrow(0, 0, n).copy_(w);
+  // [panels, 16, K] -> [panels, K, 16]
+  auto panels = padded.view({num_panels, PANEL, k}).transpose(1, 2);
+  if (w.scalar_type() == torch::kBFloat16)  // word j holds columns j (low half) and 8 + j
+    panels = panels.view({num_panels, k, 2, 8}).transpose(2, 3);
+  return panels.contiguous().view({num_panels, k, PANEL});
+}
+
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
+                            c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "packed_linear: CPU tensors only");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == PANEL && panels.is_contiguous() &&
+              panels.size(0) == (n + PANEL - 1) / PANEL, "packed_linear: panels from pack_linear_weight expected");
+  const int64_t k = panels.size(1);
+  TORCH_CHECK(x.size(-1) == k, "packed_linear: x has ", x.size(-1), " features, weight ", k);
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
   auto x32 = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
@@ -235,12 +309,12 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor w, c10::optional
   if (bias.has_value()) b32 = bias->to(torch::kFloat32).contiguous();
   const float* bp = bias.has_value() ? b32.data_ptr<float>() : nullptr;
   const float* xp = x32.data_ptr<float>();
-  if (w.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16) {
-    run(xp, w.data_ptr<at::BFloat16>(), bp, y.data_ptr<at::BFloat16>(), m, n, k);
-  } else if (w.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32) {
-    run(xp, w.data_ptr<float>(), bp, y.data_ptr<float>(), m, n, k);
+  if (panels.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16) {
+    packed_rows(xp, panels.data_ptr<at::BFloat16>(), bp, y.data_ptr<at::BFloat16>(), m, n, k);
+  } else if (panels.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32) {
+    packed_rows(xp, panels.data_ptr<float>(), bp, y.data_ptr<float>(), m, n, k);
   } else {
-    TORCH_CHECK(false, "small_batch_linear: x and weight must both be fp32 or both bf16");
+    TORCH_CHECK(false, "packed_linear: x and weight must both be fp32 or both bf16");
   }
   return y.view(out_shape);
 }
@@ -431,11 +505,80 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// cos/sin of the rotary angles, [*positions, D/2] fp32: the angle is rounded to fp32 as the
+// reference computes it, then cos/sin are evaluated in double and rounded once. torch's own
+// vectorised cos takes a scalar path for a tensor's tail elements, so its result for a
+// position could depend on how many positions share the call; this one cannot.
+std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq) {
+  TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.dim() == 1,
+              "rotary_angles: inv_freq must be 1-D fp32");
+  auto pos = positions.to(torch::kFloat32).contiguous();
+  auto f = inv_freq.contiguous();
+  const int64_t n = pos.numel(), half = f.numel();
+  auto shape = positions.sizes().vec();
+  shape.push_back(half);
+  auto cos = torch::empty(shape, torch::kFloat32), sin = torch::empty(shape, torch::kFloat32);
+  const float* pp = pos.data_ptr<float>();
+  const float* fp = f.data_ptr<float>();
+  float* cp = cos.data_ptr<float>();
+  float* sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(pp[t] * fp[i]);
+      cp[t * half + i] = static_cast<float>(std::cos(angle));
+      sp[t * half + i] = static_cast<float>(std::sin(angle));
+    }
+  return {cos, sin};
+}
+
+// log p(target) per row of logits [M, V] (fp32 or bf16): max, then the exp-sum in a fixed
+// order that depends only on V, then logit[target] - max - log(sum). The sampler and the
+// trainer both call it, so their log-probabilities agree bit for bit.
+template <typename T>
+void logprob_rows(const T* logits, const int64_t* targets, float* out, int64_t m, int64_t v) {
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(v);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = logits + r * v;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < v; ++j) top = std::max(top, row[j] = static_cast<float>(x[j]));
+      const __m256 shift = _mm256_set1_ps(top);
+      __m256 lanes = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= v; j += 8) lanes = _mm256_add_ps(lanes, exp8(_mm256_sub_ps(_mm256_loadu_ps(row.data() + j), shift)));
+      float total = horizontal_sum(lanes);
+      for (; j < v; ++j) total += std::exp(row[j] - top);
+      out[r] = row[targets[r]] - top - std::log(total);
+    }
+  });
+}
+
+torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
+  TORCH_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "token_logprobs: logits [M, V] and targets [M] expected");
+  auto x = logits.contiguous();
+  auto t = targets.to(torch::kInt64).contiguous();
+  const int64_t m = x.size(0), v = x.size(1);
+  TORCH_CHECK(m == 0 || (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < v),
+              "token_logprobs: targets must be in [0, ", v, ")");
+  auto out = torch::empty({m}, torch::kFloat32);
+  if (x.scalar_type() == torch::kBFloat16) {
+    logprob_rows(x.data_ptr<at::BFloat16>(), t.data_ptr<int64_t>(), out.data_ptr<float>(), m, v);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "token_logprobs: fp32 or bf16 only");
+    logprob_rows(x.data_ptr<float>(), t.data_ptr<int64_t>(), out.data_ptr<float>(), m, v);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_batch_linear", &small_batch_linear, "decode-shaped linear (AVX2/FMA)");
+  m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
+  m.def("packed_linear", &packed_linear, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
   m.def("paged_attention", &paged_attention, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
   m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
+  m.def("rotary_angles", &rotary_angles, "cos/sin of rotary angles, per element in double");
+  m.def("token_logprobs", &token_logprobs, "log-probability of one target per row of logits");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
 }

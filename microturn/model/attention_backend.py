@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from microturn.errors import MicroturnError
-from microturn.kernels import build
+from microturn.kernels import ops, policy
 from microturn.model.config import ModelConfig
 
 # Decode-sized passes (measured: up to ~4 queries) use the CPU kernel; longer fp32 passes use
-# torch's flash attention. In bf16 the kernel always wins: torch has no fast bf16 path here.
+# torch's flash attention unless in deterministic mode. In bf16 the kernel always wins: torch
+# has no fast bf16 path here.
 KERNEL_MAX_QUERIES = 4
 
 
@@ -33,7 +34,7 @@ class CausalAttention:
         pass
 
     def attend(self, layer, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+        return ops.causal_attention(q, k, v)
 
 
 class DenseKVCache:
@@ -71,8 +72,8 @@ class DenseKVCache:
         start, end = self._start, self.length
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        if (kernel := build.inference_kernels(q)) and (
-                q.shape[2] <= KERNEL_MAX_QUERIES or q.dtype == torch.bfloat16):
+        if (kernel := ops.kernels_for(q)) and (policy.deterministic() or q.dtype == torch.bfloat16
+                                               or q.shape[2] <= KERNEL_MAX_QUERIES):
             return kernel.cached_attention(q, self.k[layer], self.v[layer], start)
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         causal = self._mask is None and q.shape[2] > 1

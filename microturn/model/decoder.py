@@ -39,8 +39,8 @@ class Decoder(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", inverse_frequencies(config.head_dim, config.rope_theta),
-                             persistent=False)
+        # fp32 always (not a buffer, so .to(bf16) cannot round the frequencies)
+        self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,6 +58,8 @@ class Decoder(nn.Module):
                              f"{tuple(positions.shape)} must both be [batch, steps]")
         backend.prepare(token_ids.shape[1])
         x = self.embed_tokens(token_ids)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
         for layer in self.layers:
             x = layer(x, rotary, backend)

@@ -1,10 +1,9 @@
 """SwiGLU feed-forward block with gate and up projections fused into one matmul."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from microturn.kernels import build
+from microturn.kernels import ops
 from microturn.model.linear import Linear
 
 
@@ -15,8 +14,4 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if kernels := build.inference_kernels(gate_up):
-            return self.down_proj(kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))

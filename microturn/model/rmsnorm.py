@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from microturn.kernels import build
+from microturn.kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -13,8 +13,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels := build.inference_kernels(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)

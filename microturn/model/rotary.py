@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from microturn.kernels import ops
 from microturn.model.config import RopeLayout
 
 
@@ -22,8 +23,7 @@ class RotaryAngles:
 
     @classmethod
     def at(cls, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = ops.rotary_angles(positions, inv_freq)
         return cls(cos, sin, cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1))
 
 

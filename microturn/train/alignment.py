@@ -1,0 +1,47 @@
+"""verify_alignment: recompute an exported session with the trainer, compare bit for bit."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from microturn.engine.timeline import Timeline
+from microturn.model.decoder import Decoder
+from microturn.train.logprobs import sequence_logprobs
+
+
+@dataclass(frozen=True)
+class AlignmentReport:
+    compared: int  # positions with a sampler log-probability that the trainer recomputed
+    max_abs_diff: float
+    first_mismatch: int | None  # sequence index of the first differing position
+    skipped: int  # positions after the first eviction (a full pass cannot see their window)
+
+    @property
+    def aligned(self) -> bool:
+        return self.first_mismatch is None and self.compared > 0
+
+
+def verify_alignment(export: dict, model: Decoder) -> AlignmentReport:
+    tokens = Timeline.from_export(export).tokens()
+    sampled = export["logprobs"]
+    if len(sampled) != len(tokens):
+        raise ValueError(f"export: {len(sampled)} logprobs for {len(tokens)} tokens")
+    # after an eviction the engine's window no longer starts at token 0; a full-sequence pass
+    # reproduces only the tokens before it
+    limit = min([e["at_token"] for e in export.get("evictions", [])] + [len(tokens)])
+    with torch.enable_grad():  # the trainer's forward, autograd on
+        trainer = sequence_logprobs(model, torch.tensor([tokens[:limit]]),
+                                    export.get("deterministic", True))[0].detach()
+    compared, worst, first = 0, 0.0, None
+    for index in range(1, limit):
+        if sampled[index] is None:
+            continue
+        compared += 1
+        recomputed = float(trainer[index - 1])
+        diff = abs(recomputed - sampled[index])
+        worst = max(worst, diff if not math.isnan(diff) else math.inf)
+        if recomputed != sampled[index] and first is None:
+            first = index
+    skipped = sum(v is not None for v in sampled[limit:])
+    return AlignmentReport(compared, worst, first, skipped)

@@ -1,0 +1,31 @@
+"""Training batches from timeline exports: the same sequences the engine fed, padded."""
+
+from dataclasses import dataclass
+
+import torch
+
+from microturn.engine.timeline import Timeline
+
+
+@dataclass(frozen=True)
+class TimelineBatch:
+    token_ids: torch.Tensor  # [B, T] int64, right-padded
+    loss_mask: torch.Tensor  # [B, T - 1] bool: the target token counts in the loss
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_exports(cls, exports: list[dict], outputs_only: bool = True,
+                     pad_id: int = 0) -> "TimelineBatch":
+        """outputs_only: the loss covers what the model emitted, not what it was fed."""
+        timelines = [Timeline.from_export(e) for e in exports]
+        sequences = [t.tokens() for t in timelines]
+        steps = max(len(s) for s in sequences)
+        if steps < 2:
+            raise ValueError("a training batch needs a sequence of at least 2 tokens")
+        token_ids = torch.full((len(sequences), steps), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(sequences), steps - 1, dtype=torch.bool)
+        for row, (timeline, tokens) in enumerate(zip(timelines, sequences, strict=True)):
+            token_ids[row, :len(tokens)] = torch.tensor(tokens)
+            wanted = timeline.output_mask() if outputs_only else [True] * len(tokens)
+            mask[row, :len(tokens) - 1] = torch.tensor(wanted[1:])
+        return cls(token_ids, mask, tuple(len(s) for s in sequences))
