@@ -15,6 +15,12 @@ def add_model_flags(parser: argparse.ArgumentParser, dtype: str = "fp32") -> Non
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
 
+def add_mode_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch-invariant kernels for every op, so log-probabilities are "
+                             "bitwise those of `microturn.train` (default: on)")
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from microturn.checkpoint.loader import load_model
     from microturn.checkpoint.tokenizer import StreamingDecoder
@@ -53,6 +59,38 @@ def run_bench_engine(args: argparse.Namespace) -> None:
     run_engine_bench(args)
 
 
+def run_verify_alignment(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from microturn.checkpoint.loader import load_model
+    from microturn.engine.markers import MarkerTokens, install_markers
+    from microturn.train import verify_alignment
+
+    try:
+        export = json.loads(Path(args.session_file).read_text())
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}[export["dtype"]]
+        markers = MarkerTokens.from_dict(export["markers"])
+        export["turns"], export["logprobs"]  # noqa: B018 (present, or a clear error below)
+    except OSError as exc:
+        raise MicroturnError(f"{args.session_file}: cannot read ({exc.strerror})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MicroturnError(f"{args.session_file}: not a session export from the engine "
+                             f"({type(exc).__name__}: {exc})") from exc
+    loaded = load_model(args.model, dtype, "cpu")
+    if install_markers(loaded) != markers:
+        raise MicroturnError(f"{args.session_file}: its marker tokens {markers} are not this "
+                             "model's; pass the --model it was recorded with")
+    report = verify_alignment(export, loaded.model)
+    first = "none" if report.first_mismatch is None else str(report.first_mismatch)
+    print(f"positions compared: {report.compared}\nmax |delta logprob|: {report.max_abs_diff:.3g}"
+          f"\nfirst differing position: {first}")
+    if report.skipped:
+        print(f"not compared: {report.skipped} positions after the first KV eviction")
+    if not report.aligned:
+        raise SystemExit(1)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -72,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     add_model_flags(gen)
+    add_mode_flag(gen)
     gen.set_defaults(run=run_generate)
 
     demo = commands.add_parser("demo", help="scripted sessions served live in micro-turns")
@@ -79,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-output-tokens", type=int, default=4)
     demo.add_argument("--extra-slices", type=int, default=2, help="silent slices at the end")
     demo.add_argument("--kv-budget-mb", type=int, default=256)
+    demo.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed of the first session")
+    demo.add_argument("--export-dir", default=None, metavar="DIR",
+                      help="write each session's export (timeline + sampler log-probabilities) "
+                           "as DIR/NAME.json, for `microturn verify-alignment`")
     add_model_flags(demo, dtype="bf16")
+    add_mode_flag(demo)
     demo.set_defaults(run=run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks that print measured numbers")
@@ -112,12 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--kv-budget-mb", type=int, default=1024)
     engine.add_argument("--model", default=None, metavar="PATH")
     engine.add_argument("--json", default=None, metavar="FILE")
+    engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
+                        help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)
+
+    verify = commands.add_parser(
+        "verify-alignment", help="recompute an exported session with the trainer; exit 1 if "
+                                 "any log-probability differs")
+    verify.add_argument("session_file", metavar="SESSION_FILE")
+    verify.add_argument("--model", default=None, metavar="PATH",
+                        help="the checkpoint the session ran on (default: the default model)")
+    verify.set_defaults(run=run_verify_alignment)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "deterministic", None) is not None:
+        from microturn.kernels import policy
+
+        policy.set_default(args.deterministic)
     try:
         args.run(args)
     except MicroturnError as exc:

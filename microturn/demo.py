@@ -9,15 +9,18 @@ conversation; the demo shows the machinery: the clock, the two lanes, the latenc
 """
 
 import argparse
+import json
 import resource
 import statistics
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 from microturn.checkpoint.loader import load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
+from microturn.sampling import SamplingParams
 
 # What arrives in each slice, separated by "|"; an empty slice is silence.
 SCRIPTS = {
@@ -37,9 +40,9 @@ def run_demo(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, args.dtype, "cpu")
     engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb))
     tokenizer = loaded.tokenizer
-    params = SessionParams(max_output_tokens=args.max_output_tokens, slice_ms=args.slice_ms)
     scripts = {name: slices_of(words) for name, words in SCRIPTS.items()}
-    sessions = {name: engine.open(params) for name in scripts}
+    sessions = {name: engine.open(session_params(args, i)) for i, name in enumerate(scripts)}
+    params = session_params(args, 0)
     turns = max(len(s) for s in scripts.values()) + args.extra_slices
     deadline = args.slice_ms / 1e3
     # warm-up tick (first call compiles kernels / warms caches), not shown
@@ -81,5 +84,18 @@ def run_demo(args: argparse.Namespace) -> None:
         f"deadline; {misses} deadline misses; KV pool {pool.blocks_in_use}/{pool.num_blocks} "
         f"blocks ({pool.blocks_in_use * pool.block_bytes / 2**20:.1f} MiB of "
         f"{pool.num_blocks * pool.block_bytes / 2**20:.0f} MiB); peak RSS {rss:.0f} MiB")
-    for sid in sessions.values():
-        engine.close(sid)
+    exports = {name: engine.close(sid) for name, sid in sessions.items()}
+    if args.export_dir:
+        folder = Path(args.export_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, export in exports.items():
+            (folder / f"{name}.json").write_text(json.dumps(export))
+        console.print(f"exported {len(exports)} sessions to {folder}/ "
+                      f"(check one: microturn verify-alignment {folder}/ana.json"
+                      f"{' --model ' + str(args.model) if args.model else ''})")
+
+
+def session_params(args: argparse.Namespace, index: int) -> SessionParams:
+    return SessionParams(max_output_tokens=args.max_output_tokens, slice_ms=args.slice_ms,
+                         sampling=SamplingParams(temperature=args.temperature,
+                                                 seed=args.seed + index))

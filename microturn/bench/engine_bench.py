@@ -24,6 +24,7 @@ from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.errors import MicroturnError
+from microturn.kernels import policy
 from microturn.kernels.build import cpu_has_bf16_gemm
 
 SHAPES = {"sglang": (16, 8), "speech": (16, 2)}
@@ -33,6 +34,7 @@ HEAD_TAIL = 10  # micro-turns averaged at each end for the tail/head ratios
 @dataclass
 class ShapeResult:
     shape: str
+    deterministic: bool
     sessions: int
     turns: int
     input_tokens: int
@@ -86,8 +88,10 @@ class Floors:
 
 def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
               input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
-              kv_budget_mb: int, console: Console, warmup: int = 3) -> ShapeResult:
-    engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb, max_sessions=sessions))
+              kv_budget_mb: int, console: Console, deterministic: bool,
+              warmup: int = 3) -> ShapeResult:
+    engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb, max_sessions=sessions,
+                                         deterministic=deterministic))
     rng = random.Random(0)
     vocab = loaded.config.vocab_size - len(engine.markers.added)
     params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
@@ -120,8 +124,8 @@ def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, tu
             next_tick += slice_ms / 1e3
             time.sleep(max(0.0, next_tick - time.perf_counter()))
         if turn % 50 == 0:
-            console.log(f"{shape} x{sessions}: turn {turn}/{turns + warmup}, "
-                        f"tick {latency * 1e3:.0f} ms")
+            console.log(f"{shape} x{sessions} {mode_name(deterministic)}: "
+                        f"turn {turn}/{turns + warmup}, tick {latency * 1e3:.0f} ms")
     elapsed = time.perf_counter() - started
     evictions = sum(len(engine.sessions[sid].evictions) for sid in ids)
     for sid in ids:
@@ -131,7 +135,8 @@ def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, tu
     n = min(HEAD_TAIL, max(1, len(ms) // 2))
     head, tail = statistics.mean(ms[:n]), statistics.mean(ms[-n:])
     return ShapeResult(
-        shape=shape, sessions=sessions, turns=turns, input_tokens=input_tokens,
+        shape=shape, deterministic=deterministic, sessions=sessions, turns=turns,
+        input_tokens=input_tokens,
         output_tokens=output_tokens, p50_ms=statistics.median(ms),
         p99_ms=sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
         mean_turn_ms_head=head, mean_turn_ms_tail=tail, tail_head_ratio=tail / head,
@@ -144,13 +149,18 @@ def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, tu
         evictions=evictions)
 
 
-def find_capacity(loaded, floors, shape, args, console) -> int:
+def mode_name(deterministic: bool) -> str:
+    return "deterministic" if deterministic else "shape-dependent"
+
+
+def find_capacity(loaded, floors, shape, args, console, deterministic: bool) -> int:
     """Largest N whose p99 tick latency stays under the slice: doubling, then bisection."""
     in_tokens, out_tokens = SHAPES[shape]
 
     def fits(n: int) -> bool:
         result = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
-                           out_tokens, args.slice_ms, False, args.kv_budget_mb, console)
+                           out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
+                           deterministic)
         console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
         return result.p99_ms < args.slice_ms
 
@@ -180,13 +190,18 @@ def run_engine_bench(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, args.dtype, "cpu")
     with console.status("measuring memory bandwidth and matmul peak"):
         floors = Floors.measure(loaded, compute)
+    # --deterministic: both modes side by side, in one run
+    modes = [True, False] if args.compare_modes else [policy.deterministic()]
     results = []
     for shape, (in_tokens, out_tokens) in shapes.items():
-        result = run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
-                           out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb, console)
-        if args.find_capacity and shape in SHAPES:
-            result.capacity_sessions = find_capacity(loaded, floors, shape, args, console)
-        results.append(result)
+        for deterministic in modes:
+            result = run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
+                               out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
+                               console, deterministic)
+            if args.find_capacity and shape in SHAPES:
+                result.capacity_sessions = find_capacity(loaded, floors, shape, args, console,
+                                                         deterministic)
+            results.append(result)
     out = Console(width=160)
     out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
               f"{floors.peak / 1e9:.0f} GFLOP/s ({compute}); {args.dtype}; "
@@ -194,18 +209,23 @@ def run_engine_bench(args: argparse.Namespace) -> None:
               f"slice {args.slice_ms} ms")
     table = Table(title=f"microturn bench engine: {args.sessions} session(s) x {args.turns} "
                         "micro-turns")
-    columns = ["shape", "p50 ms", "p99 ms", "floor ms", "x floor", "tail/head",
+    columns = ["shape", "mode", "p50 ms", "p99 ms", "floor ms", "x floor", "tail/head",
                "eff. tail/head", "tokens/s", "misses", "capacity", "evictions", "RSS MiB"]
     for column in columns:
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(f"{r.shape} {r.input_tokens}/{r.output_tokens}", f"{r.p50_ms:.1f}",
+        table.add_row(f"{r.shape} {r.input_tokens}/{r.output_tokens}",
+                      mode_name(r.deterministic), f"{r.p50_ms:.1f}",
                       f"{r.p99_ms:.1f}", f"{r.floor_ms:.1f}", f"{r.floor_ratio:.2f}",
                       f"{r.tail_head_ratio:.2f}", f"{r.efficiency_tail_head_ratio:.2f}",
                       f"{r.tokens_per_s:.0f}", str(r.deadline_misses),
                       "-" if r.capacity_sessions is None else str(r.capacity_sessions),
                       str(r.evictions), f"{r.peak_rss_mb:.0f}")
     out.print(table)
+    for det, fast in zip(results[::2], results[1::2], strict=True) if args.compare_modes else ():
+        out.print(f"{det.shape}: deterministic mode costs "
+                  f"{(det.p50_ms / fast.p50_ms - 1) * 100:+.1f}% p50 tick latency, "
+                  f"{(fast.tokens_per_s / det.tokens_per_s - 1) * 100:+.1f}% throughput")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": args.dtype, "slice_ms": args.slice_ms,

@@ -25,7 +25,7 @@ class Linear(nn.Linear):
         weight changes (an optimizer step bumps its version). It costs one more copy of the
         weight in memory."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype)
         if self._panels_key != key:
             with torch.no_grad():
                 self._panels = build.load().pack_linear_weight(w.detach())
