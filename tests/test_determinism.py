@@ -7,6 +7,7 @@
 (e) with deterministic mode off, at least one of (a)-(c) differs: the checks can fail
 """
 
+import copy
 import random
 
 import pytest
@@ -175,8 +176,8 @@ def test_e_checks_fail_without_deterministic_mode(smollm_fp32):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_default_model_alignment_and_batch_invariance(dtype, smollm_fp32, smollm_bf16):
-    """(a) and (b) on the real default model."""
-    loaded = smollm_fp32 if dtype == "fp32" else smollm_bf16
+    """(a) and (b) on the real default model (a copy: the engine adds marker tokens)."""
+    loaded = copy.deepcopy(smollm_fp32 if dtype == "fp32" else smollm_bf16)
     alone = stream_target(loaded, True, others=0, ticks=6)
     crowded = stream_target(loaded, True, others=7, ticks=6, seed=2)
     assert crowded["turns"] == alone["turns"] and crowded["logprobs"] == alone["logprobs"]

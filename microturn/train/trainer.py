@@ -54,7 +54,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
-        return StepResult(float(loss), float(norm), int(batch.loss_mask.sum()))
+        return StepResult(float(loss.detach()), float(norm), int(batch.loss_mask.sum()))
 
     # -- checkpoints ----------------------------------------------------------------------------
 
