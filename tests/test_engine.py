@@ -70,10 +70,11 @@ def stream(engine: Engine, rng: random.Random, sessions: int, ticks: int, churn:
     return finished
 
 
-@pytest.mark.parametrize("sessions,churn", [(1, False), (3, False), (16, False), (3, True),
-                                            (16, True)])
-def test_streamed_logits_match_full_forward(tiny, kernel_choice, sessions, churn):
-    engine = Engine(tiny, EngineConfig(kv_budget_mb=64, block_size=8, keep_logits=True))
+# block 16: keys stored as the kernel's 16-slot panels; block 8: rows, gathered per pass
+@pytest.mark.parametrize("sessions,churn,block", [(1, False, 16), (3, False, 8), (16, False, 16),
+                                                  (3, True, 16), (16, True, 8)])
+def test_streamed_logits_match_full_forward(tiny, kernel_choice, sessions, churn, block):
+    engine = Engine(tiny, EngineConfig(kv_budget_mb=64, block_size=block, keep_logits=True))
     rng = random.Random(sessions * 7 + churn)
     results = stream(engine, rng, sessions, ticks=12, churn=churn)
     assert len(results) >= sessions
@@ -220,9 +221,9 @@ def dense_replay_logits(loaded: LoadedModel, fed: list[int], evictions) -> torch
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("sessions", [1, 3])
-def test_long_sessions_evict_and_match_the_dense_reference(tiny, kernel_choice, sessions):
-    config = EngineConfig(kv_budget_mb=64, block_size=8, context_limit=96, sink_tokens=8,
+@pytest.mark.parametrize("sessions,block", [(1, 8), (3, 16)])
+def test_long_sessions_evict_and_match_the_dense_reference(tiny, kernel_choice, sessions, block):
+    config = EngineConfig(kv_budget_mb=64, block_size=block, context_limit=96, sink_tokens=16,
                           keep_logits=True)
     engine = Engine(tiny, config)
     results = stream(engine, random.Random(5), sessions, ticks=40, churn=False)

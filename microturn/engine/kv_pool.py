@@ -2,12 +2,22 @@
 
 A session owns a row of the shared block table; growing appends a block id to its row, and
 closing returns its blocks to the free list. No tensor holding KV is ever reallocated.
+
+Layouts. Values are [layers, blocks, kv heads, block_size, head_dim] (rows of a block are
+slots). Keys are the same, except where the CPU kernels run and block_size is a multiple of 16:
+then each block stores its keys as 16-slot panels, [.., block_size / 16, head_dim, 16], the
+layout the attention kernel's score tile reads straight from the pool (no gather, no transpose
+per forward). In bf16 a panel row keeps slots j and 8 + j in one 32-bit word (the kernel's
+widening trick), so slot c sits at column 2 (c % 8) + c // 8.
 """
 
 import torch
 
 from microturn.errors import MicroturnError
+from microturn.kernels import ops
 from microturn.model.config import ModelConfig
+
+PANEL = 16
 
 
 class KVPool:
@@ -25,13 +35,39 @@ class KVPool:
                                  f"block of {self.block_bytes / 2**20:.2f} MiB")
         shape = (config.num_layers, self.num_blocks, config.num_kv_heads, block_size,
                  config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        probe = torch.empty(0, device=device)
+        self.panel_keys = block_size % PANEL == 0 and ops.kernels_for(probe) is not None
+        key_shape = shape[:3] + (block_size // PANEL, config.head_dim, PANEL) \
+            if self.panel_keys else shape
+        self.k = torch.zeros(key_shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        column = torch.arange(PANEL)
+        self._column = (2 * (column % 8) + column // 8) if dtype == torch.bfloat16 else column
         # row r lists session r's blocks in order; -1 marks unused entries
         self.block_table = torch.full((max_sessions, max_blocks_per_session), -1,
                                       dtype=torch.int32, device=device)
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
         self.free_rows = list(range(max_sessions - 1, -1, -1))
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store K/V [N, kv heads, head_dim] of N tokens at (block, offset), in place."""
+        if kernels := ops.kernels_for(k):
+            kernels.paged_write_(self.k[layer], self.v[layer], k, v, blocks, offsets)
+            return
+        self.v[layer, blocks, :, offsets] = v
+        if self.panel_keys:
+            self.k[layer, blocks, :, offsets // PANEL, :, self._column[offsets % PANEL]] = k
+        else:
+            self.k[layer, blocks, :, offsets] = k
+
+    def keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Keys of the given blocks in slot order, [len(blocks), kv heads, block_size, dim]."""
+        k = self.k[layer, blocks]
+        if not self.panel_keys:
+            return k
+        k = k[..., self._column]  # [n, heads, panels, dim, 16] in slot order
+        return k.transpose(-1, -2).flatten(2, 3)
 
     @property
     def blocks_in_use(self) -> int:

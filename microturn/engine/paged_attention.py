@@ -59,26 +59,27 @@ class PagedAttention:
     def attend(self, layer, q, k, v):
         # q [1, Hq, N, D]; k, v [1, Hkv, N, D]: write every token's K/V at its slot, in place
         b = self.batch
+        self.pool.write(layer, b.write_blocks, b.write_offsets, k[0].transpose(0, 1),
+                        v[0].transpose(0, 1))
         k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
-        k_pool[b.write_blocks, :, b.write_offsets] = k[0].transpose(0, 1)
-        v_pool[b.write_blocks, :, b.write_offsets] = v[0].transpose(0, 1)
         if kernels := ops.kernels_for(q):
             out = kernels.paged_attention(q[0].transpose(0, 1).contiguous(), k_pool, v_pool,
                                           self.pool.block_table, b.rows, b.keys, b.starts)
             return out.transpose(0, 1).unsqueeze(0)
-        return self.attend_reference(q, k_pool, v_pool)
+        return self.attend_reference(q, layer)
 
-    def attend_reference(self, q, k_pool, v_pool):
+    def attend_reference(self, q, layer):
         """torch path: gather each session's KV and run causal attention (one call per
         session; the fallback and the kernel's reference, not the fast path)."""
         pool, out = self.pool, torch.empty_like(q)
         for s in self.batch.segments:
             seen = s.first_slot + (s.end - s.start)
             blocks = pool.block_table[s.row, :(seen + pool.block_size - 1) // pool.block_size]
-            keys = k_pool[blocks.long()].transpose(0, 1).flatten(1, 2)[:, :seen].unsqueeze(0)
-            values = v_pool[blocks.long()].transpose(0, 1).flatten(1, 2)[:, :seen].unsqueeze(0)
+            keys = pool.keys(layer, blocks.long()).transpose(0, 1).flatten(1, 2)[:, :seen]
+            values = pool.v[layer, blocks.long()].transpose(0, 1).flatten(1, 2)[:, :seen]
             query_slot = torch.arange(s.first_slot, seen).unsqueeze(1)
             visible = torch.arange(seen).unsqueeze(0) <= query_slot
             out[:, :, s.start:s.end] = F.scaled_dot_product_attention(
-                q[:, :, s.start:s.end], keys, values, attn_mask=visible, enable_gqa=True)
+                q[:, :, s.start:s.end], keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=visible, enable_gqa=True)
         return out

@@ -10,7 +10,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -30,41 +32,14 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// A tile of NR weight rows x MR activation rows. Every output (m, n) has one accumulator that
-// adds the products of consecutive 8-element chunks in order, then its 8 lanes, then the scalar
-// tail: the same arithmetic whatever the tile, so a row's result never depends on how many rows
-// share the call (batch invariance) or where it sits. Each weight chunk is loaded and widened
-// once per tile and reused for all MR activation rows.
-template <int NR, int MR, typename W>
-inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k,
-                     float* out, int64_t ldo) {
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    __m256 wv[NR];
-    if ((i & 31) == 0)  // one prefetch per cache line of the next tile's rows
-      for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + i), _MM_HINT_T0);
-    for (int r = 0; r < NR; ++r) wv[r] = load8(w + r * ldw + i);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = load8(x + m * ldx + i);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) {
-      float sum = horizontal_sum(acc[m][r]);
-      for (int64_t j = i; j < k; ++j) sum += static_cast<float>(w[r * ldw + j]) * x[m * ldx + j];
-      out[m * ldo + r] = sum;
-    }
-}
+inline __m256 load8_any(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_any(const at::BFloat16* p) { return load8(p); }
 
-// Keys are weight rows of a single activation row: the attention kernels reuse the tile.
-template <int ROWS, typename W>
-inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t k, float* out) {
-  dot_tile<ROWS, 1>(w, ldw, x, 0, k, out, 0);
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<at::BFloat16>(tmp[j]);
 }
 
 // ---- linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) over packed weight panels ----
@@ -188,9 +163,21 @@ inline __m256 exp8(__m256 x) {
 
 // In place: x[s] = exp(x[s] - top) / sum, in slot order (the sum is sequential over 8-lane
 // partial sums, a fixed order that depends only on n).
-inline void softmax_inplace(float* x, int64_t n) {
+// The maximum of x[0:n] (exact whatever the order, so 8 lanes at a time).
+inline float max_of(const float* x, int64_t n) {
+  __m256 lanes = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) lanes = _mm256_max_ps(lanes, _mm256_loadu_ps(x + s));
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, lanes);
   float top = -INFINITY;
-  for (int64_t s = 0; s < n; ++s) top = std::max(top, x[s]);
+  for (float v : tmp) top = std::max(top, v);
+  for (; s < n; ++s) top = std::max(top, x[s]);
+  return top;
+}
+
+inline void softmax_inplace(float* x, int64_t n) {
+  const float top = max_of(x, n);
   const __m256 shift = _mm256_set1_ps(top);
   __m256 lanes = _mm256_setzero_ps();
   int64_t s = 0;
@@ -206,46 +193,168 @@ inline void softmax_inplace(float* x, int64_t n) {
   for (; s < n; ++s) x[s] *= 1.0f / total;
 }
 
-// out[0:d] = sum_s p[s] * v[s, 0:d], in slot order, accumulated in registers 64 channels at a time.
-template <typename V>
-inline void weighted_sum(const float* p, const V* v, int64_t n, int64_t d, float* out) {
-  for (int64_t j0 = 0; j0 < d; j0 += 64) {
-    const int64_t width = std::min<int64_t>(64, d - j0);
-    if (width == 64) {
-      __m256 acc[8];
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < n; ++s) {
-        const __m256 ps = _mm256_set1_ps(p[s]);
-        const V* row = v + s * d + j0;
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(ps, load8(row + 8 * c), acc[c]);
-      }
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
-    } else {
-      for (int64_t j = j0; j < j0 + width; ++j) {
-        float acc = 0.0f;
-        for (int64_t s = 0; s < n; ++s) acc = std::fma(p[s], static_cast<float>(v[s * d + j]), acc);
-        out[j] = acc;
-      }
-    }
+// ---- attention: every query's arithmetic is fixed, whatever shares its pass ----
+//
+// A work item is one kv head of one sequence: the query rows that read it (its query heads
+// times the new tokens) and the history they see. The history is widened to fp32 once per
+// item: keys transposed into 16-key panels (the linear kernel's layout, so scores are its
+// tile: one sequential FMA chain over the head dimension per score), values as rows.
+// Then per query row r, seeing its first n_r slots:
+//   scores[r, s] = q_r . k_s                          (FMA chain over d, for every s)
+//   p[r, 0:n_r] = softmax(scores[r, 0:n_r])           (max; exp-sum in an order fixed by n_r)
+//   out[r] = sum_{s < n_r} p[r, s] v_s                (FMA chain over s, per channel)
+// Tiles only decide which products share registers, never an output's order of operations, so
+// a token's result is the same bits in a 200-token prefill, in a decode step, alone or in a
+// batch of sessions. Slots a row does not see get p = 0, and fma(0, v, acc) == acc exactly.
+struct AttentionScratch {
+  std::vector<float> k_panels, values, scores, queries;
+  std::vector<const void*> panels, runs;  // per 16-slot panel / per run of value rows
+  std::vector<int64_t> run_lengths;
+};
+
+// Gathered keys (row-major [span][d], fp32) -> fp32 panels in w.k_panels, listed in w.panels.
+inline void pack_key_panels(const float* keys, int64_t span, int64_t d, AttentionScratch& w) {
+  const int64_t panels = (span + PANEL - 1) / PANEL;
+  w.k_panels.assign(panels * d * PANEL, 0.0f);
+  for (int64_t s = 0; s < span; ++s) {
+    float* panel = w.k_panels.data() + (s / PANEL) * d * PANEL + s % PANEL;
+    for (int64_t j = 0; j < d; ++j) panel[j * PANEL] = keys[s * d + j];
+  }
+  w.panels.resize(panels);
+  for (int64_t p = 0; p < panels; ++p) w.panels[p] = w.k_panels.data() + p * d * PANEL;
+}
+
+template <int MR, typename PT>
+inline void score_block(const AttentionScratch& w, const float* q, int64_t d, float* scores,
+                        int64_t lds) {
+  float tile[MR * PANEL];
+  for (size_t p = 0; p < w.panels.size(); ++p) {
+    panel_tile<MR, 1>(q, d, static_cast<const PT*>(w.panels[p]), 0, d, tile);
+    for (int m = 0; m < MR; ++m)
+      std::copy(tile + m * PANEL, tile + (m + 1) * PANEL, scores + m * lds + p * PANEL);
   }
 }
 
-// One query row against keys [0, n_keys): scores, softmax, weighted values (the same steps as
-// the paged kernel, reading a contiguous per-head KV buffer).
+// out[m][j0 : j0 + 8 * C] += sum_s p[m][s] v[s][j0 : ...] for MR rows over the value runs
+// [run_begin, run_end) (first slot s0), in slot order. The caller walks the history in chunks
+// that fit in L1 and keeps the partial sums in `out` between chunks: storing and reloading an
+// fp32 accumulator is exact, so the chain per output is the same as in one pass.
+template <int MR, int C, typename T>
+inline void weighted_block(const AttentionScratch& w, const float* p, int64_t ldp, int64_t d,
+                           int64_t j0, float* const* out, size_t run_begin, size_t run_end,
+                           int64_t s0) {
+  __m256 acc[MR * C];
+#pragma GCC unroll 16
+  for (int a = 0; a < MR * C; ++a) acc[a] = _mm256_loadu_ps(out[a / C] + j0 + 8 * (a % C));
+  int64_t s = s0;
+  for (size_t run = run_begin; run < run_end; ++run) {
+    const T* v = static_cast<const T*>(w.runs[run]);
+    for (int64_t i = 0; i < w.run_lengths[run]; ++i, ++s) {
+      __m256 vv[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) vv[c] = load8_any(v + i * d + j0 + 8 * c);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 ps = _mm256_broadcast_ss(p + m * ldp + s);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[m * C + c] = _mm256_fmadd_ps(ps, vv[c], acc[m * C + c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int a = 0; a < MR * C; ++a) _mm256_storeu_ps(out[a / C] + j0 + 8 * (a % C), acc[a]);
+}
+
+template <int MR, typename T>
+inline void weighted_rows(const AttentionScratch& w, const float* p, int64_t ldp, int64_t d,
+                          float* const* out, size_t run_begin, size_t run_end, int64_t s0) {
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) weighted_block<MR, 2, T>(w, p, ldp, d, j, out, run_begin, run_end, s0);
+  for (; j + 8 <= d; j += 8) weighted_block<MR, 1, T>(w, p, ldp, d, j, out, run_begin, run_end, s0);
+  for (; j < d; ++j)
+    for (int m = 0; m < MR; ++m) {
+      float acc = out[m][j];
+      int64_t s = s0;
+      for (size_t run = run_begin; run < run_end; ++run) {
+        const T* v = static_cast<const T*>(w.runs[run]);
+        for (int64_t i = 0; i < w.run_lengths[run]; ++i, ++s)
+          acc = std::fma(p[m * ldp + s], static_cast<float>(v[i * d + j]), acc);
+      }
+      out[m][j] = acc;
+    }
+}
+
+constexpr int64_t VALUE_CHUNK = 128;  // slots of values per pass (32 KiB of fp32 at d = 64)
+
+// Contiguous value rows [span][d] as runs of VALUE_CHUNK slots.
 template <typename T>
-void attend_row(const float* q, const T* keys, const T* values, int64_t n_keys, int64_t d,
-                float* scores, float* acc) {
-  int64_t s = 0;
-  for (; s + 4 <= n_keys; s += 4) dot_rows<4>(keys + s * d, d, q, d, scores + s);
-  for (; s < n_keys; ++s) dot_rows<1>(keys + s * d, d, q, d, scores + s);
-  softmax_inplace(scores, n_keys);
-  weighted_sum(scores, values, n_keys, d, acc);
+inline void split_runs(AttentionScratch& w, const T* values, int64_t span, int64_t d) {
+  w.runs.clear();
+  w.run_lengths.clear();
+  for (int64_t s0 = 0; s0 < span; s0 += VALUE_CHUNK) {
+    w.runs.push_back(values + s0 * d);
+    w.run_lengths.push_back(std::min(VALUE_CHUNK, span - s0));
+  }
+}
+
+// Query rows w.queries[r] (pre-scaled, fp32), each seeing its first n_keys[r] of the `span`
+// history slots: keys in w.panels (of type PT), values in w.runs (of type T). Writes out[r].
+template <typename PT, typename T>
+void attend_item(AttentionScratch& w, int64_t rows, const int64_t* n_keys, float* const* out,
+                 int64_t span, int64_t d) {
+  const int64_t lds = static_cast<int64_t>(w.panels.size()) * PANEL;
+  w.scores.resize(rows * lds);
+  const float* q = w.queries.data();
+  float* sc = w.scores.data();
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) score_block<6, PT>(w, q + r * d, d, sc + r * lds, lds);
+  switch (rows - r) {
+    case 5: score_block<5, PT>(w, q + r * d, d, sc + r * lds, lds); break;
+    case 4: score_block<4, PT>(w, q + r * d, d, sc + r * lds, lds); break;
+    case 3: score_block<3, PT>(w, q + r * d, d, sc + r * lds, lds); break;
+    case 2: score_block<2, PT>(w, q + r * d, d, sc + r * lds, lds); break;
+    case 1: score_block<1, PT>(w, q + r * d, d, sc + r * lds, lds); break;
+    default: break;
+  }
+  for (r = 0; r < rows; ++r) {
+    softmax_inplace(sc + r * lds, n_keys[r]);
+    std::fill(sc + r * lds + n_keys[r], sc + r * lds + span, 0.0f);
+  }
+  for (r = 0; r < rows; ++r) std::fill(out[r], out[r] + d, 0.0f);
+  size_t run = 0;
+  for (int64_t s0 = 0; run < w.runs.size();) {  // value chunks of about VALUE_CHUNK slots
+    size_t run_end = run;
+    int64_t s1 = s0;
+    while (run_end < w.runs.size() && (run_end == run || s1 - s0 + w.run_lengths[run_end] <= VALUE_CHUNK))
+      s1 += w.run_lengths[run_end++];
+    // 6 rows x 16 channels per register tile: each value vector loaded serves six rows
+    for (r = 0; r + 6 <= rows; r += 6) weighted_rows<6, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0);
+    switch (rows - r) {
+      case 5: weighted_rows<5, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
+      case 4: weighted_rows<4, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
+      case 3: weighted_rows<3, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
+      case 2: weighted_rows<2, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
+      case 1: weighted_rows<1, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
+      default: break;
+    }
+    run = run_end;
+    s0 = s1;
+  }
+}
+
+inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
 }
 
 }  // namespace
 
 // Attention of q [B, Hq, T, D] over a KV buffer [B, Hkv, capacity, D] whose first
 // `start + T` slots are filled; query t sits at slot start + t and sees slots [0, start + t].
+// Item = (batch row, kv head), the same steps as the paged kernel.
 torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                int64_t start) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "cached_attention: 4-D tensors expected");
@@ -253,21 +362,42 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
               v_cache.strides() == k_cache.strides(), "cached_attention: rows must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "cached_attention: dtype mismatch");
   const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
-  const int64_t hkv = k_cache.size(1), group = hq / hkv;
-  TORCH_CHECK(start + t <= k_cache.size(2), "cached_attention: slots past the buffer");
+  const int64_t hkv = k_cache.size(1), group = hq / hkv, span = start + t;
+  TORCH_CHECK(span <= k_cache.size(2), "cached_attention: slots past the buffer");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({b, hq, t, d}, torch::kFloat32);
   const float* qp = q32.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1);
   auto body = [&](auto* kp, auto* vp) {
-    at::parallel_for(0, b * hq * t, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(start + t);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bi = row / (hq * t), h = (row / t) % hq, ti = row % t;
-        const int64_t offset = bi * sb + (h / group) * sh;
-        attend_row(qp + row * d, kp + offset, vp + offset, start + ti + 1, d, scores.data(),
-                   op + row * d);
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
+      AttentionScratch w;
+      std::vector<float> keys;
+      std::vector<int64_t> n_keys(group * t);
+      std::vector<float*> outs(group * t);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / hkv, kv = item % hkv, offset = bi * sb + kv * sh;
+        keys.resize(span * d);
+        widen(kp + offset, keys.data(), span * d);
+        pack_key_panels(keys.data(), span, d, w);
+        w.queries.resize(group * t * d);
+        for (int64_t r = 0; r < group * t; ++r) {  // row r = (token r / group, head r % group)
+          const int64_t ti = r / group, h = kv * group + r % group;
+          const float* src = qp + ((bi * hq + h) * t + ti) * d;
+          std::copy(src, src + d, w.queries.data() + r * d);
+          n_keys[r] = start + ti + 1;
+          outs[r] = op + ((bi * hq + h) * t + ti) * d;
+        }
+        if (group * t > 4) {  // many rows: widen the values once
+          w.values.resize(span * d);
+          widen(vp + offset, w.values.data(), span * d);
+          split_runs(w, w.values.data(), span, d);
+          attend_item<float, float>(w, group * t, n_keys.data(), outs.data(), span, d);
+        } else {
+          split_runs(w, vp + offset, span, d);
+          attend_item<float, T>(w, group * t, n_keys.data(), outs.data(), span, d);
+        }
       }
     });
   };
@@ -279,6 +409,92 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   }
   return out.to(q.scalar_type());
 }
+
+namespace {
+
+// Ragged attention through block tables. The batch holds segments: segment g is tokens
+// [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
+// first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
+// Item = (segment, kv head): the history is gathered and widened once for every query that
+// reads it (the kv head's query heads times the segment's tokens).
+template <typename T>
+void paged_segments(const float* q, const T* k_pool, bool panel_keys, const T* v_pool,
+                    const int32_t* table, int64_t table_width, const int32_t* rows,
+                    const int32_t* keys, const int32_t* starts, int64_t segments, float* out,
+                    int64_t hq, int64_t hkv, int64_t bs, int64_t d) {
+  const int64_t group = hq / hkv;
+  // work unit = (segment, kv head, up to UNIT_ROWS of its query rows): a 20-token input slice
+  // splits into several units so both cores stay busy even with a single session
+  constexpr int64_t UNIT_ROWS = 24;
+  std::vector<std::array<int64_t, 4>> units;  // segment, kv head, first row, end row
+  for (int64_t g = 0; g < segments; ++g)
+    for (int64_t kv = 0; kv < hkv; ++kv)
+      for (int64_t r0 = 0; r0 < (starts[g + 1] - starts[g]) * group; r0 += UNIT_ROWS)
+        units.push_back({g, kv, r0, std::min(r0 + UNIT_ROWS, (starts[g + 1] - starts[g]) * group)});
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch w;
+    std::vector<float> k_rows;
+    std::vector<int64_t> n_keys;
+    std::vector<float*> outs;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = units[u][0], kv = units[u][1], r_first = units[u][2], r_end = units[u][3];
+      const int64_t first = starts[g];
+      const int32_t* blocks = table + rows[first] * table_width;
+      // keys seen by the unit's last row (rows are token-major: later rows see more)
+      const int64_t span = keys[first + (r_end - 1) / group];
+      auto block_base = [&](int64_t s0) {
+        return (static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs * d;
+      };
+      if (panel_keys) {  // the pool already holds 16-slot key panels: read them in place
+        w.panels.resize((span + PANEL - 1) / PANEL);
+        for (int64_t p = 0; p < static_cast<int64_t>(w.panels.size()); ++p)
+          w.panels[p] = k_pool + block_base(p * PANEL) + (p * PANEL % bs) * d;
+      } else {
+        k_rows.resize(span * d);
+        for (int64_t s0 = 0; s0 < span; s0 += bs)
+          widen(k_pool + block_base(s0), k_rows.data() + s0 * d, std::min(bs, span - s0) * d);
+        pack_key_panels(k_rows.data(), span, d, w);
+      }
+      const int64_t n = r_end - r_first;
+      w.queries.resize(n * d);
+      n_keys.resize(n);
+      outs.resize(n);
+      for (int64_t r = 0; r < n; ++r) {  // query (t, hh) is row t * group + hh
+        const int64_t token = first + (r_first + r) / group;
+        const int64_t head = kv * group + (r_first + r) % group;
+        const float* src = q + (token * hq + head) * d;
+        std::copy(src, src + d, w.queries.data() + r * d);
+        n_keys[r] = keys[token];
+        outs[r] = out + (token * hq + head) * d;
+      }
+      const bool widen_values = n > 4;  // many rows reuse the values: widen them once
+      w.runs.clear();
+      w.run_lengths.clear();
+      if (widen_values) w.values.resize(span * d);
+      for (int64_t s0 = 0; s0 < span; s0 += bs) {
+        const int64_t run = std::min(bs, span - s0);
+        if (widen_values) {
+          widen(v_pool + block_base(s0), w.values.data() + s0 * d, run * d);
+        } else {
+          w.runs.push_back(v_pool + block_base(s0));
+          w.run_lengths.push_back(run);
+        }
+      }
+      if (widen_values) split_runs(w, w.values.data(), span, d);
+      if (panel_keys && widen_values) {
+        attend_item<T, float>(w, n, n_keys.data(), outs.data(), span, d);
+      } else if (panel_keys) {
+        attend_item<T, T>(w, n, n_keys.data(), outs.data(), span, d);
+      } else if (widen_values) {
+        attend_item<float, float>(w, n, n_keys.data(), outs.data(), span, d);
+      } else {
+        attend_item<float, T>(w, n, n_keys.data(), outs.data(), span, d);
+      }
+    }
+  });
+}
+
+}  // namespace
 
 // [N, K] weight -> [ceil(N / 16), K, 16] panels (zero-padded columns), same dtype.
 torch::Tensor pack_linear_weight(torch::Tensor w) {
@@ -319,64 +535,13 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
   return y.view(out_shape);
 }
 
-// Ragged attention through block tables. The batch holds segments: segment g is tokens
-// [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
-// first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
-// Work item = (segment, kv head): each K/V block is widened to fp32 once and used by every
-// query that reads it: the kv head's query heads times the segment's tokens (GQA and a
-// 20-token input slice read the history once, not 60 times).
-// Per query the arithmetic is fixed: scores in slot order, max, exp-sum in slot order, values
-// accumulated in slot order; so a token's result does not depend on how many tokens share
-// its pass (prefill or decode) or on the other sessions in the batch.
-inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-
-inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename T>
-void paged_segments(const float* q, const T* k_pool, const T* v_pool, const int32_t* table,
-                    int64_t table_width, const int32_t* rows, const int32_t* keys,
-                    const int32_t* starts, int64_t segments, float* out, int64_t hq,
-                    int64_t hkv, int64_t bs, int64_t d) {
-  const int64_t group = hq / hkv;
-  at::parallel_for(0, segments * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, k_all, v_all;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / hkv, kv = item % hkv;
-      const int64_t first = starts[g], count = starts[g + 1] - first;
-      if (count == 0) continue;
-      const int32_t* blocks = table + rows[first] * table_width;
-      const int64_t span = keys[first + count - 1];  // keys seen by the segment's last token
-      k_all.resize(span * d);
-      v_all.resize(span * d);
-      for (int64_t s0 = 0; s0 < span; s0 += bs) {  // gather the history once, widened
-        const int64_t offset = ((static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs) * d;
-        const int64_t run = std::min(bs, span - s0);
-        widen(k_pool + offset, k_all.data() + s0 * d, run * d);
-        widen(v_pool + offset, v_all.data() + s0 * d, run * d);
-      }
-      scores.resize(span);
-      for (int64_t r = 0; r < count * group; ++r) {  // query (t, hh) is row t * group + hh
-        const int64_t token = first + r / group, head = kv * group + r % group;
-        const float* qr = q + (token * hq + head) * d;
-        const int64_t n_keys = keys[token];
-        int64_t s = 0;
-        for (; s + 4 <= n_keys; s += 4) dot_rows<4>(k_all.data() + s * d, d, qr, d, scores.data() + s);
-        for (; s < n_keys; ++s) dot_rows<1>(k_all.data() + s * d, d, qr, d, scores.data() + s);
-        softmax_inplace(scores.data(), n_keys);
-        weighted_sum(scores.data(), v_all.data(), n_keys, d, out + (token * hq + head) * d);
-      }
-    }
-  });
-}
-
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                               torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
                               torch::Tensor starts) {
-  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4, "paged_attention: q [N, Hq, D], pool [NB, Hkv, BS, D]");
+  TORCH_CHECK(q.dim() == 3 && (k_pool.dim() == 4 || k_pool.dim() == 5) && v_pool.dim() == 4,
+              "paged_attention: q [N, Hq, D]; values [NB, Hkv, BS, D]; keys the same or in "
+              "16-slot panels [NB, Hkv, BS / 16, D, 16]");
+  const bool panel_keys = k_pool.dim() == 5;
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && table.is_contiguous(),
               "paged_attention: pool and table must be contiguous");
   for (const auto& t : {table, rows, keys, starts})
@@ -384,24 +549,74 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
                 "paged_attention: contiguous int32 metadata expected");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type(), "paged_attention: dtype mismatch");
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
-  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), segments = starts.numel() - 1;
+  const int64_t hkv = v_pool.size(1), bs = v_pool.size(2), segments = starts.numel() - 1;
+  TORCH_CHECK(!panel_keys || (k_pool.size(2) * PANEL == bs && k_pool.size(4) == PANEL),
+              "paged_attention: key panels do not match the value blocks");
   TORCH_CHECK(segments >= 0 && (segments == 0 || starts[segments].item<int64_t>() == n),
               "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({n, hq, d}, torch::kFloat32);
   if (q.scalar_type() == torch::kBFloat16) {
-    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(),
+    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), panel_keys,
                    v_pool.data_ptr<at::BFloat16>(), table.data_ptr<int32_t>(), table.size(1),
                    rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
                    segments, out.data_ptr<float>(), hq, hkv, bs, d);
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_attention: fp32 or bf16 only");
-    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
+    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<float>(), panel_keys,
+                   v_pool.data_ptr<float>(),
                    table.data_ptr<int32_t>(), table.size(1), rows.data_ptr<int32_t>(),
                    keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), segments,
                    out.data_ptr<float>(), hq, hkv, bs, d);
   }
   return out.to(q.scalar_type());
+}
+
+// Store the K/V rows [N, Hkv, D] of N new tokens at (block, offset) of the pool, in place:
+// values as rows, keys as rows or (5-D pool) into their 16-slot panel column.
+template <typename T>
+void write_rows(T* k_pool, T* v_pool, bool panel_keys, const T* k, const T* v,
+                const int64_t* blocks, const int64_t* offsets, int64_t n, int64_t hkv, int64_t bs,
+                int64_t d) {
+  const bool paired = std::is_same_v<T, at::BFloat16>;  // bf16 panels pair slots j and 8 + j
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int64_t base = (blocks[i] * hkv + h) * bs * d, off = offsets[i];
+      const T* k_row = k + (i * hkv + h) * d;
+      const T* v_row = v + (i * hkv + h) * d;
+      std::copy(v_row, v_row + d, v_pool + base + off * d);
+      if (panel_keys) {
+        const int64_t c = off % PANEL, column = paired ? 2 * (c % 8) + c / 8 : c;
+        T* panel = k_pool + base + (off / PANEL) * d * PANEL + column;
+        for (int64_t j = 0; j < d; ++j) panel[j * PANEL] = k_row[j];
+      } else {
+        std::copy(k_row, k_row + d, k_pool + base + off * d);
+      }
+    }
+}
+
+void paged_write_(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor k, torch::Tensor v,
+                  torch::Tensor blocks, torch::Tensor offsets) {
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && v_pool.dim() == 4,
+              "paged_write_: contiguous pools expected");
+  TORCH_CHECK(k.scalar_type() == k_pool.scalar_type() && v.scalar_type() == v_pool.scalar_type(),
+              "paged_write_: dtype mismatch");
+  auto kc = k.contiguous(), vc = v.contiguous();
+  auto b = blocks.to(torch::kInt64).contiguous(), o = offsets.to(torch::kInt64).contiguous();
+  const int64_t n = kc.size(0), hkv = v_pool.size(1), bs = v_pool.size(2), d = v_pool.size(3);
+  TORCH_CHECK(kc.numel() == n * hkv * d && vc.numel() == n * hkv * d && b.numel() == n &&
+              o.numel() == n, "paged_write_: k/v [N, Hkv, D] and N slots expected");
+  const bool panel_keys = k_pool.dim() == 5;
+  if (k.scalar_type() == torch::kBFloat16) {
+    write_rows(k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), panel_keys,
+               kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), b.data_ptr<int64_t>(),
+               o.data_ptr<int64_t>(), n, hkv, bs, d);
+  } else {
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32, "paged_write_: fp32 or bf16 only");
+    write_rows(k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), panel_keys,
+               kc.data_ptr<float>(), vc.data_ptr<float>(), b.data_ptr<int64_t>(),
+               o.data_ptr<int64_t>(), n, hkv, bs, d);
+  }
 }
 
 // The small element-wise steps of a layer, one call each instead of 3-10 torch ops (at decode
@@ -480,16 +695,6 @@ void rotary_qkv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
 
 // silu(gate) * up for a fused [.., 2 * f] gate/up projection -> [.., f]. 8 lanes at a time
 // with exp8; a column's arithmetic is the same in every row (so it is batch invariant).
-inline __m256 load8_any(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8_any(const at::BFloat16* p) { return load8(p); }
-
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(at::BFloat16* p, __m256 v) {
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  for (int j = 0; j < 8; ++j) p[j] = static_cast<at::BFloat16>(tmp[j]);
-}
-
 template <typename T>
 void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t f) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
@@ -561,8 +766,8 @@ void logprob_rows(const T* logits, const int64_t* targets, float* out, int64_t m
     std::vector<float> row(v);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = logits + r * v;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < v; ++j) top = std::max(top, row[j] = static_cast<float>(x[j]));
+      for (int64_t j = 0; j < v; ++j) row[j] = static_cast<float>(x[j]);
+      const float top = max_of(row.data(), v);
       const __m256 shift = _mm256_set1_ps(top);
       __m256 lanes = _mm256_setzero_ps();
       int64_t j = 0;
@@ -596,6 +801,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
   m.def("packed_linear", &packed_linear, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
+  m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
   m.def("paged_attention", &paged_attention, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
   m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
