@@ -86,67 +86,95 @@ class Floors:
         return total_bytes / self.bandwidth + total_flops / self.peak
 
 
-def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
-              input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
-              kv_budget_mb: int, console: Console, deterministic: bool,
-              warmup: int = 3) -> ShapeResult:
-    engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb, max_sessions=sessions,
-                                         deterministic=deterministic))
-    rng = random.Random(0)
-    vocab = loaded.config.vocab_size - len(engine.markers.added)
-    params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
-                           force_output=True)
-    ids = [engine.open(params) for _ in range(sessions)]
-    latencies, floors_ms, tokens, misses, peak_blocks = [], [], 0, 0, 0
-    next_tick = time.perf_counter()
-    started = time.perf_counter()
-    for turn in range(turns + warmup):
-        passes = []
+class ShapeRun:
+    """One engine streaming the load shape, a tick at a time (so that two modes can be
+    ticked in lockstep and see the same machine noise)."""
+
+    def __init__(self, loaded: LoadedModel, floors: Floors, shape: str, sessions: int,
+                 turns: int, input_tokens: int, output_tokens: int, slice_ms: int,
+                 kv_budget_mb: int, deterministic: bool, warmup: int = 3):
+        self.loaded, self.floors, self.shape = loaded, floors, shape
+        self.turns, self.warmup, self.slice_ms = turns, warmup, slice_ms
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.deterministic = deterministic
+        self.engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb,
+                                                  max_sessions=sessions,
+                                                  deterministic=deterministic))
+        self.rng = random.Random(0)
+        self.vocab = loaded.config.vocab_size - len(self.engine.markers.added)
+        params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
+                               force_output=True)
+        self.ids = [self.engine.open(params) for _ in range(sessions)]
+        self.latencies: list[float] = []
+        self.floors_ms: list[float] = []
+        self.tokens = self.misses = self.peak_blocks = 0
+        self.busy = 0.0  # seconds spent in ticks (throughput excludes the other mode's turns)
+
+    def turn(self, index: int) -> float:
+        engine, ids = self.engine, self.ids
         for sid in ids:
-            engine.append(sid, [rng.randrange(300, vocab) for _ in range(input_tokens)])
+            engine.append(sid, [self.rng.randrange(300, self.vocab)
+                                for _ in range(self.input_tokens)])
         t0 = time.perf_counter()
         engine.tick()
         latency = time.perf_counter() - t0
         # the work this tick did: one input step (carried token, <in>, input, <out>), then
         # output_tokens - 1 decode steps; contexts read back after any eviction
-        feed = input_tokens + 3 + (1 if turn else 0)
-        after_input = {sid: engine.sessions[sid].length - (output_tokens - 1) for sid in ids}
-        passes.append([(feed, after_input[sid]) for sid in ids])
-        passes += [[(1, after_input[sid] + step) for sid in ids]
-                   for step in range(1, output_tokens)]
-        if turn >= warmup:
-            latencies.append(latency)
-            floors_ms.append(floors.tick(loaded, passes) * 1e3)
-            tokens += sessions * (feed + output_tokens - 1)
-            misses += latency * 1e3 > slice_ms
-        peak_blocks = max(peak_blocks, engine.pool.blocks_in_use)
+        feed = self.input_tokens + 3 + (1 if index else 0)
+        after = {sid: engine.sessions[sid].length - (self.output_tokens - 1) for sid in ids}
+        passes = [[(feed, after[sid]) for sid in ids]]
+        passes += [[(1, after[sid] + step) for sid in ids]
+                   for step in range(1, self.output_tokens)]
+        if index >= self.warmup:
+            self.latencies.append(latency)
+            self.floors_ms.append(self.floors.tick(self.loaded, passes) * 1e3)
+            self.tokens += len(ids) * (feed + self.output_tokens - 1)
+            self.misses += latency * 1e3 > self.slice_ms
+            self.busy += latency
+        self.peak_blocks = max(self.peak_blocks, engine.pool.blocks_in_use)
+        return latency
+
+    def result(self) -> ShapeResult:
+        engine, ids = self.engine, self.ids
+        evictions = sum(len(engine.sessions[sid].evictions) for sid in ids)
+        for sid in ids:
+            engine.close(sid)
+        ms = [x * 1e3 for x in self.latencies]
+        ratio = [m / f for m, f in zip(ms, self.floors_ms, strict=True)]
+        n = min(HEAD_TAIL, max(1, len(ms) // 2))
+        head, tail = statistics.mean(ms[:n]), statistics.mean(ms[-n:])
+        return ShapeResult(
+            shape=self.shape, deterministic=self.deterministic, sessions=len(ids),
+            turns=self.turns, input_tokens=self.input_tokens, output_tokens=self.output_tokens,
+            p50_ms=statistics.median(ms), p99_ms=sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
+            mean_turn_ms_head=head, mean_turn_ms_tail=tail, tail_head_ratio=tail / head,
+            floor_ms=statistics.mean(self.floors_ms), floor_ratio=statistics.median(ratio),
+            efficiency_tail_head_ratio=statistics.mean(ratio[-n:]) / statistics.mean(ratio[:n]),
+            tokens_per_s=self.tokens / self.busy, deadline_misses=self.misses,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool.num_blocks,
+            evictions=evictions)
+
+
+def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
+              input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
+              kv_budget_mb: int, console: Console, modes: list[bool]) -> list[ShapeResult]:
+    """Run the shape once per mode, the modes ticked in lockstep (alternating which goes
+    first), so a comparison between them is not a comparison between two stretches of time."""
+    runs = [ShapeRun(loaded, floors, shape, sessions, turns, input_tokens, output_tokens,
+                     slice_ms, kv_budget_mb, deterministic) for deterministic in modes]
+    next_tick = time.perf_counter()
+    for index in range(turns + runs[0].warmup):
+        order = runs if index % 2 == 0 else runs[::-1]
+        latencies = {run.deterministic: run.turn(index) for run in order}
         if realtime:
             next_tick += slice_ms / 1e3
             time.sleep(max(0.0, next_tick - time.perf_counter()))
-        if turn % 50 == 0:
-            console.log(f"{shape} x{sessions} {mode_name(deterministic)}: "
-                        f"turn {turn}/{turns + warmup}, tick {latency * 1e3:.0f} ms")
-    elapsed = time.perf_counter() - started
-    evictions = sum(len(engine.sessions[sid].evictions) for sid in ids)
-    for sid in ids:
-        engine.close(sid)
-    ms = [x * 1e3 for x in latencies]
-    ratio = [m / f for m, f in zip(ms, floors_ms, strict=True)]
-    n = min(HEAD_TAIL, max(1, len(ms) // 2))
-    head, tail = statistics.mean(ms[:n]), statistics.mean(ms[-n:])
-    return ShapeResult(
-        shape=shape, deterministic=deterministic, sessions=sessions, turns=turns,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens, p50_ms=statistics.median(ms),
-        p99_ms=sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
-        mean_turn_ms_head=head, mean_turn_ms_tail=tail, tail_head_ratio=tail / head,
-        floor_ms=statistics.mean(floors_ms), floor_ratio=statistics.median(ratio),
-        efficiency_tail_head_ratio=statistics.mean(ratio[-n:]) / statistics.mean(ratio[:n]),
-        tokens_per_s=tokens / elapsed,
-        deadline_misses=misses,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        kv_blocks_peak=peak_blocks, kv_blocks_total=engine.pool.num_blocks,
-        evictions=evictions)
+        if index % 50 == 0:
+            console.log(f"{shape} x{sessions}: turn {index}/{turns + runs[0].warmup}, tick " +
+                        ", ".join(f"{t * 1e3:.0f} ms {mode_name(m)}"
+                                  for m, t in latencies.items()))
+    return [run.result() for run in runs]
 
 
 def mode_name(deterministic: bool) -> str:
@@ -158,9 +186,9 @@ def find_capacity(loaded, floors, shape, args, console, deterministic: bool) -> 
     in_tokens, out_tokens = SHAPES[shape]
 
     def fits(n: int) -> bool:
-        result = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
-                           out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
-                           deterministic)
+        result, = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
+                            out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
+                            [deterministic])
         console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
         return result.p99_ms < args.slice_ms
 
@@ -194,13 +222,12 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     modes = [True, False] if args.compare_modes else [policy.deterministic()]
     results = []
     for shape, (in_tokens, out_tokens) in shapes.items():
-        for deterministic in modes:
-            result = run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
-                               out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
-                               console, deterministic)
+        for result in run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
+                                out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
+                                console, modes):
             if args.find_capacity and shape in SHAPES:
                 result.capacity_sessions = find_capacity(loaded, floors, shape, args, console,
-                                                         deterministic)
+                                                         result.deterministic)
             results.append(result)
     out = Console(width=160)
     out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
