@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from microturn.checkpoint.loader import LoadedModel
+from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
-from microturn.model.attention_backend import DenseKVCache
 from microturn.sampling import SamplingParams, sample
 
 
@@ -41,8 +41,8 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
     stats = stats if stats is not None else GenerationStats()
     sampling = sampling or SamplingParams()
     model = loaded.model
-    cache = DenseKVCache(loaded.config, batch=1, capacity=len(prompt_ids) + max_tokens,
-                         dtype=model.dtype, device=model.device)
+    cache = PagedSequence(loaded.config, len(prompt_ids) + max_tokens, model.dtype,
+                          model.device)
     generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
     tokens = torch.tensor([prompt_ids], device=model.device)
     positions = torch.arange(len(prompt_ids), device=model.device).unsqueeze(0)

@@ -177,9 +177,13 @@ def test_e_checks_fail_without_deterministic_mode(smollm_fp32):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_default_model_alignment_and_batch_invariance(dtype, smollm_fp32, smollm_bf16):
-    """(a) and (b) on the real default model (a copy: the engine adds marker tokens)."""
+    """(a), (b) and (c) on the real default model (a copy: the engine adds marker tokens)."""
     loaded = copy.deepcopy(smollm_fp32 if dtype == "fp32" else smollm_bf16)
     alone = stream_target(loaded, True, others=0, ticks=6)
     crowded = stream_target(loaded, True, others=7, ticks=6, seed=2)
     assert crowded["turns"] == alone["turns"] and crowded["logprobs"] == alone["logprobs"]
     assert trainer_logprobs(loaded, crowded, True) == crowded["logprobs"]
+    tokens = random.Random(8).choices(range(200, 40000), k=70)
+    by_one = slicing_logits(loaded, tokens, 1, True)
+    for chunk in (4, 16, 64):
+        assert torch.equal(slicing_logits(loaded, tokens, chunk, True), by_one), chunk

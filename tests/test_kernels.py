@@ -64,14 +64,19 @@ def test_output_head_and_logprobs_are_batch_invariant(dtype):
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(64, 576, generator=generator).to(dtype)
     w = (torch.randn(49152, 576, generator=generator) * 0.05).to(dtype)
+    # (rows beyond 64 take the same 6-row tiles as rows 32-64: the per-output chain is the same)
     panels = kernels.pack_linear_weight(w)
     full = kernels.packed_linear(x, panels, 49152, None)
     targets = torch.randint(0, 49152, (64,), generator=generator)
     logprobs = kernels.token_logprobs(full, targets)
     reference = full.double().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     assert float((logprobs.double() - reference).abs().max()) < 1e-4
-    for rows in (1, 2, 5, 6, 7, 13, 31):
-        part = kernels.packed_linear(x[rows:2 * rows], panels, 49152, None)
+    for rows in [*range(1, 33), 47, 61, 64]:  # the 49k head: every decode batch to 32, then some
+        part = kernels.packed_linear(x[rows:2 * rows] if rows < 32 else x[:rows], panels,
+                                     49152, None)
+        if rows >= 32:
+            assert torch.equal(part, full[:rows])
+            continue
         assert torch.equal(part, full[rows:2 * rows])
         assert torch.equal(kernels.token_logprobs(part, targets[rows:2 * rows]),
                            logprobs[rows:2 * rows])
@@ -85,8 +90,12 @@ def test_rms_norm_and_rotary_angles_are_batch_invariant():
     positions = torch.arange(5000, 5300)
     inv_freq = 1.0 / (100000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
     cos, sin = kernels.rotary_angles(positions, inv_freq)
+    x = torch.cat([x, x])  # 600 rows
+    full = kernels.rms_norm(x, weight, 1e-5)
+    for rows in range(1, 513):  # every batch size of the sweep, anywhere in the batch
+        at = (rows * 389) % (600 - rows)
+        assert torch.equal(kernels.rms_norm(x[at:at + rows], weight, 1e-5), full[at:at + rows])
     for rows in (1, 2, 7, 64, 129):
-        assert torch.equal(kernels.rms_norm(x[rows:2 * rows], weight, 1e-5), full[rows:2 * rows])
         c, s = kernels.rotary_angles(positions[rows:2 * rows], inv_freq)
         assert torch.equal(c, cos[rows:2 * rows]) and torch.equal(s, sin[rows:2 * rows])
     angles = positions.float()[:, None] * inv_freq

@@ -18,10 +18,10 @@ from rich.table import Table
 
 from microturn.bench.machine import measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
+from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
 from microturn.kernels import build
 from microturn.kernels.build import cpu_has_bf16_gemm
-from microturn.model.attention_backend import DenseKVCache
 
 
 def weight_bytes(loaded: LoadedModel) -> int:
@@ -43,7 +43,7 @@ def kv_bytes(loaded: LoadedModel, keys: int) -> int:
     return 2 * c.num_layers * c.kv_size * keys * loaded.model.dtype.itemsize
 
 
-def time_pass(loaded: LoadedModel, cache: DenseKVCache, context: int, new_tokens: int,
+def time_pass(loaded: LoadedModel, cache: PagedSequence, context: int, new_tokens: int,
               repeats: int) -> list[float]:
     model = loaded.model
     tokens = torch.randint(0, loaded.config.vocab_size, (1, new_tokens), device=model.device)
@@ -94,7 +94,7 @@ def run_model_bench(args: argparse.Namespace) -> None:
             loaded = load_model(args.model, dtype, "cpu")
         if args.context + max(sizes) > loaded.config.max_position:
             console.print(f"note: context exceeds the trained {loaded.config.max_position}")
-        cache = DenseKVCache(loaded.config, 1, args.context + max(sizes), loaded.model.dtype)
+        cache = PagedSequence(loaded.config, args.context + max(sizes), loaded.model.dtype)
         context_ids = torch.randint(0, loaded.config.vocab_size, (1, args.context))
         with console.status(f"prefilling {args.context} tokens"):
             loaded.model(context_ids, torch.arange(args.context).unsqueeze(0), cache,

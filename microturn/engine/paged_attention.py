@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from microturn.engine.kv_pool import KVPool
+from microturn.errors import MicroturnError
 from microturn.kernels import ops
+from microturn.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,34 @@ class PagedAttention:
                 q[:, :, s.start:s.end], keys.unsqueeze(0), values.unsqueeze(0),
                 attn_mask=visible, enable_gqa=True)
         return out
+
+
+class PagedSequence:
+    """One sequence (batch 1) on a block pool of its own: the engine's KV layout and attention
+    kernel for plain generation (`microturn generate`, `microturn bench model`). All blocks are
+    taken up front; `length` may be set back to drop the tail (the slots are rewritten)."""
+
+    def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", block_size: int = 16):
+        if capacity <= 0:
+            raise MicroturnError(f"kv cache: capacity must be > 0, got {capacity}")
+        blocks = -(-capacity // block_size)
+        block_bytes = (2 * config.num_layers * config.num_kv_heads * block_size
+                       * config.head_dim * dtype.itemsize)
+        self.pool = KVPool(config, blocks * block_bytes, block_size, 1, blocks, dtype, device)
+        self.row = self.pool.take_row()
+        for have in range(blocks):
+            self.pool.grow(self.row, have)
+        self.capacity, self.length = capacity, 0
+        self._attention: PagedAttention | None = None
+
+    def prepare(self, num_new_tokens: int) -> None:
+        end = self.length + num_new_tokens
+        if end > self.capacity:
+            raise MicroturnError(f"kv cache: {end} tokens exceed its capacity of {self.capacity}")
+        segment = Segment(self.row, 0, num_new_tokens, self.length)
+        self._attention = PagedAttention(self.pool, PagedBatch.build(self.pool, [segment]))
+        self.length = end
+
+    def attend(self, layer, q, k, v):
+        return self._attention.attend(layer, q, k, v)
