@@ -21,7 +21,7 @@ SMALL_BATCH_ROWS = 32
 
 def kernels_for(x: torch.Tensor):
     """The compiled kernels if x lives where they run (the CPU), else None."""
-    return build.load() if x.device.type == "cpu" else None
+    return build.load() if x.is_cpu else None  # (is_cpu: no device object per call)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -12,7 +12,9 @@ from microturn.kernels import build, ops
 
 class Linear(nn.Linear):
     _panels: torch.Tensor | None = None
-    _panels_key: tuple | None = None
+    # what the panels were packed from: the weight (its id: storing a Parameter on a Module
+    # would register it), its storage (.to() swaps it) and its version
+    _panels_of = _panels_ptr = _panels_version = -1
 
     def reset_parameters(self) -> None:
         pass
@@ -22,14 +24,14 @@ class Linear(nn.Linear):
 
     def panels(self) -> torch.Tensor:
         """The weight packed for the CPU kernel, made on first use and again whenever the
-        weight changes (an optimizer step bumps its version). It costs one more copy of the
-        weight in memory."""
+        weight changes (replaced, or updated in place: an optimizer step bumps its version).
+        It costs one more copy of the weight in memory."""
         w = self.weight
-        key = (w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype)
-        if self._panels_key != key:
+        ptr, version = w.data_ptr(), (0 if w.is_inference() else w._version)
+        if (self._panels_of, self._panels_ptr, self._panels_version) != (id(w), ptr, version):
             with torch.no_grad():
                 self._panels = build.load().pack_linear_weight(w.detach())
-            self._panels_key = key
+            self._panels_of, self._panels_ptr, self._panels_version = id(w), ptr, version
         return self._panels
 
 
