@@ -53,6 +53,11 @@ class PagedAttention:
     def __init__(self, pool: KVPool, batch: PagedBatch):
         self.pool, self.batch = pool, batch
 
+    @property
+    def paged(self) -> "PagedAttention":
+        """This backend's pool and batch metadata (the native all-layers path reads them)."""
+        return self
+
     def prepare(self, num_new_tokens: int) -> None:
         if num_new_tokens != self.batch.rows.numel():
             raise ValueError(f"batch metadata covers {self.batch.rows.numel()} tokens, "
@@ -113,6 +118,10 @@ class PagedSequence:
         segment = Segment(self.row, 0, num_new_tokens, self.length)
         self._attention = PagedAttention(self.pool, PagedBatch.build(self.pool, [segment]))
         self.length = end
+
+    @property
+    def paged(self) -> PagedAttention:
+        return self._attention
 
     def attend(self, layer, q, k, v):
         return self._attention.attend(layer, q, k, v)

@@ -552,7 +552,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   const int64_t hkv = v_pool.size(1), bs = v_pool.size(2), segments = starts.numel() - 1;
   TORCH_CHECK(!panel_keys || (k_pool.size(2) * PANEL == bs && k_pool.size(4) == PANEL),
               "paged_attention: key panels do not match the value blocks");
-  TORCH_CHECK(segments >= 0 && (segments == 0 || starts[segments].item<int64_t>() == n),
+  TORCH_CHECK(segments >= 0 && (segments == 0 || starts.data_ptr<int32_t>()[segments] == n),
               "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({n, hq, d}, torch::kFloat32);
@@ -785,8 +785,9 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
   auto x = logits.contiguous();
   auto t = targets.to(torch::kInt64).contiguous();
   const int64_t m = x.size(0), v = x.size(1);
-  TORCH_CHECK(m == 0 || (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < v),
-              "token_logprobs: targets must be in [0, ", v, ")");
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < v, "token_logprobs: targets must be in [0, ", v, ")");
   auto out = torch::empty({m}, torch::kFloat32);
   if (x.scalar_type() == torch::kBFloat16) {
     logprob_rows(x.data_ptr<at::BFloat16>(), t.data_ptr<int64_t>(), out.data_ptr<float>(), m, v);
@@ -797,10 +798,44 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
   return out;
 }
 
+// All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
+// the same order as the Python layer loop (so the same bits), without ~15 Python-dispatched
+// calls per layer. weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
+// post-attention norm, gate/up panels, down panels]; x [N, hidden].
+torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
+                                   double eps, torch::Tensor cos, torch::Tensor sin,
+                                   int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
+                                   bool interleaved, torch::Tensor k_pools, torch::Tensor v_pools,
+                                   torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
+                                   torch::Tensor starts, torch::Tensor write_blocks,
+                                   torch::Tensor write_offsets) {
+  TORCH_CHECK(weights.size() % 7 == 0 && x.dim() == 2, "paged_decoder_layers: bad arguments");
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 7, n = x.size(0);
+  const int64_t hidden = x.size(1), q_size = hq * d, kv_size = hkv * d;
+  for (int64_t l = 0; l < layers; ++l) {
+    const torch::Tensor* w = weights.data() + 7 * l;
+    c10::optional<torch::Tensor> bias;
+    if (w[2].numel()) bias = w[2];
+    auto qkv = packed_linear(rms_norm(x, w[0], eps), w[1], q_size + 2 * kv_size, bias);
+    rotary_qkv_(qkv, cos, sin, hq, hkv, d, interleaved);
+    auto k_pool = k_pools[l], v_pool = v_pools[l];
+    paged_write_(k_pool, v_pool, qkv.narrow(1, q_size, kv_size).reshape({n, hkv, d}),
+                 qkv.narrow(1, q_size + kv_size, kv_size).reshape({n, hkv, d}), write_blocks,
+                 write_offsets);
+    auto attended = paged_attention(qkv.narrow(1, 0, q_size).reshape({n, hq, d}), k_pool,
+                                    v_pool, table, rows, keys, starts);
+    x = x + packed_linear(attended.view({n, q_size}), w[3], hidden, c10::nullopt);
+    auto gate_up = packed_linear(rms_norm(x, w[4], eps), w[5], 2 * intermediate, c10::nullopt);
+    x = x + packed_linear(silu_mul(gate_up), w[6], hidden, c10::nullopt);
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
   m.def("packed_linear", &packed_linear, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
+  m.def("paged_decoder_layers", &paged_decoder_layers, "all layers of a paged pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
   m.def("paged_attention", &paged_attention, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");

@@ -7,6 +7,7 @@ single largest matmul of a decode step, and a prefill needs it for one token, no
 import torch
 from torch import nn
 
+from microturn.model import native_layers
 from microturn.model.attention import SelfAttention
 from microturn.model.attention_backend import AttentionBackend
 from microturn.model.config import ModelConfig
@@ -61,8 +62,11 @@ class Decoder(nn.Module):
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rotary, backend)
+        if native_layers.applies(self, x, backend):  # same kernels, one call for all layers
+            x = native_layers.run_layers(self, x, rotary, backend)
+        else:
+            for layer in self.layers:
+                x = layer(x, rotary, backend)
         return self.norm(x)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
