@@ -195,10 +195,11 @@ inline void softmax_inplace(float* x, int64_t n) {
 
 // ---- attention: every query's arithmetic is fixed, whatever shares its pass ----
 //
-// A work item is one kv head of one sequence: the query rows that read it (its query heads
-// times the new tokens) and the history they see. The history is widened to fp32 once per
-// item: keys transposed into 16-key panels (the linear kernel's layout, so scores are its
-// tile: one sequential FMA chain over the head dimension per score), values as rows.
+// A work item is one kv head of one sequence and some of the query rows that read it (its
+// query heads times the new tokens). Keys are read as 16-slot panels (the linear kernel's
+// layout, so a score is its tile: one FMA chain over the head dimension): straight from a
+// block pool that stores them so, else gathered and transposed once per item. Values are
+// read as rows, in place, widened in registers.
 // Then per query row r, seeing its first n_r slots:
 //   scores[r, s] = q_r . k_s                          (FMA chain over d, for every s)
 //   p[r, 0:n_r] = softmax(scores[r, 0:n_r])           (max; exp-sum in an order fixed by n_r)
