@@ -71,7 +71,8 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
         export = json.loads(Path(args.session_file).read_text())
         dtype = {"float32": "fp32", "bfloat16": "bf16"}[export["dtype"]]
         markers = MarkerTokens.from_dict(export["markers"])
-        export["turns"], export["logprobs"]  # noqa: B018 (present, or a clear error below)
+        if missing := {"turns", "logprobs"} - export.keys():
+            raise KeyError(", ".join(sorted(missing)))
     except OSError as exc:
         raise MicroturnError(f"{args.session_file}: cannot read ({exc.strerror})") from exc
     except (ValueError, KeyError, TypeError) as exc:

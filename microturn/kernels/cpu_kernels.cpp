@@ -32,9 +32,6 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline __m256 load8_any(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8_any(const at::BFloat16* p) { return load8(p); }
-
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(at::BFloat16* p, __m256 v) {
   alignas(32) float tmp[8];
@@ -208,7 +205,7 @@ inline void softmax_inplace(float* x, int64_t n) {
 // a token's result is the same bits in a 200-token prefill, in a decode step, alone or in a
 // batch of sessions. Slots a row does not see get p = 0, and fma(0, v, acc) == acc exactly.
 struct AttentionScratch {
-  std::vector<float> k_panels, values, scores, queries;
+  std::vector<float> k_panels, scores, queries;
   std::vector<const void*> panels, runs;  // per 16-slot panel / per run of value rows
   std::vector<int64_t> run_lengths;
 };
@@ -253,7 +250,7 @@ inline void weighted_block(const AttentionScratch& w, const float* p, int64_t ld
     for (int64_t i = 0; i < w.run_lengths[run]; ++i, ++s) {
       __m256 vv[C];
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) vv[c] = load8_any(v + i * d + j0 + 8 * c);
+      for (int c = 0; c < C; ++c) vv[c] = load8(v + i * d + j0 + 8 * c);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const __m256 ps = _mm256_broadcast_ss(p + m * ldp + s);
@@ -390,15 +387,8 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
           n_keys[r] = start + ti + 1;
           outs[r] = op + ((bi * hq + h) * t + ti) * d;
         }
-        if (group * t > 4) {  // many rows: widen the values once
-          w.values.resize(span * d);
-          widen(vp + offset, w.values.data(), span * d);
-          split_runs(w, w.values.data(), span, d);
-          attend_item<float, float>(w, group * t, n_keys.data(), outs.data(), span, d);
-        } else {
-          split_runs(w, vp + offset, span, d);
-          attend_item<float, T>(w, group * t, n_keys.data(), outs.data(), span, d);
-        }
+        split_runs(w, vp + offset, span, d);  // values read in place
+        attend_item<float, T>(w, group * t, n_keys.data(), outs.data(), span, d);
       }
     });
   };
@@ -695,9 +685,9 @@ void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t f) {
       const T* up = gate + f;
       int64_t j = 0;
       for (; j + 8 <= f; j += 8) {
-        const __m256 g = load8_any(gate + j);
+        const __m256 g = load8(gate + j);
         const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
-        store8(out + r * f + j, _mm256_mul_ps(silu, load8_any(up + j)));
+        store8(out + r * f + j, _mm256_mul_ps(silu, load8(up + j)));
       }
       for (; j < f; ++j) {
         const float g = static_cast<float>(gate[j]);
