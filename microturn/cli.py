@@ -92,6 +92,12 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    from microturn.server.serve import run_serve as serve
+
+    serve(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -127,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(demo, dtype="bf16")
     add_mode_flag(demo)
     demo.set_defaults(run=run_demo)
+
+    serve = commands.add_parser("serve", help="serve streaming sessions over WebSocket and HTTP")
+    from microturn.server.serve import add_serve_flags
+
+    add_serve_flags(serve)
+    add_model_flags(serve, dtype="bf16")
+    add_mode_flag(serve)
+    serve.set_defaults(run=run_serve)
 
     bench = commands.add_parser("bench", help="benchmarks that print measured numbers")
     which = bench.add_subparsers(dest="bench", required=True)

@@ -42,14 +42,9 @@ def run_demo(args: argparse.Namespace) -> None:
     tokenizer = loaded.tokenizer
     scripts = {name: slices_of(words) for name, words in SCRIPTS.items()}
     sessions = {name: engine.open(session_params(args, i)) for i, name in enumerate(scripts)}
-    params = session_params(args, 0)
     turns = max(len(s) for s in scripts.values()) + args.extra_slices
     deadline = args.slice_ms / 1e3
-    # warm-up tick (first call compiles kernels / warms caches), not shown
-    warm = engine.open(params)
-    engine.append(warm, tokenizer.encode("warm up"))
-    engine.tick()
-    engine.close(warm)
+    engine.warm_up()  # not shown: the first tick loads kernels and packs weights
     console.print(f"[bold]microturn demo[/]: {len(sessions)} sessions, {args.slice_ms} ms slices, "
                   f"up to {args.max_output_tokens} output tokens per slice, {args.dtype}, "
                   f"{loaded.path.name}")

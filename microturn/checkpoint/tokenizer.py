@@ -68,20 +68,32 @@ def _raise_template_error(message: str):
 
 
 class StreamingDecoder:
-    """Turns tokens into text as they arrive, holding back an incomplete UTF-8 character."""
+    """Turns tokens into text as they arrive, holding back an incomplete UTF-8 character.
+
+    Each push decodes only a few recent tokens (the new ones after a short emitted context),
+    so a long session costs O(1) per token, not O(tokens so far)."""
+
+    CONTEXT = 4  # emitted tokens kept to decode the next ones against (merges, spacing)
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
+        self.context: list[int] = []
+        self.context_text = ""
+        self.pending: list[int] = []
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.context + self.pending)
         if text.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
+        new = text[len(self.context_text):]
+        self.context = (self.context + self.pending)[-self.CONTEXT:]
+        self.context_text = self.tokenizer.decode(self.context)
+        self.pending = []
         return new
+
+    def push_all(self, token_ids: list[int]) -> str:
+        return "".join(self.push(t) for t in token_ids)
 
 
 def tokenizer_from_gguf(fields: dict, path: Path) -> Tokenizer:

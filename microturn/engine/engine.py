@@ -89,6 +89,14 @@ class Engine:
             self.sessions[sid] = Session(sid, params, row, Timeline(self.markers), generator)
             return sid
 
+    def warm_up(self, input_tokens: int = 16) -> None:
+        """One throwaway tick (kernels load, weights pack, caches fill) so that the first real
+        tick is not the slow one."""
+        sid = self.open(SessionParams(max_output_tokens=2))
+        self.append(sid, [self.markers.silence] * input_tokens)
+        self.tick()
+        self.close(sid)
+
     def append(self, sid: int, input_ids: list[int]) -> None:
         """Queue the input slice that arrived (empty: silence). One slice per tick."""
         session = self._session(sid)
@@ -117,7 +125,7 @@ class Engine:
         tokens = s.timeline.tokens()
         return {**s.timeline.export(),
                 "dtype": str(self.model.dtype).removeprefix("torch."),
-                "deterministic": self.deterministic,
+                "deterministic": self.deterministic or bool(s.params.deterministic),
                 "sampling": {"temperature": s.params.sampling.temperature,
                              "top_k": s.params.sampling.top_k, "top_p": s.params.sampling.top_p,
                              "seed": s.params.sampling.seed},
@@ -134,23 +142,28 @@ class Engine:
 
     @torch.inference_mode()
     def tick(self) -> dict[int, SliceOutput]:
-        with self._lock, policy.deterministic_mode(self.deterministic):
+        with self._lock:
             active = [s for s in self.sessions.values() if s.pending]
             if not active:
                 return {}
-            feeds = []
-            for s in active:
-                turn = MicroTurn(len(s.timeline.turns), s.pending.popleft())
-                s.timeline.turns.append(turn)
-                feeds.append(s.unfed + s.timeline.input_tokens(turn))
-                s.unfed = []
-            self._forward_and_sample(active, feeds)
-            speaking = [s for s in active if not self._slice_done(s)]
-            while speaking:
-                self._forward_and_sample(speaking, [s.unfed for s in speaking])
-                speaking = [s for s in speaking if not self._slice_done(s)]
-            return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
-                                      list(s.timeline.turns[-1].output_ids)) for s in active}
+            mode = self.deterministic or any(s.params.deterministic for s in active)
+            with policy.deterministic_mode(mode):
+                return self._tick(active)
+
+    def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
+        feeds = []
+        for s in active:
+            turn = MicroTurn(len(s.timeline.turns), s.pending.popleft())
+            s.timeline.turns.append(turn)
+            feeds.append(s.unfed + s.timeline.input_tokens(turn))
+            s.unfed = []
+        self._forward_and_sample(active, feeds)
+        speaking = [s for s in active if not self._slice_done(s)]
+        while speaking:
+            self._forward_and_sample(speaking, [s.unfed for s in speaking])
+            speaking = [s for s in speaking if not self._slice_done(s)]
+        return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
+                                  list(s.timeline.turns[-1].output_ids)) for s in active}
 
     async def tick_async(self) -> dict[int, SliceOutput]:
         """The tick on a worker thread, so an asyncio server keeps serving meanwhile."""

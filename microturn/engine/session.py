@@ -16,6 +16,9 @@ class SessionParams:
     slice_ms: int = 200
     sampling: SamplingParams = field(default_factory=SamplingParams)
     force_output: bool = False  # emit exactly max_output_tokens, ignoring end/silence (benchmarks)
+    # True: every tick this session is in runs the batch-invariant kernels, even when the
+    # engine's own mode is off; None/False: the engine's mode
+    deterministic: bool | None = None
 
     def __post_init__(self):
         if not 1 <= self.max_output_tokens <= 256:

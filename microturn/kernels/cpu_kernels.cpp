@@ -812,13 +812,15 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> w
   return x;
 }
 
+// The long calls release the GIL, so a server's event loop keeps running during a tick.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
-  m.def("packed_linear", &packed_linear, "batch-invariant linear over packed panels (AVX2/FMA)");
-  m.def("cached_attention", &cached_attention, "attention over an in-place KV buffer");
-  m.def("paged_decoder_layers", &paged_decoder_layers, "all layers of a paged pass, one call");
+  m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
+  m.def("cached_attention", &cached_attention, nogil, "attention over an in-place KV buffer");
+  m.def("paged_decoder_layers", &paged_decoder_layers, nogil, "all layers of a paged pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
-  m.def("paged_attention", &paged_attention, "ragged attention through block tables");
+  m.def("paged_attention", &paged_attention, nogil, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
   m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
   m.def("rotary_angles", &rotary_angles, "cos/sin of rotary angles, per element in double");

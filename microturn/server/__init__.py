@@ -1,0 +1,1 @@
+"""The network face of the engine: `microturn serve`, WebSocket + HTTP, one shared tick loop."""

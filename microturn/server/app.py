@@ -1,0 +1,301 @@
+"""The ASGI app: WebSocket /v1/stream, the HTTP sessions API, /healthz, /metrics, OpenAPI.
+
+Every refusal is a JSON body {"error": {code, field, message, limit}} (HTTP) or an `error`
+event (WebSocket) naming the field and the limit; a refused message changes nothing, and the
+session and every other session carry on.
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from microturn.engine.engine import Engine
+from microturn.server.errors import ServerError
+from microturn.server.limits import ServerLimits
+from microturn.server.live_session import LiveSession
+from microturn.server.metrics import ServerMetrics
+from microturn.server.protocol import (
+    EndedEvent,
+    EndMessage,
+    ErrorBody,
+    Health,
+    InputMessage,
+    Limits,
+    NoticeEvent,
+    OutputEvent,
+    PingMessage,
+    PongEvent,
+    SessionOptions,
+    SessionState,
+    SliceRequest,
+    StartedEvent,
+    StartMessage,
+    client_message,
+)
+from microturn.server.scheduler import Scheduler
+
+ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 429, 503)}
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> ServerError:
+    """The first problem pydantic found, as one ServerError naming the field and the limit."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    kind = first.get("type", "")
+    ctx = first.get("ctx") or {}
+    limit = next((ctx[k] for k in ("le", "ge", "lt", "gt", "max_length", "expected_tags")
+                  if k in ctx), None)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return ServerError("unknown_type", f"type: {first['msg']}", 422, "type",
+                           str(ctx.get("expected_tags", "")))
+    if kind == "json_invalid":
+        return ServerError("bad_json", f"not valid JSON: {ctx.get('error', first['msg'])}", 400)
+    field = ".".join(loc[1:] if loc and loc[0] in ("start", "input", "end", "ping") else loc)
+    return ServerError("invalid", f"{field or 'message'}: {first['msg']}", 422, field or None,
+                       limit if isinstance(limit, int | float | str) else None)
+
+
+def create_app(engine: Engine, limits: ServerLimits | None = None,
+               api_key: str | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
+    metrics = ServerMetrics()
+    scheduler = Scheduler(engine, limits, metrics)
+    public_limits = Limits(**limits.public())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        if not scheduler.draining:
+            await scheduler.drain()
+
+    app = FastAPI(title="microturn", version="0.1.0", lifespan=lifespan,
+                  description="Streaming micro-turn sessions over WebSocket and HTTP; "
+                              "see docs/PROTOCOL.md.")
+    app.state.scheduler, app.state.metrics, app.state.limits = scheduler, metrics, limits
+
+    def authorized(headers, query) -> bool:
+        if api_key is None:
+            return True
+        given = headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else query.get("api_key", "")
+        return hmac.compare_digest(token.encode(), api_key.encode())
+
+    def require_key(request: Request) -> None:
+        if not authorized(request.headers, request.query_params):
+            raise ServerError("unauthorized", "missing or wrong API key: send "
+                              "'Authorization: Bearer KEY'", 401)
+
+    async def body_of(request: Request, model: type[BaseModel]) -> BaseModel:
+        """The request body, size-checked before it is parsed."""
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > limits.max_message_bytes:
+            raise ServerError("limit", "request body over max_message_bytes", 413, "body",
+                              limits.max_message_bytes)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_message_bytes:
+                raise ServerError("limit", "request body over max_message_bytes", 413, "body",
+                                  limits.max_message_bytes)
+        try:
+            return model.model_validate_json(bytes(raw) or b"{}")
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError):
+        metrics.client_errors.labels(exc.code).inc()
+        return JSONResponse(ErrorBody(error=exc.info()).model_dump(), status_code=exc.status)
+
+    keyed = [Depends(require_key)]
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        pool = engine.pool
+        return Health(status="draining" if scheduler.draining else "ok",
+                      sessions=len(scheduler.sessions), kv_blocks_free=len(pool.free_blocks),
+                      kv_blocks_total=pool.num_blocks)
+
+    @app.get("/metrics", dependencies=keyed, response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/sessions", dependencies=keyed, status_code=201, response_model=StartedEvent,
+              responses=ERRORS, openapi_extra=body_schema(SessionOptions))
+    async def open_session(request: Request) -> StartedEvent:
+        options = await body_of(request, SessionOptions)
+        live = await scheduler.open(options, "client", lambda event: None)
+        return started_event(live, public_limits)
+
+    @app.post("/v1/sessions/{session_id}/slices", dependencies=keyed, response_model=OutputEvent,
+              responses=ERRORS, openapi_extra=body_schema(SliceRequest))
+    async def append_slice(session_id: str, request: Request) -> OutputEvent:
+        live = scheduler.get(session_id)
+        body = await body_of(request, SliceRequest)
+        reply = scheduler.put_slice(live, body.text, body.tokens, None, want_reply=True)
+        return await asyncio.shield(reply)  # a client that hangs up does not undo its slice
+
+    @app.get("/v1/sessions/{session_id}", dependencies=keyed, response_model=SessionState,
+             responses=ERRORS)
+    async def session_state(session_id: str) -> SessionState:
+        return state_of(scheduler.get(session_id), engine)
+
+    @app.delete("/v1/sessions/{session_id}", dependencies=keyed, response_model=EndedEvent,
+                responses=ERRORS)
+    async def close_session(session_id: str, export: bool = False) -> EndedEvent:
+        ended = await scheduler.close(scheduler.get(session_id), "client", notify=False)
+        return ended if export else ended.model_copy(update={"export": None})
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket) -> None:
+        if not authorized(ws.headers, ws.query_params):
+            metrics.client_errors.labels("unauthorized").inc()
+            body = ErrorBody(error=ServerError("unauthorized", "missing or wrong API key",
+                                               401).info())
+            await ws.send_denial_response(JSONResponse(body.model_dump(), status_code=401))
+            return
+        await ws.accept()
+        await WebSocketSession(ws, scheduler, limits, public_limits).run()
+
+    return app
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """OpenAPI request body for routes that read (and size-check) the body themselves."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+
+def started_event(live: LiveSession, limits: Limits, closes_in_ms: float | None = None):
+    o = live.options
+    return StartedEvent(session=live.id, clock=live.clock, slice_ms=o.slice_ms,
+                        max_output_tokens=o.max_output_tokens, deterministic=live.deterministic,
+                        first_slice_closes_in_ms=closes_in_ms, limits=limits)
+
+
+def state_of(live: LiveSession, engine: Engine) -> SessionState:
+    s = engine.sessions[live.engine_id]
+    return SessionState(session=live.id, clock=live.clock, slices=live.answered,
+                        pending_slices=live.pending_slices, input_tokens=live.input_tokens,
+                        output_tokens=live.output_tokens,
+                        sequence_tokens=len(s.fed) + len(s.unfed), kv_slots=s.length,
+                        kv_blocks=s.num_blocks, evictions=len(s.evictions),
+                        idle_s=round(time.monotonic() - live.last_seen, 3))
+
+
+class WebSocketSession:
+    """One WebSocket: a reader (this coroutine) and a writer task draining the outbox."""
+
+    def __init__(self, ws: WebSocket, scheduler: Scheduler, limits: ServerLimits,
+                 public_limits: Limits):
+        self.ws, self.scheduler, self.limits = ws, scheduler, limits
+        self.public_limits = public_limits
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.live: LiveSession | None = None
+
+    def sink(self, event: BaseModel) -> None:
+        live = self.live
+        if (live is not None and live.open and not isinstance(event, EndedEvent)
+                and self.outbox.qsize() >= self.limits.max_queued_events):
+            asyncio.create_task(self.scheduler.close(live, "slow_consumer"))
+        self.outbox.put_nowait(event)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if self.live is not None and not self.live.open:
+                    break  # ended by the server; the writer closes the socket
+                try:
+                    if await self._handle(message):
+                        break
+                except ServerError as exc:
+                    self.scheduler.metrics.client_errors.labels(exc.code).inc()
+                    self.outbox.put_nowait(exc.event())
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.live is not None and self.live.open:  # abrupt disconnect: free the KV
+                await self.scheduler.close(self.live, "client", notify=False)
+            self.outbox.put_nowait(None)  # the writer stops (after `ended`, if it is queued)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(writer, 5.0)
+
+    async def _handle(self, message: dict) -> bool:
+        """One client frame; True once the session has ended."""
+        text = message.get("text")
+        if text is None:
+            raise ServerError("binary_not_supported", "binary frames are reserved for audio; "
+                              "send JSON text frames", 400, "frame")
+        size = len(text.encode())
+        if size > self.limits.max_message_bytes:
+            raise ServerError("limit", f"message of {size} bytes, over max_message_bytes "
+                              f"{self.limits.max_message_bytes}", 413, "message",
+                              self.limits.max_message_bytes)
+        try:
+            msg = client_message.validate_python(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ServerError("bad_json", f"not valid JSON: {exc.msg} at column {exc.colno}",
+                              400) from None
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        live = self.live
+        if live is not None:
+            live.last_seen = time.monotonic()
+        if isinstance(msg, PingMessage):
+            self.outbox.put_nowait(PongEvent())
+        elif isinstance(msg, StartMessage):
+            if live is not None:
+                raise ServerError("already_started", "this connection already has a session",
+                                  409, "type")
+            options = SessionOptions(**msg.model_dump(exclude={"type", "clock"}))
+            self.live = live = await self.scheduler.open(options, msg.clock, self.sink)
+            closes_in = ((live.next_close - time.monotonic()) * 1e3 if msg.clock == "server"
+                         else None)
+            self.outbox.put_nowait(started_event(live, self.public_limits, closes_in))
+        elif live is None:
+            raise ServerError("not_started", "send a start message first", 409, "type")
+        elif isinstance(msg, InputMessage):
+            self._input(live, msg)
+        elif isinstance(msg, EndMessage):
+            ended = await self.scheduler.close(live, "client", notify=False)
+            self.outbox.put_nowait(ended if msg.export else
+                                   ended.model_copy(update={"export": None}))
+            return True
+        return False
+
+    def _input(self, live: LiveSession, msg: InputMessage) -> None:
+        if live.clock == "client":
+            self.scheduler.put_slice(live, msg.text, msg.tokens, msg.slice, want_reply=False)
+            return
+        placement = self.scheduler.put_input(live, msg.text, msg.tokens, msg.slice)
+        if placement.late:
+            self.outbox.put_nowait(NoticeEvent(
+                code="late_input", slice=placement.slice,
+                message=f"slice {msg.slice} had already closed; the input went into the open "
+                        f"slice {placement.slice}"))
+        elif placement.spilled:
+            self.outbox.put_nowait(NoticeEvent(
+                code="spilled_input", slice=placement.slice,
+                message=f"more than max_input_tokens {self.limits.max_input_tokens} for one "
+                        f"slice; the input continues from slice {placement.slice} on"))
+
+    async def _write(self) -> None:
+        """Send events in order; after `ended`, close the socket."""
+        with contextlib.suppress(Exception):
+            while (event := await self.outbox.get()) is not None:
+                await self.ws.send_text(event.model_dump_json())
+                if isinstance(event, EndedEvent):
+                    await self.ws.close(1000)
+                    return

@@ -1,0 +1,25 @@
+"""Every limit the server enforces, with its default (docs/PROTOCOL.md lists them too)."""
+
+from dataclasses import asdict, dataclass
+
+from microturn.errors import MicroturnError
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_sessions: int = 16  # open sessions, WebSocket and HTTP together
+    max_message_bytes: int = 65_536  # one WebSocket text frame or one HTTP request body
+    max_input_tokens: int = 64  # per input slice
+    max_buffered_slices: int = 25  # input queued ahead of the open slice (5 s at 200 ms)
+    idle_timeout_s: float = 60.0  # no message from the client for this long: session closed
+    max_queued_events: int = 64  # output events a slow reader may leave unread
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value <= 0:
+                raise MicroturnError(f"{name.replace('_', '-')} must be > 0, got {value}")
+
+    def public(self) -> dict:
+        fields = asdict(self)
+        del fields["max_queued_events"]
+        return fields

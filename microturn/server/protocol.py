@@ -1,0 +1,169 @@
+"""Every message and body of the wire protocol, as pydantic models (docs/PROTOCOL.md is the prose).
+
+Client -> server over the WebSocket: `start`, `input`, `end`, `ping` (JSON text frames; binary
+frames are reserved for audio). Server -> client: `started`, `output`, `notice`, `error`,
+`ended`, `pong`. The HTTP API reuses the same pieces. Models are strict: a string where a
+number belongs is an error, not a conversion, and unknown fields are refused.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+MAX_SEED = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SessionOptions(Strict):
+    """What a client chooses when it opens a session (WebSocket `start`, POST /v1/sessions)."""
+    slice_ms: int = Field(200, ge=20, le=10_000, description="length of one micro-turn")
+    max_output_tokens: int = Field(8, ge=1, le=256, description="per output slice")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0: no top-k cut")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    deterministic: bool | None = Field(
+        None, description="true: batch-invariant kernels for every tick this session is in "
+                          "(log-probabilities bitwise the trainer's); null: the server's mode")
+
+
+# -- client -> server (WebSocket) ------------------------------------------------------------
+
+class StartMessage(SessionOptions):
+    type: Literal["start"]
+    clock: Literal["server", "client"] = Field(
+        "server", description="server: a slice closes every slice_ms on the server's clock; "
+                              "client: each input message is one whole slice, answered at once")
+
+
+class InputMessage(Strict):
+    type: Literal["input"]
+    text: str = Field("", description="text that arrived; tokenized on arrival")
+    tokens: list[int] | None = Field(None, description="token ids instead of text")
+    slice: int | None = Field(None, ge=0, description="the slice index this input belongs to")
+
+
+class EndMessage(Strict):
+    type: Literal["end"]
+    export: bool = Field(False, description="include the session export (verify-alignment)")
+
+
+class PingMessage(Strict):
+    type: Literal["ping"]
+
+
+ClientMessage = Annotated[StartMessage | InputMessage | EndMessage | PingMessage,
+                          Field(discriminator="type")]
+client_message = TypeAdapter(ClientMessage)
+
+
+# -- server -> client --------------------------------------------------------------------------
+
+class Limits(BaseModel):
+    max_sessions: int
+    max_message_bytes: int
+    max_input_tokens: int
+    max_buffered_slices: int
+    idle_timeout_s: float
+
+
+class StartedEvent(BaseModel):
+    type: Literal["started"] = "started"
+    session: str
+    clock: Literal["server", "client"]
+    slice_ms: int
+    max_output_tokens: int
+    deterministic: bool
+    first_slice_closes_in_ms: float | None = Field(
+        None, description="server clock: when slice 0 closes, from this event's sending")
+    limits: Limits
+
+
+class OutputEvent(BaseModel):
+    type: Literal["output"] = "output"
+    slice: int
+    input_tokens: list[int] = Field(description="what the slice's input held (empty: silence)")
+    input_text: str
+    tokens: list[int]
+    text: str
+    latency_ms: float = Field(description="slice closed (or request arrived) -> output ready")
+    missed_deadline: bool = Field(description="latency_ms > slice_ms")
+
+
+class NoticeEvent(BaseModel):
+    type: Literal["notice"] = "notice"
+    code: Literal["late_input", "spilled_input"]
+    message: str
+    slice: int = Field(description="the first slice the input landed in")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    field: str | None = None
+    message: str
+    limit: float | int | str | None = None
+
+
+class ErrorEvent(ErrorInfo):
+    type: Literal["error"] = "error"
+
+
+class SessionSummary(BaseModel):
+    slices: int
+    input_tokens: int
+    output_tokens: int
+    deadline_misses: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    seconds: float
+
+
+class EndedEvent(BaseModel):
+    type: Literal["ended"] = "ended"
+    reason: Literal["client", "idle", "shutdown", "slow_consumer"]
+    summary: SessionSummary
+    export: dict[str, Any] | None = None
+
+
+class PongEvent(BaseModel):
+    type: Literal["pong"] = "pong"
+
+
+ServerEvent = Annotated[StartedEvent | OutputEvent | NoticeEvent | ErrorEvent | EndedEvent
+                        | PongEvent, Field(discriminator="type")]
+server_event = TypeAdapter(ServerEvent)
+
+
+# -- HTTP bodies -------------------------------------------------------------------------------
+
+class SliceRequest(Strict):
+    text: str = Field("", description="the slice's input text; empty and no tokens: silence")
+    tokens: list[int] | None = None
+
+
+class SessionState(BaseModel):
+    session: str
+    clock: Literal["server", "client"]
+    slices: int = Field(description="micro-turns answered")
+    pending_slices: int
+    input_tokens: int
+    output_tokens: int
+    sequence_tokens: int = Field(description="tokens of the session's timeline so far")
+    kv_slots: int = Field(description="KV slots resident (after any eviction)")
+    kv_blocks: int
+    evictions: int
+    idle_s: float
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"]
+    sessions: int
+    kv_blocks_free: int
+    kv_blocks_total: int

@@ -1,0 +1,273 @@
+"""The one tick loop every session shares.
+
+Server-clocked sessions close a slice every slice_ms on a grid shared by the whole server
+(multiples of slice_ms since the server started), so sessions with the same slice length close
+their slices together and share one engine tick. Client-clocked sessions (HTTP, or a WebSocket
+started with clock "client") have a slice as soon as the client sends one. Each loop turn takes
+every slice that is due, appends them all to the engine and runs ONE tick for them on a worker
+thread (the event loop keeps serving meanwhile); what arrives during the tick waits for the
+next. A server that falls behind catches up one slice per session per tick, counting misses.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from microturn.checkpoint.tokenizer import StreamingDecoder
+from microturn.engine.engine import Engine
+from microturn.engine.session import SessionParams, SliceOutput
+from microturn.errors import MicroturnError
+from microturn.sampling import SamplingParams
+from microturn.server.errors import ServerError
+from microturn.server.input_queue import InputQueue, Placement
+from microturn.server.limits import ServerLimits
+from microturn.server.live_session import LiveSession, SliceRequest
+from microturn.server.metrics import ServerMetrics
+from microturn.server.protocol import EndedEvent, OutputEvent, SessionOptions
+
+log = logging.getLogger("microturn.server")
+IDLE_CHECK_S = 0.5
+
+
+@dataclass
+class DueSlice:
+    live: LiveSession
+    tokens: list[int]
+    closed_at: float  # slice closed (server clock) or request arrived (client clock)
+    reply: asyncio.Future | None = None
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics):
+        self.engine, self.limits, self.metrics = engine, limits, metrics
+        self.tokenizer = engine.loaded.tokenizer
+        self.vocab_size = engine.loaded.config.vocab_size
+        self.sessions: dict[str, LiveSession] = {}
+        self.draining = False
+        self._engine_lock = asyncio.Lock()  # the engine is touched by one coroutine at a time
+        self._wake = asyncio.Event()
+        self._origin = time.monotonic()
+        self._task: asyncio.Task | None = None
+        metrics.kv_blocks_total.set(engine.pool.num_blocks)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._origin = time.monotonic()
+        self._task = asyncio.create_task(self._run(), name="microturn-tick-loop")
+
+    async def drain(self) -> None:
+        """Graceful stop: refuse new sessions, let the current tick finish, close every session
+        (each client gets its `ended` event with reason "shutdown")."""
+        self.draining = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await asyncio.gather(*(self.close(live, "shutdown") for live in
+                               list(self.sessions.values())))
+
+    async def open(self, options: SessionOptions, clock: str, sink) -> LiveSession:
+        if self.draining:
+            raise ServerError("draining", "the server is shutting down", 503)
+        if len(self.sessions) >= self.limits.max_sessions:
+            self.metrics.sessions_refused.labels("max_sessions").inc()
+            raise ServerError("max_sessions", f"the server already has max_sessions "
+                              f"{self.limits.max_sessions} open sessions; try again later",
+                              503, "max_sessions", self.limits.max_sessions)
+        params = SessionParams(
+            max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
+            sampling=SamplingParams(temperature=options.temperature, top_k=options.top_k,
+                                    top_p=options.top_p, seed=options.seed),
+            deterministic=options.deterministic)
+        async with self._engine_lock:
+            try:
+                engine_id = self.engine.open(params)
+            except MicroturnError as exc:
+                self.metrics.sessions_refused.labels("kv_pool").inc()
+                raise ServerError("kv_pool_full", str(exc), 503) from exc
+        live = LiveSession(
+            id=secrets.token_urlsafe(12), engine_id=engine_id, options=options, clock=clock,
+            deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
+            decoder=StreamingDecoder(self.tokenizer),
+            inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
+            ended=asyncio.get_running_loop().create_future())
+        if clock == "server":  # slice 0 closes at the next grid point of its slice length
+            now = time.monotonic()
+            live.next_close = self._origin + live.slice_s * math.floor(
+                (now - self._origin) / live.slice_s + 1)
+        self.sessions[live.id] = live
+        self.metrics.sessions_opened.inc()
+        self.metrics.live_sessions.set(len(self.sessions))
+        self._pool_metrics()
+        self._wake.set()
+        return live
+
+    async def close(self, live: LiveSession, reason: str, notify: bool = True) -> EndedEvent:
+        """Close once (later callers get the same event, with the export); the KV blocks are
+        free when this returns. With notify, the sink gets the event without the export."""
+        if not live.open:
+            return await live.ended
+        live.open = False
+        self.sessions.pop(live.id, None)
+        async with self._engine_lock:
+            export = self.engine.close(live.engine_id)
+        for request in live.requests:
+            if request.reply is not None and not request.reply.done():
+                request.reply.set_exception(ServerError("closed", f"session closed ({reason})",
+                                                        409))
+        live.requests.clear()
+        event = live.ended_event(reason, export)
+        live.ended.set_result(event)
+        self.metrics.sessions_closed.labels(reason).inc()
+        self.metrics.live_sessions.set(len(self.sessions))
+        self._pool_metrics()
+        if notify:
+            live.sink(event.model_copy(update={"export": None}))
+        return event
+
+    def get(self, session_id: str) -> LiveSession:
+        live = self.sessions.get(session_id)
+        if live is None:
+            raise ServerError("no_session", f"no open session {session_id!r} (closed or idle "
+                              f"longer than idle_timeout_s {self.limits.idle_timeout_s})", 404,
+                              "session", self.limits.idle_timeout_s)
+        return live
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def tokens_of(self, text: str, tokens: list[int] | None) -> tuple[list[int], str]:
+        """The input's token ids and the field they came from; ids checked against the vocab."""
+        if tokens is not None:
+            if text:
+                raise ServerError("invalid", "send text or tokens, not both", 422, "tokens")
+            if any(not 0 <= t < self.vocab_size for t in tokens):
+                raise ServerError("invalid", f"token ids must be in [0, {self.vocab_size})",
+                                  422, "tokens", self.vocab_size)
+            return tokens, "tokens"
+        if len(text) > self.limits.max_message_bytes:
+            raise ServerError("limit", "text longer than max_message_bytes", 413, "text",
+                              self.limits.max_message_bytes)
+        return (self.tokenizer.encode(text) if text else []), "text"
+
+    def put_input(self, live: LiveSession, text: str, tokens: list[int] | None,
+                  slice_index: int | None) -> Placement:
+        """Server clock: queue input for its slice (see InputQueue); nothing is queued if it
+        is refused."""
+        ids, field_name = self.tokens_of(text, tokens)
+        live.last_seen = time.monotonic()
+        return live.inbox.put(ids, slice_index, field_name)
+
+    def put_slice(self, live: LiveSession, text: str, tokens: list[int] | None,
+                  slice_index: int | None, want_reply: bool) -> asyncio.Future | None:
+        """Client clock: one whole slice, answered at the next tick."""
+        ids, field_name = self.tokens_of(text, tokens)
+        live.last_seen = time.monotonic()
+        if len(ids) > self.limits.max_input_tokens:
+            raise ServerError("limit", f"{len(ids)} tokens in one slice, over max_input_tokens "
+                              f"{self.limits.max_input_tokens}", 422, field_name,
+                              self.limits.max_input_tokens)
+        if len(live.requests) >= self.limits.max_buffered_slices:
+            raise ServerError("backpressure", f"{len(live.requests)} slices already wait for "
+                              f"the engine (max_buffered_slices "
+                              f"{self.limits.max_buffered_slices}); wait for outputs",
+                              429, "slice", self.limits.max_buffered_slices)
+        expected = live.answered + len(live.requests)
+        if slice_index is not None and slice_index != expected:
+            raise ServerError("slice_order", f"slice {slice_index} sent, the next slice of "
+                              f"this session is {expected}", 409, "slice", expected)
+        reply = asyncio.get_running_loop().create_future() if want_reply else None
+        live.requests.append(SliceRequest(ids, time.monotonic(), reply))
+        self._wake.set()
+        return reply
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self.draining:
+            self._wake.clear()
+            now = time.monotonic()
+            self._expire_idle(now)
+            due = self._due(now)
+            if due:
+                await self._tick(due)
+                continue
+            wake_at = min((s.next_close for s in self.sessions.values() if s.clock == "server"),
+                          default=now + IDLE_CHECK_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(wake_at - now,
+                                                                       IDLE_CHECK_S)))
+
+    def _due(self, now: float) -> list[DueSlice]:
+        due = []
+        for live in self.sessions.values():
+            if live.clock == "server":
+                if now >= live.next_close:
+                    _, tokens = live.inbox.take()
+                    due.append(DueSlice(live, tokens, live.next_close))
+                    live.next_close += live.slice_s
+            elif live.requests:
+                request = live.requests.popleft()
+                due.append(DueSlice(live, request.tokens, request.arrived, request.reply))
+        return due
+
+    async def _tick(self, due: list[DueSlice]) -> None:
+        async with self._engine_lock:
+            due = [d for d in due if d.live.open]  # a close may have won the lock first
+            for d in due:
+                self.engine.append(d.live.engine_id, d.tokens)
+            started = time.monotonic()
+            try:
+                outputs = await asyncio.to_thread(self.engine.tick)
+            except Exception:  # the loop must outlive any one tick
+                log.exception("engine tick failed; its sessions are closed")
+                for d in due:
+                    asyncio.create_task(self.close(d.live, "shutdown"))
+                return
+            done = time.monotonic()
+        self.metrics.tick_seconds.observe(done - started)
+        self.metrics.tick_sessions.observe(len(due))
+        for d in due:
+            self._deliver(d, outputs[d.live.engine_id], done)
+        self._pool_metrics()
+
+    def _deliver(self, d: DueSlice, output: SliceOutput, done: float) -> None:
+        live = d.live
+        latency_ms = (done - d.closed_at) * 1e3
+        missed = latency_ms > live.options.slice_ms
+        event = OutputEvent(slice=output.index, input_tokens=d.tokens,
+                            input_text=self.tokenizer.decode(d.tokens), tokens=output.output_ids,
+                            text=live.decoder.push_all(output.output_ids),
+                            latency_ms=round(latency_ms, 3), missed_deadline=missed)
+        live.answered += 1
+        live.input_tokens += len(d.tokens)
+        live.output_tokens += len(output.output_ids)
+        live.deadline_misses += missed
+        live.latencies_ms.append(latency_ms)
+        self.metrics.input_tokens.inc(len(d.tokens))
+        self.metrics.output_tokens.inc(len(output.output_ids))
+        self.metrics.slice_latency.observe(latency_ms / 1e3)
+        self.metrics.deadline_misses.inc(missed)
+        if d.reply is not None and not d.reply.done():
+            d.reply.set_result(event)
+        self.send(live, event)
+
+    def send(self, live: LiveSession, event: BaseModel) -> None:
+        if live.open:
+            live.sink(event)
+
+    def _expire_idle(self, now: float) -> None:
+        for live in list(self.sessions.values()):
+            if now - live.last_seen > self.limits.idle_timeout_s:
+                live.last_seen = math.inf  # closing now; not picked again
+                asyncio.create_task(self.close(live, "idle"))
+
+    def _pool_metrics(self) -> None:
+        pool = self.engine.pool
+        self.metrics.kv_blocks_used.set(pool.blocks_in_use)
+        self.metrics.kv_bytes_used.set(pool.blocks_in_use * pool.block_bytes)

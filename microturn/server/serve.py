@@ -1,0 +1,101 @@
+"""`microturn serve`: load the model, build one engine, run the app on uvicorn.
+
+SIGTERM (or Ctrl-C) is graceful: new sessions are refused, the tick in progress finishes, every
+client gets an `ended` event with reason "shutdown", then the process exits 0.
+"""
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from microturn.checkpoint.loader import load_model
+from microturn.engine.engine import Engine, EngineConfig
+from microturn.server.app import create_app
+from microturn.server.limits import ServerLimits
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but a stop signal drains the sessions first (and is not re-raised at exit,
+    so the exit status is 0)."""
+
+    def __init__(self, config: uvicorn.Config, scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+        self._drain: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._drain is not None or self._loop is None:  # a second signal: stop now
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        async def drain_then_exit():
+            await self.scheduler.drain()
+            self.should_exit = True
+
+        if self._drain is None:
+            self._drain = asyncio.create_task(drain_then_exit())
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    limits = ServerLimits(max_sessions=args.max_sessions,
+                          max_message_bytes=args.max_message_bytes,
+                          max_input_tokens=args.max_input_tokens,
+                          max_buffered_slices=args.max_buffered_slices,
+                          idle_timeout_s=args.idle_timeout)
+    print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
+    loaded = load_model(args.model, args.dtype, args.device)
+    engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb,
+                                         max_sessions=limits.max_sessions))
+    engine.warm_up()
+    app = create_app(engine, limits, api_key=args.api_key)
+    # WebSocket frames up to 4x the limit reach the app, which answers with an error event
+    # naming the limit; larger ones are cut by the protocol layer (close code 1009).
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            ws_max_size=4 * limits.max_message_bytes, ws="websockets-sansio",
+                            lifespan="on", timeout_graceful_shutdown=5)
+    server = GracefulServer(config, app.state.scheduler)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    host, port = sock.getsockname()[:2]
+    # one line a script can wait for: the address really bound (--port 0 picks a free one)
+    print(f"microturn serving {loaded.path.name} on http://{host}:{port} "
+          f"(ws://{host}:{port}/v1/stream; {limits.max_sessions} sessions max; "
+          f"{'API key required' if args.api_key else 'no API key'})", file=sys.stderr,
+          flush=True)
+    logging.getLogger("microturn.server").setLevel(logging.INFO)
+    asyncio.run(server.serve(sockets=[sock]))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    d = ServerLimits()
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every request")
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    parser.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
+                        help="per input slice")
+    parser.add_argument("--max-buffered-slices", type=int, default=d.max_buffered_slices,
+                        help="input queued ahead of the open slice before backpressure")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                        help="seconds without a client message before a session is closed")
+    parser.add_argument("--kv-budget-mb", type=int, default=1024)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug"])
