@@ -98,6 +98,12 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(args)
 
 
+def run_stream(args: argparse.Namespace) -> None:
+    from microturn.stream import run_stream as stream
+
+    stream(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -141,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(serve, dtype="bf16")
     add_mode_flag(serve)
     serve.set_defaults(run=run_serve)
+
+    stream = commands.add_parser("stream", help="stream timed text to a server, two lanes live")
+    from microturn.stream import add_stream_flags
+
+    add_stream_flags(stream)
+    stream.set_defaults(run=run_stream)
 
     bench = commands.add_parser("bench", help="benchmarks that print measured numbers")
     which = bench.add_subparsers(dest="bench", required=True)

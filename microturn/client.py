@@ -12,6 +12,7 @@
 
 import asyncio
 import json
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -57,6 +58,9 @@ class StreamSession:
 
     def __init__(self, ws: ClientConnection, started: StartedEvent):
         self.ws, self.started = ws, started
+        self.started_at = time.monotonic()  # when `started` arrived (slice timing is from it)
+        self.answered = 0  # output events received: slices 0 .. answered - 1
+        self.last_sent = self.started_at
         self.ended: EndedEvent | None = None
 
     @classmethod
@@ -91,6 +95,7 @@ class StreamSession:
         if slice is not None:
             message["slice"] = slice
         await self.ws.send(json.dumps(message))
+        self.last_sent = time.monotonic()
 
     async def send_raw(self, frame: str | bytes) -> None:
         """Any frame as is (tests and tools that probe the server's validation)."""
@@ -98,11 +103,19 @@ class StreamSession:
 
     async def ping(self) -> None:
         await self.ws.send('{"type": "ping"}')
+        self.last_sent = time.monotonic()
+
+    def slice_closes_at(self, index: int) -> float:
+        """Server clock: when slice `index` closes, on this process's time.monotonic()."""
+        first = self.started.first_slice_closes_in_ms or 0.0
+        return self.started_at + (first + index * self.started.slice_ms) / 1e3
 
     async def recv(self) -> ServerEvent:
         """The next event; ConnectionClosed once the server has closed after `ended`."""
         event = server_event.validate_json(await self.ws.recv())
-        if isinstance(event, EndedEvent):
+        if isinstance(event, OutputEvent):
+            self.answered = max(self.answered, event.slice + 1)
+        elif isinstance(event, EndedEvent):
             self.ended = event
         return event
 

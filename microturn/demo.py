@@ -20,6 +20,7 @@ from rich.console import Console
 from microturn.checkpoint.loader import load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
+from microturn.lanes import lane_row, latency_mark
 from microturn.sampling import SamplingParams
 
 # What arrives in each slice, separated by "|"; an empty slice is silence.
@@ -35,7 +36,7 @@ def slices_of(script: str) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     with console.status("loading the model"):
         loaded = load_model(args.model, args.dtype, "cpu")
     engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb))
@@ -61,13 +62,10 @@ def run_demo(args: argparse.Namespace) -> None:
         latencies.append(latency)
         missed = latency > deadline
         misses += missed
-        mark = "[red]MISS[/]" if missed else "[green]ok[/]"
-        console.print(f"[bold]slice {k:2d}[/] tick {latency * 1e3:5.0f} ms / "
-                      f"{args.slice_ms} ms {mark}")
+        console.print(f"[bold]slice {k:2d}[/] tick {latency_mark(latency * 1e3, args.slice_ms)}")
         for name, sid in sessions.items():
-            said = tokenizer.decode(outputs[sid].output_ids)
-            heard = inputs[name] or "[dim]· silence ·[/]"
-            console.print(f"   {name:>5} [cyan]in[/] {heard:<34} [magenta]out[/] {said!r}")
+            console.print(lane_row(inputs[name], tokenizer.decode(outputs[sid].output_ids),
+                                   name))
         next_tick += deadline
         time.sleep(max(0.0, next_tick - time.perf_counter()))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,6 +38,7 @@ class LiveSession:
     last_seen: float = field(default_factory=time.monotonic)
     open: bool = True
     ended: asyncio.Future | None = None  # resolves to the EndedEvent once closed
+    submitted: int = 0  # client clock: slices accepted so far
     answered: int = 0
     input_tokens: int = 0
     output_tokens: int = 0

@@ -177,12 +177,13 @@ class Scheduler:
                               f"the engine (max_buffered_slices "
                               f"{self.limits.max_buffered_slices}); wait for outputs",
                               429, "slice", self.limits.max_buffered_slices)
-        expected = live.answered + len(live.requests)
-        if slice_index is not None and slice_index != expected:
+        if slice_index is not None and slice_index != live.submitted:
             raise ServerError("slice_order", f"slice {slice_index} sent, the next slice of "
-                              f"this session is {expected}", 409, "slice", expected)
+                              f"this session is {live.submitted}", 409, "slice",
+                              live.submitted)
         reply = asyncio.get_running_loop().create_future() if want_reply else None
         live.requests.append(SliceRequest(ids, time.monotonic(), reply))
+        live.submitted += 1
         self._wake.set()
         return reply
 
