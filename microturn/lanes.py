@@ -6,9 +6,10 @@ from rich.markup import escape
 
 
 def lane_row(heard: str, said: str, name: str = "") -> str:
-    heard = escape(heard.strip()) if heard.strip() else "[dim]· silence ·[/]"
+    heard = heard.strip()
+    cell = escape(f"{heard:<34}") if heard else f"[dim]{'· silence ·':<34}[/]"
     label = f"{name:>5} " if name else ""
-    return f"   {label}[cyan]in[/] {heard:<34} [magenta]out[/] {escape(repr(said))}"
+    return f"   {label}[cyan]in[/] {cell} [magenta]out[/] {escape(repr(said))}"
 
 
 def latency_mark(latency_ms: float, slice_ms: int) -> str:

@@ -130,8 +130,9 @@ async def events_until_done(session: StreamSession, sender: asyncio.Task):
         if sender.done() and session.answered >= sender.result():
             return
         recv = asyncio.create_task(session.recv())
-        done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if recv not in done:
+        waiting = {recv} if sender.done() else {recv, sender}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if recv not in done:  # the sender finished: from now on only wait for events
             recv.cancel()
             continue
         event = recv.result()

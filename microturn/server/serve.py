@@ -70,6 +70,7 @@ def run_serve(args: argparse.Namespace) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # connections queue from now on, before uvicorn's loop accepts them
     host, port = sock.getsockname()[:2]
     # one line a script can wait for: the address really bound (--port 0 picks a free one)
     print(f"microturn serving {loaded.path.name} on http://{host}:{port} "

@@ -1,0 +1,43 @@
+"""A real server for tests: the app on uvicorn in a thread, on a free loopback port."""
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from microturn.engine.engine import Engine
+from microturn.server.app import create_app
+from microturn.server.limits import ServerLimits
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Engine
+    limits: ServerLimits
+
+
+@contextlib.contextmanager
+def serving(engine: Engine, limits: ServerLimits | None = None, api_key: str | None = None):
+    limits = limits or ServerLimits()
+    app = create_app(engine, limits, api_key=api_key)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="on",
+                            ws_max_size=4 * limits.max_message_bytes)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, limits)
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -1,0 +1,473 @@
+"""`microturn serve` over real loopback sockets: both APIs, every limit, bad input, isolation,
+abrupt disconnects, many clients, graceful shutdown. A tiny random model keeps ticks short;
+the shutdown test runs the real command on the default model."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serving import serving
+from test_engine import tiny_loaded
+
+from microturn.client import ClientError, SessionsClient, StreamSession
+from microturn.engine.engine import Engine, EngineConfig
+from microturn.server.limits import ServerLimits
+from microturn.server.protocol import (
+    EndedEvent,
+    ErrorEvent,
+    NoticeEvent,
+    OutputEvent,
+    SessionOptions,
+)
+
+
+@pytest.fixture
+def engine(smollm_fp32):
+    return Engine(tiny_loaded(smollm_fp32.tokenizer),
+                  EngineConfig(kv_budget_mb=16, max_sessions=32, deterministic=True))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def next_of(session: StreamSession, kind: type, timeout: float = 10.0):
+    """The next event of a kind (others are kept in `session.skipped`)."""
+    skipped = session.__dict__.setdefault("skipped", [])
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await session.recv()
+            if isinstance(event, kind):
+                return event
+            skipped.append(event)
+
+
+async def wait_until_all_free(http: SessionsClient, timeout: float = 10.0):
+    """No session left and every KV block back in the pool (a close frees them at once, but
+    it may wait for the tick in progress)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            health = await http.health()
+            if health.sessions == 0 and health.kv_blocks_free == health.kv_blocks_total:
+                return health
+            await asyncio.sleep(0.05)
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+# -- the two APIs ------------------------------------------------------------------------------
+
+def test_http_sessions_share_ticks_and_report_state(engine):
+    tokenizer = engine.loaded.tokenizer
+
+    async def main(url):
+        async with SessionsClient(url) as http:
+            assert (await http.health()).sessions == 0
+            opened = [await http.open(SessionOptions(max_output_tokens=3, seed=i,
+                                                     temperature=0.7)) for i in range(8)]
+            for k in range(4):  # 8 sessions' slices in flight together
+                outs = await asyncio.gather(*(http.slice(o.session, f" word {k} of {i}")
+                                              for i, o in enumerate(opened)))
+                for i, out in enumerate(outs):
+                    assert out.slice == k and out.input_text == f" word {k} of {i}"
+                    assert out.input_tokens == tokenizer.encode(f" word {k} of {i}")
+                    assert 1 <= len(out.tokens) <= 3
+            state = await http.state(opened[0].session)
+            assert (state.slices, state.pending_slices, state.clock) == (4, 0, "client")
+            assert state.kv_blocks >= 1 and state.sequence_tokens >= state.kv_slots > 0
+            metrics = await http.metrics()
+            for name in ("microturn_live_sessions", "microturn_tick_seconds_bucket",
+                         "microturn_deadline_misses_total", "microturn_input_tokens_total",
+                         "microturn_output_tokens_total", "microturn_kv_blocks_used"):
+                assert name in metrics
+            assert metric(metrics, "microturn_live_sessions") == 8
+            # batching: fewer ticks than slices answered
+            assert (metric(metrics, "microturn_tick_sessions_sum")
+                    > metric(metrics, "microturn_tick_sessions_count"))
+            ended = await http.close(opened[0].session, export=True)
+            assert ended.reason == "client" and ended.summary.slices == 4
+            assert [t["input_ids"] for t in ended.export["turns"]] == [
+                tokenizer.encode(f" word {k} of 0") for k in range(4)]
+            with pytest.raises(ClientError) as missing:
+                await http.slice(opened[0].session, " again")
+            assert missing.value.status == 404 and missing.value.info.code == "no_session"
+            for o in opened[1:]:
+                await http.close(o.session)
+            health = await http.health()
+            assert health.sessions == 0 and health.kv_blocks_free == health.kv_blocks_total
+            schema = (await http.http.get("/openapi.json")).json()
+            assert {"/v1/sessions", "/v1/sessions/{session_id}/slices",
+                    "/v1/sessions/{session_id}", "/healthz", "/metrics"} <= schema["paths"].keys()
+
+    with serving(engine) as served:
+        run(main(served.url))
+
+
+def test_websocket_server_clock_places_input_by_slice(engine):
+    tokenizer = engine.loaded.tokenizer
+    plan = {0: " hello", 1: " there", 3: " after a pause", 4: ""}
+
+    async def main(url):
+        s = await StreamSession.connect(url, SessionOptions(slice_ms=60, max_output_tokens=2))
+        assert s.started.clock == "server" and s.started.first_slice_closes_in_ms <= 60
+        for k, text in plan.items():  # queued ahead, each for its own slice
+            await s.send(text, slice=k)
+        outputs = [await next_of(s, OutputEvent) for _ in range(6)]
+        assert [o.slice for o in outputs] == list(range(6))
+        for o in outputs:
+            assert o.input_text == plan.get(o.slice, "")
+            assert o.latency_ms >= 0 and o.missed_deadline == (o.latency_ms > 60)
+        await s.send(" late", slice=1)  # slice 1 has closed: lands in the open slice
+        notice = await next_of(s, NoticeEvent)
+        assert notice.code == "late_input" and notice.slice >= 6
+        landed = await next_of(s, OutputEvent)
+        while landed.slice < notice.slice:
+            landed = await next_of(s, OutputEvent)
+        assert landed.slice == notice.slice and landed.input_text == " late"
+        ended = await s.end(export=True)
+        turns = ended.export["turns"]
+        assert turns[3]["input_ids"] == tokenizer.encode(" after a pause")
+        assert turns[notice.slice]["input_ids"] == tokenizer.encode(" late")
+        assert ended.summary.slices == len(turns)
+        assert ended.export["logprobs"].count(None) < len(ended.export["logprobs"])
+
+    with serving(engine) as served:
+        run(main(served.url))
+
+
+# -- safety: keys, limits, bad input -----------------------------------------------------------
+
+def test_api_key_required(engine):
+    async def main(url):
+        async with SessionsClient(url) as anonymous, SessionsClient(url, "wrong") as wrong, \
+                SessionsClient(url, "sesame") as keyed:
+            for client in (anonymous, wrong):
+                with pytest.raises(ClientError) as refused:
+                    await client.open()
+                assert refused.value.status == 401
+                with pytest.raises(ClientError) as refused:
+                    await client.metrics()
+                assert refused.value.status == 401
+            with pytest.raises(ClientError) as refused:
+                await StreamSession.connect(url)
+            assert refused.value.status == 401
+            assert (await anonymous.health()).sessions == 0  # no session was opened
+            opened = await keyed.open()
+            s = await StreamSession.connect(url, api_key="sesame")
+            assert (await keyed.health()).sessions == 2
+            await s.end()
+            await keyed.close(opened.session)
+
+    with serving(engine, api_key="sesame") as served:
+        run(main(served.url))
+
+
+def test_max_sessions_refused_clearly(engine):
+    async def main(url):
+        async with SessionsClient(url) as http:
+            first = await StreamSession.connect(url)
+            second = await http.open()
+            with pytest.raises(ClientError) as refused:
+                await StreamSession.connect(url)
+            assert refused.value.info.code == "max_sessions" and refused.value.info.limit == 2
+            with pytest.raises(ClientError) as refused:
+                await http.open()
+            assert refused.value.status == 503 and refused.value.info.limit == 2
+            await http.close(second.session)
+            third = await http.open()  # room again
+            await http.close(third.session)
+            await first.end()
+
+    with serving(engine, ServerLimits(max_sessions=2)) as served:
+        run(main(served.url))
+
+
+def test_bad_websocket_input_names_field_and_limit_and_keeps_session(engine):
+    limits = ServerLimits(max_message_bytes=2000, max_input_tokens=16)
+    vocab = engine.loaded.config.vocab_size
+    bad = [
+        ("{not json", "bad_json", None, None),
+        ('{"type": "shout"}', "unknown_type", "type", None),
+        ('{"text": "no type"}', "unknown_type", "type", None),
+        ('{"type": "input", "text": 5}', "invalid", "text", None),
+        ('{"type": "input", "text": "x", "slice": -3}', "invalid", "slice", 0),
+        ('{"type": "input", "tokens": ["a"]}', "invalid", "tokens.0", None),
+        (f'{{"type": "input", "tokens": [{vocab}]}}', "invalid", "tokens", vocab),
+        ('{"type": "input", "text": "x", "color": "red"}', "invalid", "color", None),
+        (json.dumps({"type": "input", "tokens": list(range(100, 117)), "slice": 40}), "limit",
+         "tokens", 16),
+        (json.dumps({"type": "input", "text": "y" * 2100}), "limit", "message", 2000),
+        ('{"type": "start"}', "already_started", "type", None),
+        (b"\x00\x01binary", "binary_not_supported", "frame", None),
+    ]
+
+    async def main(url):
+        s = await StreamSession.connect(url, SessionOptions(slice_ms=40, max_output_tokens=2),
+                                        clock="client")
+        await s.send(" before", slice=0)
+        assert (await next_of(s, OutputEvent)).input_text == " before"
+        for frame, code, field, limit in bad:
+            await s.send_raw(frame)
+            error = await next_of(s, ErrorEvent)
+            assert (error.code, error.field) == (code, field), frame
+            if limit is not None:
+                assert error.limit == limit and str(limit) in error.message
+        await s.send(" after", slice=1)  # the session is intact and goes on
+        assert (await next_of(s, OutputEvent)).input_text == " after"
+        ended = await s.end(export=True)
+        assert [t["input_ids"] for t in ended.export["turns"]] == [
+            engine.loaded.tokenizer.encode(" before"), engine.loaded.tokenizer.encode(" after")]
+        # a start with an out-of-range option is refused with its field and limit
+        with pytest.raises(ClientError) as refused:
+            await StreamSession.connect(url, SessionOptions.model_construct(
+                **(SessionOptions().model_dump() | {"max_output_tokens": 999})))
+        assert (refused.value.info.field, refused.value.info.limit) == ("max_output_tokens", 256)
+
+    with serving(engine, limits) as served:
+        run(main(served.url))
+
+
+def test_bad_http_input_names_field_and_limit(engine):
+    limits = ServerLimits(max_message_bytes=2000, max_input_tokens=16)
+
+    async def main(url):
+        async with SessionsClient(url) as http:
+            raw = http.http
+            cases = [
+                (raw.post("/v1/sessions", content=b"{oops"), 400, "bad_json", None, None),
+                (raw.post("/v1/sessions", json={"max_output_tokens": 999}), 422, "invalid",
+                 "max_output_tokens", 256),
+                (raw.post("/v1/sessions", json={"slice_ms": "fast"}), 422, "invalid",
+                 "slice_ms", None),
+                (raw.post("/v1/sessions", json={"top_p": 0}), 422, "invalid", "top_p", 0),
+            ]
+            for request, status, code, field, limit in cases:
+                response = await request
+                error = response.json()["error"]
+                assert (response.status_code, error["code"], error["field"]) == (status, code,
+                                                                                 field)
+                if limit is not None:
+                    assert error["limit"] == limit
+            opened = await http.open(SessionOptions(max_output_tokens=2))
+            path = f"/v1/sessions/{opened.session}/slices"
+            for body, status, field, limit in [
+                    ({"tokens": list(range(100, 117))}, 422, "tokens", 16),
+                    ({"text": "z" * 2100}, 413, "body", 2000),
+                    ({"text": 3}, 422, "text", None)]:
+                response = await raw.post(path, json=body)
+                error = response.json()["error"]
+                assert (response.status_code, error["field"]) == (status, field)
+                if limit is not None:
+                    assert error["limit"] == limit
+            out = await http.slice(opened.session, " still here")
+            assert out.slice == 0  # nothing refused was queued
+            assert (await http.state(opened.session)).slices == 1
+            await http.close(opened.session)
+
+    with serving(engine, limits) as served:
+        run(main(served.url))
+
+
+def test_input_faster_than_real_time_gets_backpressure_with_bounded_memory(engine):
+    limits = ServerLimits(max_input_tokens=8, max_buffered_slices=3)
+    tokens = list(range(300, 308))  # one full slice per message
+
+    async def main(url):
+        s = await StreamSession.connect(url, SessionOptions(slice_ms=2000))
+        async with SessionsClient(url) as http:
+            for _ in range(12):
+                await s.send(tokens=tokens)
+            await s.ping()
+            errors = []
+            while True:
+                event = await s.recv()
+                if event.type == "pong":
+                    break
+                errors.append(event)
+            assert all(isinstance(e, ErrorEvent) and e.code == "backpressure"
+                       and e.limit == 3 and e.field == "slice" for e in errors)
+            assert len(errors) == 12 - 4  # the open slice and 3 ahead were filled
+            state = await http.state(s.session_id)
+            assert state.pending_slices == 4
+            first = await next_of(s, OutputEvent, timeout=5)
+            assert first.input_tokens == tokens  # what was accepted is served in order
+        await s.close()
+
+    with serving(engine, limits) as served:
+        run(main(served.url))
+
+
+def test_idle_sessions_are_closed_and_freed(engine):
+    async def main(url):
+        async with SessionsClient(url) as http:
+            s = await StreamSession.connect(url, SessionOptions(slice_ms=50))
+            opened = await http.open()
+            await http.slice(opened.session, " hi")
+            ended = await next_of(s, EndedEvent, timeout=5)
+            assert ended.reason == "idle"
+            await wait_until_all_free(http)
+            with pytest.raises(ClientError) as gone:
+                await http.slice(opened.session, " hello?")
+            assert gone.value.status == 404
+
+    with serving(engine, ServerLimits(idle_timeout_s=0.6)) as served:
+        run(main(served.url))
+
+
+def test_abrupt_disconnect_frees_the_session(engine):
+    async def main(url):
+        async with SessionsClient(url) as http:
+            s = await StreamSession.connect(url, SessionOptions(slice_ms=40))
+            await s.send(" some words to hold kv blocks")
+            await next_of(s, OutputEvent)
+            health = await http.health()
+            assert health.sessions == 1 and health.kv_blocks_free < health.kv_blocks_total
+            s.ws.transport.abort()  # no close frame: the TCP connection just dies
+            await wait_until_all_free(http)
+
+    with serving(engine) as served:
+        run(main(served.url))
+
+
+# -- isolation and load ------------------------------------------------------------------------
+
+GOOD = [(" one two three", 0.0, 0), (" a cat sat", 0.9, 5), (" listen", 1.3, 11)]
+
+
+async def good_session(url: str, text: str, temperature: float, seed: int) -> dict:
+    s = await StreamSession.connect(url, SessionOptions(max_output_tokens=3, seed=seed,
+                                                        temperature=temperature,
+                                                        deterministic=True), clock="client")
+    for k in range(10):
+        await s.send(text if k % 3 == 0 else "", slice=k)
+        await asyncio.sleep(0.003 * k)  # ticks shared differently run to run
+    for _ in range(10):
+        await next_of(s, OutputEvent)
+    return (await s.end(export=True)).export
+
+
+async def garbage_session(url: str) -> None:
+    s = await StreamSession.connect(url, SessionOptions(max_output_tokens=5), clock="client")
+    for k in range(10):
+        await s.send_raw(b"\xff" * 50)
+        await s.send_raw('{"type": "input", "tokens": "x"}')
+        await s.send_raw("][")
+        await s.send(" noise " * (k + 1), slice=k)  # valid input too: it shares the ticks
+    s.ws.transport.abort()
+
+
+def test_garbage_client_does_not_change_other_sessions_bitwise(engine):
+    async def sessions(url, with_garbage, good=GOOD):
+        jobs = [good_session(url, *g) for g in good]
+        if with_garbage:
+            jobs.append(garbage_session(url))
+        return (await asyncio.gather(*jobs))[:len(good)]
+
+    with serving(engine) as served:
+        alone = run(sessions(served.url, False))
+        beside = run(sessions(served.url, True))
+        # negative control: a one-seed change in one session is seen by the same comparison
+        changed = run(sessions(served.url, True, GOOD[:2] + [(" listen", 1.3, 12)]))
+    for a, b in zip(alone, beside, strict=True):
+        assert a["turns"] == b["turns"]
+        assert a["logprobs"] == b["logprobs"]  # bit-identical floats
+    assert alone[:2] == changed[:2] and alone[2]["logprobs"] != changed[2]["logprobs"]
+
+
+def test_sixteen_concurrent_websocket_clients(engine):
+    async def client(url, i):
+        s = await StreamSession.connect(url, SessionOptions(slice_ms=100, max_output_tokens=2,
+                                                            seed=i))
+        for k in range(8):
+            await s.send(f" client {i} slice {k}", slice=k)
+        outputs = [await next_of(s, OutputEvent, timeout=20) for _ in range(8)]
+        await s.end()
+        return outputs
+
+    async def main(url):
+        results = await asyncio.gather(*(client(url, i) for i in range(16)))
+        for i, outputs in enumerate(results):
+            assert [o.slice for o in outputs] == list(range(8))
+            assert [o.input_text for o in outputs] == [f" client {i} slice {k}"
+                                                        for k in range(8)]
+        async with SessionsClient(url) as http:
+            metrics = await http.metrics()
+        # one grid: sessions with the same slice length close slices together
+        per_tick = (metric(metrics, "microturn_tick_sessions_sum")
+                    / metric(metrics, "microturn_tick_sessions_count"))
+        assert per_tick > 4, per_tick
+
+    with serving(engine, ServerLimits(max_sessions=16)) as served:
+        run(main(served.url))
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+def test_stream_command_real_time_and_fast_give_the_same_session(engine, tmp_path, capsys):
+    from microturn.cli import main as cli
+
+    timed = tmp_path / "talk.txt"
+    timed.write_text("# seconds text\n0.0 Hello there\n0.13 how are\n0.16 you\n\n0.35 bye\n")
+    with serving(engine) as served:
+        common = ["stream", "--url", served.url, "--text-file", str(timed), "--slice-ms", "50",
+                  "--max-output-tokens", "3", "--tail-slices", "2"]
+        assert cli(common + ["--export", str(tmp_path / "live.json")]) == 0
+        live_view = capsys.readouterr().out
+        assert cli(common + ["--fast", "--export", str(tmp_path / "fast.json")]) == 0
+    live = json.loads((tmp_path / "live.json").read_text())
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    # the server's clock may close one more (silent) slice before `end` arrives
+    assert live["turns"][:len(fast["turns"])] == fast["turns"]
+    assert live["logprobs"][:len(fast["logprobs"])] == fast["logprobs"]
+    tokenizer = engine.loaded.tokenizer
+    assert [t["input_ids"] for t in fast["turns"]] == [
+        tokenizer.encode(" Hello there"), [], tokenizer.encode(" how are"),
+        tokenizer.encode(" you"), [], [], [], tokenizer.encode(" bye"), [], []]
+    assert "in Hello there" in live_view and "ended (client): " in live_view
+
+    timed.write_text("0.0 fine\nsoon words\n")
+    assert cli(["stream", "--url", "http://127.0.0.1:9", "--text-file", str(timed)]) == 2
+    assert "talk.txt:2: a line starts with its time in seconds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_sigterm_finishes_tick_tells_clients_and_exits_zero(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "microturn", "serve", "--port", "0",
+                               "--dtype", "fp32"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in server.stderr:
+            if found := re.search(r"on (http://\S+) ", line):
+                url = found.group(1)
+                break
+        assert url, "no serving line"
+
+        async def main():
+            clients = [await StreamSession.connect(url, SessionOptions(slice_ms=200,
+                                                                       max_output_tokens=2))
+                       for _ in range(2)]
+            for c in clients:
+                await c.send(" Hello")
+                await next_of(c, OutputEvent, timeout=30)
+            server.send_signal(signal.SIGTERM)
+            ended = [await next_of(c, EndedEvent, timeout=30) for c in clients]
+            assert all(e.reason == "shutdown" and e.summary.slices >= 1 for e in ended)
+
+        run(main())
+        assert server.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/healthz", timeout=2)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        time.sleep(0)
