@@ -104,6 +104,12 @@ def run_stream(args: argparse.Namespace) -> None:
     stream(args)
 
 
+def run_bench_server(args: argparse.Namespace) -> None:
+    from microturn.bench.server_bench import run_server_bench
+
+    run_server_bench(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
@@ -187,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
                         help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)
+
+    server = which.add_parser("server", help="real-time WebSocket clients against microturn "
+                                             "serve: end-to-end slice latency")
+    from microturn.bench.server_bench import add_server_bench_flags
+
+    add_server_bench_flags(server)
+    server.set_defaults(run=run_bench_server)
 
     verify = commands.add_parser(
         "verify-alignment", help="recompute an exported session with the trainer; exit 1 if "

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from microturn.checkpoint.default_model import default_model_path
-from microturn.checkpoint.gguf_file import read_gguf
-from microturn.checkpoint.safetensors_dir import read_safetensors_dir
+from microturn.checkpoint.gguf_file import open_gguf, read_gguf
+from microturn.checkpoint.safetensors_dir import read_config_json, read_safetensors_dir
 from microturn.checkpoint.tokenizer import (
     Tokenizer,
     tokenizer_from_directory,
@@ -61,3 +61,15 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
         raise MicroturnError(f"{path}: no such file or directory")
     model = build_decoder(config, tensors, dtype, device)
     return LoadedModel(model, tokenizer, config, path, time.perf_counter() - started)
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of a checkpoint (no weights read): for clients and benchmarks."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        return tokenizer_from_directory(path, read_config_json(path))
+    if not path.is_file():
+        raise MicroturnError(f"{path}: no such file or directory")
+    reader = open_gguf(path)
+    return tokenizer_from_gguf({k: f.contents() for k, f in reader.fields.items()
+                                if k.startswith("tokenizer.")}, path)

@@ -25,6 +25,8 @@ class SessionOptions(Strict):
     top_k: int = Field(0, ge=0, le=1_000_000, description="0: no top-k cut")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    force_output: bool = Field(False, description="emit exactly max_output_tokens every "
+                               "slice, ignoring end-of-slice and silence (benchmarks)")
     deterministic: bool | None = Field(
         None, description="true: batch-invariant kernels for every tick this session is in "
                           "(log-probabilities bitwise the trainer's); null: the server's mode")

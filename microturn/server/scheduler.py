@@ -84,7 +84,7 @@ class Scheduler:
             max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
             sampling=SamplingParams(temperature=options.temperature, top_k=options.top_k,
                                     top_p=options.top_p, seed=options.seed),
-            deterministic=options.deterministic)
+            force_output=options.force_output, deterministic=options.deterministic)
         async with self._engine_lock:
             try:
                 engine_id = self.engine.open(params)
