@@ -118,7 +118,7 @@ def test_websocket_server_clock_places_input_by_slice(engine):
 
     async def main(url):
         s = await StreamSession.connect(url, SessionOptions(slice_ms=60, max_output_tokens=2))
-        assert s.started.clock == "server" and s.started.first_slice_closes_in_ms <= 60
+        assert s.started.clock == "server" and 20 <= s.started.first_slice_closes_in_ms <= 90
         for k, text in plan.items():  # queued ahead, each for its own slice
             await s.send(text, slice=k)
         outputs = [await next_of(s, OutputEvent) for _ in range(6)]

@@ -97,10 +97,10 @@ class Scheduler:
             decoder=StreamingDecoder(self.tokenizer),
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
             ended=asyncio.get_running_loop().create_future())
-        if clock == "server":  # slice 0 closes at the next grid point of its slice length
+        if clock == "server":  # slice 0 closes at the first grid point >= half a slice away
             now = time.monotonic()
             live.next_close = self._origin + live.slice_s * math.floor(
-                (now - self._origin) / live.slice_s + 1)
+                (now - self._origin) / live.slice_s + 1.5)
         self.sessions[live.id] = live
         self.metrics.sessions_opened.inc()
         self.metrics.live_sessions.set(len(self.sessions))
