@@ -13,7 +13,6 @@ steps batched across the sessions still speaking, one token each, until every sl
 ended. Per-session bookkeeping is O(new tokens); the KV pool never moves.
 """
 
-import asyncio
 import threading
 from dataclasses import dataclass
 from itertools import count
@@ -26,6 +25,7 @@ from microturn.engine.markers import MarkerTokens, install_markers
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
 from microturn.engine.session import Session, SessionParams, SliceOutput
 from microturn.engine.timeline import MicroTurn, Timeline
+from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample
@@ -166,8 +166,9 @@ class Engine:
                                   list(s.timeline.turns[-1].output_ids)) for s in active}
 
     async def tick_async(self) -> dict[int, SliceOutput]:
-        """The tick on a worker thread, so an asyncio server keeps serving meanwhile."""
-        return await asyncio.to_thread(self.tick)
+        """The tick on the process's torch thread (`torch_thread.py`), so an asyncio server
+        keeps serving meanwhile."""
+        return await on_torch_thread(self.tick)
 
     def _slice_done(self, s: Session) -> bool:
         out = s.timeline.turns[-1].output_ids

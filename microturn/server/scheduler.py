@@ -224,7 +224,7 @@ class Scheduler:
                 self.engine.append(d.live.engine_id, d.tokens)
             started = time.monotonic()
             try:
-                outputs = await asyncio.to_thread(self.engine.tick)
+                outputs = await self.engine.tick_async()
             except Exception:  # the loop must outlive any one tick
                 log.exception("engine tick failed; its sessions are closed")
                 for d in due:

@@ -15,6 +15,7 @@ import uvicorn
 
 from microturn.checkpoint.loader import load_model
 from microturn.engine.engine import Engine, EngineConfig
+from microturn.engine.torch_thread import run_on_torch_thread
 from microturn.server.app import create_app
 from microturn.server.limits import ServerLimits
 
@@ -56,10 +57,11 @@ def run_serve(args: argparse.Namespace) -> None:
                           max_buffered_slices=args.max_buffered_slices,
                           idle_timeout_s=args.idle_timeout)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
-    loaded = load_model(args.model, args.dtype, args.device)
-    engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb,
-                                         max_sessions=limits.max_sessions))
-    engine.warm_up()
+    # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
+    loaded = run_on_torch_thread(load_model, args.model, args.dtype, args.device)
+    engine = run_on_torch_thread(Engine, loaded, EngineConfig(
+        kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
+    run_on_torch_thread(engine.warm_up)
     app = create_app(engine, limits, api_key=args.api_key)
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
