@@ -17,6 +17,7 @@ sends each line typed as it arrives, into the slice open then.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -126,23 +127,21 @@ async def stream(args: argparse.Namespace, options: SessionOptions, console: Con
 
 async def events_until_done(session: StreamSession, sender: asyncio.Task):
     """Events until the sender is done and every slice it sent is answered."""
-    while True:
-        if sender.done() and session.answered >= sender.result():
-            return
-        recv = asyncio.create_task(session.recv())
+    recv = None
+    while not (sender.done() and session.answered >= sender.result()):
+        recv = recv or asyncio.create_task(session.recv())
         waiting = {recv} if sender.done() else {recv, sender}
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if recv not in done:  # the sender finished: from now on only wait for events
-            recv.cancel()
-            continue
-        event = recv.result()
+        if recv not in done:
+            continue  # the sender finished; the pending recv goes on
+        event, recv = recv.result(), None
         if isinstance(event, EndedEvent):
             raise MicroturnError(f"the server ended the session ({event.reason})")
         yield event
-
-
-def session_answered(session: StreamSession, sender: asyncio.Task) -> bool:
-    return session.answered >= sender.result()
+    if recv is not None:  # websockets: a cancelled recv loses no message
+        recv.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await recv
 
 
 async def send_timed(session: StreamSession, texts: list[str]) -> int:

@@ -471,3 +471,15 @@ def test_serve_sigterm_finishes_tick_tells_clients_and_exits_zero(tmp_path):
         if server.poll() is None:
             server.kill()
         time.sleep(0)
+
+
+def test_stream_command_sends_typed_lines_from_stdin(engine):
+    with serving(engine) as served:
+        typed = subprocess.run(
+            [sys.executable, "-m", "microturn", "stream", "--url", served.url, "--stdin",
+             "--slice-ms", "50", "--max-output-tokens", "2", "--tail-slices", "3"],
+            input="good morning\n\nhow are you\n", capture_output=True, text=True, timeout=60)
+    assert typed.returncode == 0, typed.stderr
+    # piped lines arrive together: they land in the slice open then, in order
+    assert "in good morning how are you" in typed.stdout
+    assert "ended (client)" in typed.stdout
