@@ -3,7 +3,9 @@
 import argparse
 import sys
 
+from microturn.bench.peers.base import ENGINES
 from microturn.errors import MicroturnError
+from microturn.server.limits import ServerLimits
 
 
 def add_model_flags(parser: argparse.ArgumentParser, dtype: str = "fp32") -> None:
@@ -110,10 +112,95 @@ def run_bench_server(args: argparse.Namespace) -> None:
     run_server_bench(args)
 
 
+def run_bench_peers(args: argparse.Namespace) -> None:
+    from microturn.bench.peers.run import run_peers
+
+    run_peers(args)
+
+
 def run_bench_model(args: argparse.Namespace) -> None:
     from microturn.bench.model_bench import run_model_bench
 
     run_model_bench(args)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    d = ServerLimits()
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every request")
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    parser.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
+                        help="per input slice")
+    parser.add_argument("--max-buffered-slices", type=int, default=d.max_buffered_slices,
+                        help="input queued ahead of the open slice before backpressure")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                        help="seconds without a client message before a session is closed")
+    parser.add_argument("--kv-budget-mb", type=int, default=1024)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_stream_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="the server (http://, https://, ws:// or wss://)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", metavar="FILE", help="timed text: 'SECONDS TEXT' lines")
+    source.add_argument("--stdin", action="store_true", help="send lines as they are typed")
+    parser.add_argument("--fast", action="store_true",
+                        help="stream as fast as the server answers (client-clocked slices)")
+    parser.add_argument("--slice-ms", type=int, default=200)
+    parser.add_argument("--max-output-tokens", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                        help="ask for batch-invariant kernels (default: the server's mode)")
+    parser.add_argument("--tail-slices", type=int, default=5,
+                        help="silent slices after the last chunk, for the model to answer")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--export", metavar="FILE", default=None,
+                        help="write the session export (for verify-alignment)")
+
+
+def add_server_bench_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--url", default=None,
+                        help="a running server (default: start `microturn serve` for the run)")
+    parser.add_argument("--slice-ms", type=int, default=200)
+    parser.add_argument("--in", dest="input_tokens", type=int, default=16)
+    parser.add_argument("--out", dest="output_tokens", type=int, default=2)
+    parser.add_argument("--send-ahead-ms", type=float, default=10.0,
+                        help="each slice's input is sent this long before the slice closes")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--model", default=None, metavar="PATH")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--json", default=None, metavar="FILE")
+
+
+def add_peers_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma-separated, from {', '.join(ENGINES)}")
+    parser.add_argument("--shapes", default="speech,sglang",
+                        help="speech (16 in / 2 out), sglang (16 in / 8 out)")
+    parser.add_argument("--sessions", dest="max_capacity", type=int, default=32,
+                        help="largest N the capacity search tries")
+    parser.add_argument("--turns", type=int, default=600, help="micro-turns of the long session")
+    parser.add_argument("--in", dest="input_tokens", type=int, default=None)
+    parser.add_argument("--out", dest="output_tokens", type=int, default=None)
+    parser.add_argument("--slice-ms", type=int, default=200)
+    parser.add_argument("--capacity-turns", type=int, default=20,
+                        help="micro-turns per capacity probe")
+    parser.add_argument("--budget-s", type=float, default=150.0,
+                        help="time budget of one engine's long session (re-prefill needs it)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                        help="dtype of microturn and reprefill")
+    parser.add_argument("--model", default=None, metavar="PATH")
+    parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--plot", default=None, metavar="FILE.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,16 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     serve = commands.add_parser("serve", help="serve streaming sessions over WebSocket and HTTP")
-    from microturn.server.serve import add_serve_flags
-
     add_serve_flags(serve)
     add_model_flags(serve, dtype="bf16")
     add_mode_flag(serve)
     serve.set_defaults(run=run_serve)
 
     stream = commands.add_parser("stream", help="stream timed text to a server, two lanes live")
-    from microturn.stream import add_stream_flags
-
     add_stream_flags(stream)
     stream.set_defaults(run=run_stream)
 
@@ -196,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = which.add_parser("server", help="real-time WebSocket clients against microturn "
                                              "serve: end-to-end slice latency")
-    from microturn.bench.server_bench import add_server_bench_flags
-
     add_server_bench_flags(server)
     server.set_defaults(run=run_bench_server)
+
+    peers = which.add_parser("peers", help="the same workload on microturn, transformers, "
+                                           "llama.cpp and re-prefill, side by side")
+    add_peers_flags(peers)
+    peers.set_defaults(run=run_bench_peers)
 
     verify = commands.add_parser(
         "verify-alignment", help="recompute an exported session with the trainer; exit 1 if "

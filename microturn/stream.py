@@ -183,24 +183,3 @@ async def send_stdin(session: StreamSession, tail: int) -> int:
             await session.send(" " + text)
     await asyncio.sleep(tail * slice_s)
     return int((time.monotonic() - session.slice_closes_at(0)) / slice_s) + 1  # slices closed
-
-
-def add_stream_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000",
-                        help="the server (http://, https://, ws:// or wss://)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", metavar="FILE", help="timed text: 'SECONDS TEXT' lines")
-    source.add_argument("--stdin", action="store_true", help="send lines as they are typed")
-    parser.add_argument("--fast", action="store_true",
-                        help="stream as fast as the server answers (client-clocked slices)")
-    parser.add_argument("--slice-ms", type=int, default=200)
-    parser.add_argument("--max-output-tokens", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                        help="ask for batch-invariant kernels (default: the server's mode)")
-    parser.add_argument("--tail-slices", type=int, default=5,
-                        help="silent slices after the last chunk, for the model to answer")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--export", metavar="FILE", default=None,
-                        help="write the session export (for verify-alignment)")

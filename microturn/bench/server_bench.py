@@ -198,19 +198,3 @@ def run_server_bench(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(result), f, indent=2)
-
-
-def add_server_bench_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--url", default=None,
-                        help="a running server (default: start `microturn serve` for the run)")
-    parser.add_argument("--slice-ms", type=int, default=200)
-    parser.add_argument("--in", dest="input_tokens", type=int, default=16)
-    parser.add_argument("--out", dest="output_tokens", type=int, default=2)
-    parser.add_argument("--send-ahead-ms", type=float, default=10.0,
-                        help="each slice's input is sent this long before the slice closes")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--model", default=None, metavar="PATH")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--json", default=None, metavar="FILE")

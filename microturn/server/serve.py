@@ -82,23 +82,3 @@ def run_serve(args: argparse.Namespace) -> None:
     logging.getLogger("microturn.server").setLevel(logging.INFO)
     asyncio.run(server.serve(sockets=[sock]))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    d = ServerLimits()
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every request")
-    parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
-    parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
-    parser.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
-                        help="per input slice")
-    parser.add_argument("--max-buffered-slices", type=int, default=d.max_buffered_slices,
-                        help="input queued ahead of the open slice before backpressure")
-    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
-                        help="seconds without a client message before a session is closed")
-    parser.add_argument("--kv-budget-mb", type=int, default=1024)
-    parser.add_argument("--log-level", default="warning",
-                        choices=["critical", "error", "warning", "info", "debug"])

@@ -1,0 +1,50 @@
+"""llama.cpp through llama-cpp-python on the same GGUF (its own quantized weights): one context
+per session with its KV kept between micro-turns, the same thread count as the others."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microturn.bench.peers.base import PeerUnavailable
+from microturn.model.config import ModelConfig
+
+
+class LlamaCppPeer:
+    name = "llamacpp"
+
+    def __init__(self, gguf: Path, config: ModelConfig, context: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise PeerUnavailable("llama-cpp-python is not installed (pip install "
+                                  "'microturn[bench]'; it compiles llama.cpp, ~7 min)") from None
+        self.llama_cpp, self.gguf, self.context = llama_cpp, gguf, context
+        self.threads = torch.get_num_threads()
+        # f16 K and V per token: what a session keeps between micro-turns
+        self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+        self.config = (f"llama-cpp-python {llama_cpp.__version__}, GGUF weights as stored "
+                       f"(Q4_1/Q8_0), f16 KV, one context per session (n_ctx {context}), "
+                       f"{self.threads} threads, sessions served one after another")
+
+    def open(self) -> dict:
+        llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=self.context,
+                                   n_batch=512, n_threads=self.threads,
+                                   n_threads_batch=self.threads, logits_all=False,
+                                   verbose=False)
+        return {"llm": llm, "pending": []}
+
+    def turn(self, sessions: list, inputs: list[list[int]], output_tokens: int) -> None:
+        for session, new in zip(sessions, inputs, strict=True):
+            llm, ids = session["llm"], session["pending"] + new
+            for _ in range(output_tokens):
+                llm.eval(ids)
+                ids = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+            session["pending"] = ids
+
+    def resident_bytes(self, session: dict) -> int:
+        return self.context * self.bytes_per_token  # llama.cpp allocates n_ctx slots at once
+
+    def close(self, session: dict) -> None:
+        session["llm"].close()
+        session.clear()

@@ -1,0 +1,107 @@
+"""`microturn bench peers`: build each requested engine on the default model, run the workload
+on it (both shapes), skip engines that are not installed (saying so), report."""
+
+import argparse
+import gc
+import platform
+import time
+
+import torch
+from rich.console import Console
+
+from microturn.bench.peers.base import ENGINES, SHAPES, PeerUnavailable, Shape
+from microturn.bench.peers.harness import PeerRecord, Workload, measure
+from microturn.bench.peers.report import markdown_table, write_json, write_plot
+from microturn.checkpoint.loader import load_model
+from microturn.errors import MicroturnError
+
+TEXT = ("Interaction models listen and speak at once. Their input and output are continuous "
+        "streams cut into short slices of time, and every slice of every session must be "
+        "answered before the next one closes, whatever else the machine is doing. ")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_peer(name: str, loaded, args, shape: Shape, context: int):
+    from microturn.checkpoint.default_model import default_model_path
+
+    gguf = loaded.path if loaded.path and loaded.path.suffix == ".gguf" else None
+    if name in ("microturn", "microturn-fast"):
+        from microturn.bench.peers.microturn_peer import MicroturnPeer
+
+        return MicroturnPeer(loaded, name == "microturn", shape.output_tokens)
+    if name == "reprefill":
+        from microturn.bench.peers.reprefill import ReprefillPeer
+
+        return ReprefillPeer(loaded)
+    if gguf is None and name != "reprefill":
+        gguf = default_model_path()
+    if name.startswith("transformers"):
+        from microturn.bench.peers.transformers_peer import TransformersPeer
+
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        return TransformersPeer(gguf, dtype)
+    if name == "llamacpp":
+        from microturn.bench.peers.llamacpp_peer import LlamaCppPeer
+
+        return LlamaCppPeer(gguf, loaded.config, context)
+    raise MicroturnError(f"--engines: unknown engine {name!r} (known: {', '.join(ENGINES)})")
+
+
+def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
+    console = Console(highlight=False, soft_wrap=True)
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    for name in names:
+        if name not in ENGINES:
+            raise MicroturnError(f"--engines: unknown engine {name!r} (known: "
+                                 f"{', '.join(ENGINES)})")
+    shapes = [SHAPES[s.strip()] for s in args.shapes.split(",")]
+    if args.input_tokens is not None or args.output_tokens is not None:
+        shapes = [Shape("custom", args.input_tokens or 16, args.output_tokens or 2)]
+    with console.status("loading the model"):
+        loaded = load_model(args.model, args.dtype, "cpu")
+    text = loaded.tokenizer.encode(TEXT * 8)
+    machine = {"cpu": cpu_model(), "cores": torch.get_num_threads(),
+               "torch": torch.__version__, "model": loaded.path.name if loaded.path else "?",
+               "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}
+    console.print(f"[bold]microturn bench peers[/]: {machine['model']} on {machine['cpu']}, "
+                  f"{machine['cores']} threads; {args.turns} micro-turns per long session, "
+                  f"capacity probes of {args.capacity_turns} micro-turns, slice {args.slice_ms} "
+                  "ms")
+    records, skipped = [], []
+    log = console.log
+    for name in names:
+        for shape in shapes:
+            context = (args.turns + 8) * (shape.input_tokens + shape.output_tokens + 4)
+            try:
+                peer = build_peer(name, loaded, args, shape, max(context, 512))
+            except PeerUnavailable as exc:
+                skipped.append(f"{name}: skipped, {exc}")
+                console.print(f"[yellow]{name}: skipped[/], {exc}")
+                break
+            console.print(f"[bold]{peer.name}[/] ({shape.name}): {peer.config}")
+            records.append(measure(peer, Workload(text, shape), args.turns, args.slice_ms,
+                                   args.capacity_turns, args.max_capacity, args.budget_s, log))
+            del peer
+            gc.collect()
+    table = markdown_table(records, args.slice_ms)
+    print(table)
+    for line in skipped:
+        print(f"\n{line}")
+    if args.json:
+        write_json(records, args.json, machine | {"skipped": skipped})
+    if args.plot:
+        write_plot(records, args.plot, f"{machine['model']} ({args.dtype} where chosen), "
+                   f"{machine['cpu']}, {machine['cores']} threads, {machine['date']}",
+                   args.slice_ms)
+        console.print(f"plot written to {args.plot}")
+    return records
