@@ -40,7 +40,8 @@ def write_plot(records: list[PeerRecord], path: str, title: str, slice_ms: int) 
         left.plot(r.context_tokens, r.latency_ms, styles[r.shape], color=colors[r.engine],
                   linewidth=1.2, label=f"{r.engine}, {r.shape} {r.input_tokens}/{r.output_tokens}")
     left.axhline(slice_ms, color="grey", linewidth=0.8, linestyle="-.")
-    left.text(0, slice_ms, f" {slice_ms} ms slice", va="bottom", fontsize=8, color="grey")
+    left.text(0.01, slice_ms, f"{slice_ms} ms slice", va="bottom", fontsize=8, color="grey",
+              transform=left.get_yaxis_transform())
     left.set_xlabel("session length (tokens)")
     left.set_ylabel("micro-turn latency, one session alone (ms)")
     left.set_yscale("log")
@@ -58,6 +59,8 @@ def write_plot(records: list[PeerRecord], path: str, title: str, slice_ms: int) 
     right.set_xticks([i + width * (len(shapes) - 1) / 2 for i in range(len(engines))],
                      engines, rotation=20, fontsize=8)
     right.set_ylabel(f"real-time sessions (p99 cycle < {slice_ms} ms)")
+    right.set_ylim(0, max([r.capacity_sessions for r in records] + [1]) * 1.15 + 0.5)
+    right.yaxis.get_major_locator().set_params(integer=True)
     right.set_title("real-time capacity")
     right.legend(fontsize=8, title="shape")
     fig.suptitle(title, fontsize=10)

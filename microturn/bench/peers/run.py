@@ -8,6 +8,7 @@ import time
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from microturn.bench.peers.base import ENGINES, SHAPES, PeerUnavailable, Shape
 from microturn.bench.peers.harness import PeerRecord, Workload, measure
@@ -86,7 +87,7 @@ def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
                 peer = build_peer(name, loaded, args, shape, max(context, 512))
             except PeerUnavailable as exc:
                 skipped.append(f"{name}: skipped, {exc}")
-                console.print(f"[yellow]{name}: skipped[/], {exc}")
+                console.print(f"[yellow]{name}: skipped[/], {escape(str(exc))}")
                 break
             console.print(f"[bold]{peer.name}[/] ({shape.name}): {peer.config}")
             records.append(measure(peer, Workload(text, shape), args.turns, args.slice_ms,
@@ -100,8 +101,8 @@ def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
     if args.json:
         write_json(records, args.json, machine | {"skipped": skipped})
     if args.plot:
-        write_plot(records, args.plot, f"{machine['model']} ({args.dtype} where chosen), "
-                   f"{machine['cpu']}, {machine['cores']} threads, {machine['date']}",
-                   args.slice_ms)
+        write_plot(records, args.plot, f"{machine['model']} (microturn and reprefill in "
+                   f"{args.dtype}) on {machine['cpu']}, {machine['cores']} threads, "
+                   f"{machine['date']}", args.slice_ms)
         console.print(f"plot written to {args.plot}")
     return records

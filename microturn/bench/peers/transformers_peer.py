@@ -16,6 +16,8 @@ class TransformersPeer:
             raise PeerUnavailable("transformers is not installed (pip install "
                                   "'microturn[bench]')") from None
         self.transformers = transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         short = str(dtype)[6:]
         self.name = f"transformers-{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
