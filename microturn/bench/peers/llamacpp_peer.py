@@ -20,6 +20,7 @@ class LlamaCppPeer:
             raise PeerUnavailable("llama-cpp-python is not installed (pip install "
                                   "'microturn[bench]'; it compiles llama.cpp, ~7 min)") from None
         self.llama_cpp, self.gguf, self.context = llama_cpp, gguf, context
+        self.vocab = config.vocab_size
         self.threads = torch.get_num_threads()
         # f16 K and V per token: what a session keeps between micro-turns
         self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
@@ -38,8 +39,9 @@ class LlamaCppPeer:
         for session, new in zip(sessions, inputs, strict=True):
             llm, ids = session["llm"], session["pending"] + new
             for _ in range(output_tokens):
-                llm.eval(ids)
-                ids = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+                llm.eval(ids)  # logits of the last token only (no logits_all)
+                row = self.llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                ids = [int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab,))))]
             session["pending"] = ids
 
     def resident_bytes(self, session: dict) -> int:

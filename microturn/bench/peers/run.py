@@ -90,16 +90,21 @@ def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
                 console.print(f"[yellow]{name}: skipped[/], {escape(str(exc))}")
                 break
             console.print(f"[bold]{peer.name}[/] ({shape.name}): {peer.config}")
-            records.append(measure(peer, Workload(text, shape), args.turns, args.slice_ms,
-                                   args.capacity_turns, args.max_capacity, args.budget_s, log))
+            try:
+                records.append(measure(peer, Workload(text, shape), args.turns, args.slice_ms,
+                                       args.capacity_turns, args.max_capacity, args.budget_s,
+                                       log))
+            except Exception as exc:  # one engine failing must not lose the others' results
+                skipped.append(f"{name} {shape.name}: failed, {type(exc).__name__}: {exc}")
+                console.print(f"[red]{name} {shape.name}: failed[/], {escape(str(exc))}")
             del peer
             gc.collect()
+            if args.json:  # written after every engine, so a long run keeps what it measured
+                write_json(records, args.json, machine | {"skipped": skipped})
     table = markdown_table(records, args.slice_ms)
     print(table)
     for line in skipped:
         print(f"\n{line}")
-    if args.json:
-        write_json(records, args.json, machine | {"skipped": skipped})
     if args.plot:
         write_plot(records, args.plot, f"{machine['model']} (microturn and reprefill in "
                    f"{args.dtype}) on {machine['cpu']}, {machine['cores']} threads, "
