@@ -19,9 +19,11 @@ def markdown_table(records: list[PeerRecord], slice_ms: int) -> str:
     return "\n".join(lines)
 
 
-def write_json(records: list[PeerRecord], path: str, machine: dict) -> None:
+def write_json(records: list[PeerRecord], path: str, machine: dict,
+               skipped: list[str]) -> None:
     with open(path, "w") as f:
-        json.dump({"machine": machine, "records": [asdict(r) for r in records]}, f, indent=1)
+        json.dump({"machine": machine, "skipped": skipped,
+                   "records": [asdict(r) for r in records]}, f, indent=1)
 
 
 def write_plot(records: list[PeerRecord], path: str, title: str, slice_ms: int) -> None:

@@ -100,7 +100,9 @@ def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
             del peer
             gc.collect()
             if args.json:  # written after every engine, so a long run keeps what it measured
-                write_json(records, args.json, machine | {"skipped": skipped})
+                write_json(records, args.json, machine, skipped)
+    if args.json:
+        write_json(records, args.json, machine, skipped)
     table = markdown_table(records, args.slice_ms)
     print(table)
     for line in skipped:
