@@ -20,7 +20,7 @@ def test_peer_harness_records_are_complete_and_sane(tmp_path):
         assert set(records) == {"microturn", "reprefill"}
         assert any("llamacpp: skipped" in line for line in result["skipped"])
     else:
-        assert set(records) == {"microturn", "reprefill", "llamacpp"}
+        assert set(records) == {"microturn", "reprefill", "llamacpp"}, result["skipped"]
     for r in records.values():
         assert r["turns"] == 16 and len(r["latency_ms"]) == len(r["context_tokens"]) == 16
         assert all(x > 0 for x in r["latency_ms"]) and 0 < r["p50_ms"] <= r["p99_ms"]
