@@ -156,11 +156,14 @@ class SessionsClient:
         self.http = httpx.AsyncClient(base_url=endpoint(url, "http", ""), timeout=timeout,
                                       headers=auth_headers(api_key))
 
-    async def _call(self, method: str, path: str, **kwargs) -> dict:
+    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         response = await self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             raise ClientError(response.status_code, _error_info(response.content))
-        return response.json()
+        return response
+
+    async def _call(self, method: str, path: str, **kwargs) -> dict:
+        return (await self._request(method, path, **kwargs)).json()
 
     async def open(self, options: SessionOptions | None = None) -> StartedEvent:
         body = (options or SessionOptions()).model_dump()
@@ -183,10 +186,7 @@ class SessionsClient:
         return Health(**await self._call("GET", "/healthz"))
 
     async def metrics(self) -> str:
-        response = await self.http.get("/metrics")
-        if response.status_code >= 400:
-            raise ClientError(response.status_code, _error_info(response.content))
-        return response.text
+        return (await self._request("GET", "/metrics")).text
 
     async def aclose(self) -> None:
         await self.http.aclose()
