@@ -30,6 +30,7 @@ class LoadedModel:
     path: Path
     load_seconds: float
     markers: object | None = None  # the timeline's MarkerTokens, once an engine installed them
+    frontend: object | None = None  # the audio/video FrontEnd, once a session needed it
 
 
 def parse_dtype(name: str) -> torch.dtype:

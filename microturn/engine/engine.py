@@ -24,9 +24,11 @@ from microturn.engine.kv_pool import KVPool
 from microturn.engine.markers import MarkerTokens, install_markers
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
 from microturn.engine.session import Session, SessionParams, SliceOutput
-from microturn.engine.timeline import MicroTurn, Timeline
+from microturn.engine.timeline import MicroTurn, SliceLayout, Timeline, turn_media
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
+from microturn.frontend.dmel import DMelSpec
+from microturn.frontend.embedding import FrontEnd, load_frontend
 from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample
 
@@ -70,6 +72,7 @@ class Engine:
         self.deterministic = (policy.deterministic() if config.deterministic is None
                               else config.deterministic)
         self.sessions: dict[int, Session] = {}
+        self.frontend: FrontEnd | None = loaded.frontend  # loaded by the first media session
         self._ids = count(1)
         self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
 
@@ -77,6 +80,9 @@ class Engine:
 
     def open(self, params: SessionParams | None = None) -> int:
         params = params or SessionParams()
+        layout = SliceLayout(params.slice_ms, params.audio, params.video)
+        if (params.audio or params.video) and self.frontend is None:
+            self.frontend = load_frontend(self.loaded)
         with self._lock:
             if not self.pool.free_blocks:
                 raise MicroturnError(f"kv pool full: all {self.pool.num_blocks} blocks in use; "
@@ -86,7 +92,8 @@ class Engine:
                 raise MicroturnError(f"max_sessions reached ({self.config.max_sessions} open)")
             sid = next(self._ids)
             generator = torch.Generator(device="cpu").manual_seed(params.sampling.seed)
-            self.sessions[sid] = Session(sid, params, row, Timeline(self.markers), generator)
+            self.sessions[sid] = Session(sid, params, row, Timeline(self.markers, layout=layout),
+                                         generator)
             return sid
 
     def warm_up(self, input_tokens: int = 16) -> None:
@@ -97,13 +104,42 @@ class Engine:
         self.tick()
         self.close(sid)
 
-    def append(self, sid: int, input_ids: list[int]) -> None:
-        """Queue the input slice that arrived (empty: silence). One slice per tick."""
+    def append(self, sid: int, input_ids: list[int], audio: torch.Tensor | None = None,
+               frames: list[torch.Tensor] = ()) -> None:
+        """Queue the input slice that arrived (no ids: silence). One slice per tick. Media
+        sessions may add the slice's dMel codes (uint8 [frames_per_slice, 80]; None: absent)
+        and up to the frames due in it, each as patches (uint8 [patches, 3, 40, 40])."""
         session = self._session(sid)
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in input_ids):
             raise MicroturnError(f"input_ids: token ids must be in [0, {vocab})")
-        session.pending.append(list(input_ids))
+        turn = MicroTurn(len(session.timeline.turns) + len(session.pending), list(input_ids))
+        layout = session.timeline.layout
+        if audio is not None:
+            want = (layout.audio_frames, DMelSpec().channels)
+            if not layout.audio:
+                raise MicroturnError("audio: this session was opened without audio")
+            if tuple(audio.shape) != want or audio.dtype != torch.uint8:
+                raise MicroturnError(f"audio: expected uint8 dMel codes of shape {want}, got "
+                                     f"{audio.dtype} {tuple(audio.shape)}")
+            if int(audio.max()) >= DMelSpec().bins:
+                raise MicroturnError(f"audio: dMel codes must be < {DMelSpec().bins}")
+            turn.audio = audio
+        if frames:
+            if layout.video is None:
+                raise MicroturnError("frames: this session was opened without video")
+            due = layout.video.frames_due(turn.index, layout.slice_ms)
+            if len(frames) > due:
+                raise MicroturnError(f"frames: slice {turn.index} carries at most {due} "
+                                     f"frame(s) at {layout.video.fps} fps, got {len(frames)}")
+            spec = layout.video
+            want = (spec.rows * spec.cols, 3, spec.patch, spec.patch)
+            for frame in frames:
+                if tuple(frame.shape) != want or frame.dtype != torch.uint8:
+                    raise MicroturnError(f"frames: expected uint8 patches of shape {want}, "
+                                         f"got {frame.dtype} {tuple(frame.shape)}")
+            turn.frames = list(frames)
+        session.pending.append(turn)
 
     def close(self, sid: int) -> dict:
         """Free the session's blocks at once; return its export (see `export`)."""
@@ -151,13 +187,15 @@ class Engine:
                 return self._tick(active)
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
-        feeds = []
+        feeds, turns = [], []
         for s in active:
-            turn = MicroTurn(len(s.timeline.turns), s.pending.popleft())
+            turn = s.pending.popleft()
             s.timeline.turns.append(turn)
+            turns.append(turn)
             feeds.append(s.unfed + s.timeline.input_tokens(turn))
             s.unfed = []
-        self._forward_and_sample(active, feeds)
+        audio, patches = turn_media(turns)
+        self._forward_and_sample(active, feeds, audio, patches)
         speaking = [s for s in active if not self._slice_done(s)]
         while speaking:
             self._forward_and_sample(speaking, [s.unfed for s in speaking])
@@ -176,8 +214,11 @@ class Engine:
             return True
         return not s.params.force_output and self.markers.ends_output(out[-1])
 
-    def _forward_and_sample(self, sessions: list[Session], feeds: list[list[int]]) -> None:
-        """One forward over every session's new tokens; sample one token per session."""
+    def _forward_and_sample(self, sessions: list[Session], feeds: list[list[int]],
+                            audio: torch.Tensor | None = None,
+                            patches: torch.Tensor | None = None) -> None:
+        """One forward over every session's new tokens; sample one token per session.
+        Media positions in the feeds take their vectors from `audio` and `patches`."""
         segments, tokens, positions = [], [], []
         for s, feed in zip(sessions, feeds, strict=True):
             self._reserve(s, len(feed))
@@ -191,9 +232,12 @@ class Engine:
         backend = PagedAttention(self.pool, PagedBatch.build(self.pool, segments))
         rows = (torch.arange(len(tokens)) if self.config.keep_logits
                 else torch.tensor([seg.end - 1 for seg in segments]))
-        logits = self.model(torch.tensor([tokens], device=device),
-                            torch.tensor([positions], device=device), backend,
-                            logits_at=rows.to(device))[0]
+        ids = torch.tensor([tokens], device=device)
+        embeds = None
+        if self.frontend is not None and max(tokens) >= self.markers.vocab_size:
+            embeds = self.frontend.embed(self.model.embed_tokens, ids, audio, patches)
+        logits = self.model(ids, torch.tensor([positions], device=device), backend,
+                            logits_at=rows.to(device), embeds=embeds)[0]
         keep = self.config.keep_logits
         ends = [seg.end - 1 for seg in segments]
         last_rows = logits[ends] if keep else logits
@@ -206,12 +250,15 @@ class Engine:
             targets.append(token)
             owners.append(s)
             indices.append(len(s.fed))
-            if keep:
+            if keep:  # (media positions have no token probability)
                 first = len(s.fed) - (seg.end - seg.start)
-                rows += range(seg.start, seg.end - 1)
-                targets += s.fed[first + 1:]
-                owners += [s] * (seg.end - seg.start - 1)
-                indices += range(first + 1, len(s.fed))
+                for row, index in zip(range(seg.start, seg.end - 1),
+                                      range(first + 1, len(s.fed)), strict=True):
+                    if s.fed[index] < self.markers.vocab_size:
+                        rows.append(row)
+                        targets.append(s.fed[index])
+                        owners.append(s)
+                        indices.append(index)
                 s.logits.append(logits[seg.start:seg.end].float().cpu())
         values = ops.token_logprobs(logits[rows], torch.tensor(targets)).tolist()
         for s, index, value in zip(owners, indices, values, strict=True):

@@ -7,6 +7,8 @@ import torch
 
 from microturn.engine.timeline import Timeline
 from microturn.errors import MicroturnError
+from microturn.frontend.dmel import DMelSpec
+from microturn.frontend.video import FrameSpec
 from microturn.sampling import SamplingParams
 
 
@@ -19,6 +21,8 @@ class SessionParams:
     # True: every tick this session is in runs the batch-invariant kernels, even when the
     # engine's own mode is off; None/False: the engine's mode
     deterministic: bool | None = None
+    audio: bool = False  # every input slice carries an audio segment (dMel frames or absent)
+    video: FrameSpec | None = None  # every input slice carries a video segment
 
     def __post_init__(self):
         if not 1 <= self.max_output_tokens <= 256:
@@ -26,6 +30,11 @@ class SessionParams:
                                  f"got {self.max_output_tokens}")
         if not 20 <= self.slice_ms <= 10_000:
             raise MicroturnError(f"slice_ms must be in [20, 10000], got {self.slice_ms}")
+        if self.audio:
+            try:
+                DMelSpec().frames_per_slice(self.slice_ms)
+            except ValueError as error:
+                raise MicroturnError(f"slice_ms: {error}") from None
 
 
 @dataclass
@@ -39,7 +48,7 @@ class Session:
     length: int = 0  # KV slots written
     next_position: int = 0  # position of the next token fed
     unfed: list[int] = field(default_factory=list)  # sampled, fed at the next forward
-    pending: deque = field(default_factory=deque)  # queued input slices (token id lists)
+    pending: deque = field(default_factory=deque)  # queued input slices (MicroTurns to come)
     fed: list[int] = field(default_factory=list)  # every token fed, in order
     logits: list[torch.Tensor] = field(default_factory=list)  # per fed token (keep_logits only)
     # sequence index -> log p(token at that index | everything before), as the sampler computed

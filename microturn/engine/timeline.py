@@ -1,17 +1,55 @@
-"""The micro-turn timeline: the one definition of the interleaved token sequence.
+"""The micro-turn timeline: the one definition of the interleaved sequence.
 
 Micro-turn k is
 
-    <input_start> input tokens of slice k (or <silence>) <output_start> output tokens of slice k
+    <in> TEXT [AUDIO] [VIDEO] <out> output tokens of slice k
 
-where the output is what the model emitted: up to the slice's budget, possibly ended early by
-<end_of_slice>, or a lone <silence>. The engine feeds exactly `Timeline.tokens()`; a trainer
-builds the same sequence from a recording with `Timeline.from_export`.
+- TEXT: the text tokens that arrived in slice k, or `<silence>`.
+- AUDIO (sessions with audio): `<audio>` then exactly `frames_per_slice` dMel frames
+  (16 for 200 ms: one per 12.5 ms hop), or `<audio> <absent>` when no audio arrived.
+- VIDEO (sessions with video): `<video>`, then for each frame the slice carries
+  `<frame>` and its patches row by row, each row closed by `<row>`; or `<video> <absent>`.
+  Slice k carries the frames due in it on the session clock (`FrameSpec.frames_due`).
+
+The output is what the model emitted: up to the slice's budget, possibly ended early by
+<end_of_slice>, or a lone <silence>. A text-only session has no AUDIO or VIDEO segment, so its
+sequence is exactly the text timeline. The engine feeds exactly `Timeline.tokens()` (with
+`media()` for the audio and patch positions); a trainer builds the same from an export.
 """
 
+import base64
 from dataclasses import dataclass, field
 
+import torch
+
 from microturn.engine.markers import MarkerTokens
+from microturn.frontend.dmel import DMelSpec
+from microturn.frontend.video import FrameSpec
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """Which media segments every input slice of a session carries."""
+    slice_ms: int = 200
+    audio: bool = False
+    video: FrameSpec | None = None
+
+    @property
+    def audio_frames(self) -> int:
+        return DMelSpec().frames_per_slice(self.slice_ms) if self.audio else 0
+
+    def to_dict(self) -> dict:
+        video = None if self.video is None else {
+            "height": self.video.height, "width": self.video.width,
+            "patch": self.video.patch, "fps": self.video.fps}
+        return {"slice_ms": self.slice_ms, "audio": self.audio, "video": video}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "SliceLayout":
+        if not data:
+            return cls()
+        video = data.get("video")
+        return cls(data["slice_ms"], data["audio"], FrameSpec(**video) if video else None)
 
 
 @dataclass
@@ -19,17 +57,32 @@ class MicroTurn:
     index: int
     input_ids: list[int]  # empty: nothing arrived (fed as <silence>)
     output_ids: list[int] = field(default_factory=list)
+    audio: torch.Tensor | None = None  # uint8 [frames_per_slice, 80] dMel codes, or absent
+    frames: list[torch.Tensor] = field(default_factory=list)  # uint8 [patches, 3, 40, 40] each
 
 
 @dataclass
 class Timeline:
     markers: MarkerTokens
     turns: list[MicroTurn] = field(default_factory=list)
+    layout: SliceLayout = field(default_factory=SliceLayout)
 
     def input_tokens(self, turn: MicroTurn) -> list[int]:
         """What the model is fed for the input half of a micro-turn, markers included."""
-        body = turn.input_ids or [self.markers.silence]
-        return [self.markers.input_start, *body, self.markers.output_start]
+        m, media, layout = self.markers, self.markers.media, self.layout
+        out = [m.input_start, *(turn.input_ids or [m.silence])]
+        if layout.audio:
+            out += ([media.audio_start, *[media.audio_frame] * layout.audio_frames]
+                    if turn.audio is not None else [media.audio_start, media.absent])
+        if layout.video is not None:
+            out.append(media.video_start)
+            row = [media.patch] * layout.video.cols + [media.row_end]
+            for _ in turn.frames:
+                out += [media.frame_start, *row * layout.video.rows]
+            if not turn.frames:
+                out.append(media.absent)
+        out.append(m.output_start)
+        return out
 
     def tokens(self) -> list[int]:
         out: list[int] = []
@@ -37,6 +90,9 @@ class Timeline:
             out += self.input_tokens(turn)
             out += turn.output_ids
         return out
+
+    def media(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return turn_media(self.turns)
 
     def output_mask(self) -> list[bool]:
         """For each token of `tokens()`: did the model emit it (True) or was it fed (False)."""
@@ -47,12 +103,46 @@ class Timeline:
         return mask
 
     def export(self) -> dict:
-        return {"markers": self.markers.to_dict(),
-                "turns": [{"index": t.index, "input_ids": list(t.input_ids),
-                           "output_ids": list(t.output_ids)} for t in self.turns]}
+        data = {"markers": self.markers.to_dict(), "turns": [_turn_export(t) for t in self.turns]}
+        if self.layout != SliceLayout(self.layout.slice_ms):
+            data["layout"] = self.layout.to_dict()
+        return data
 
     @classmethod
     def from_export(cls, data: dict) -> "Timeline":
+        layout = SliceLayout.from_dict(data.get("layout"))
         return cls(MarkerTokens.from_dict(data["markers"]),
-                   [MicroTurn(t["index"], list(t["input_ids"]), list(t["output_ids"]))
-                    for t in data["turns"]])
+                   [_turn_import(t, layout) for t in data["turns"]], layout)
+
+
+def turn_media(turns: list[MicroTurn]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dMel codes [n, 80] | None, patches [n, 3, 40, 40] | None) of `turns`, in sequence
+    order: the data behind the audio and patch placeholders."""
+    audio = [t.audio for t in turns if t.audio is not None]
+    patches = [f for t in turns for f in t.frames]
+    return (torch.cat(audio) if audio else None, torch.cat(patches) if patches else None)
+
+
+def _turn_export(turn: MicroTurn) -> dict:
+    data = {"index": turn.index, "input_ids": list(turn.input_ids),
+            "output_ids": list(turn.output_ids)}
+    if turn.audio is not None:  # raw bytes, base64: 1.3 kB a slice instead of 4 kB of JSON
+        data["audio"] = base64.b64encode(turn.audio.numpy().tobytes()).decode()
+    if turn.frames:
+        data["frames"] = [base64.b64encode(f.numpy().tobytes()).decode() for f in turn.frames]
+    return data
+
+
+def _turn_import(data: dict, layout: SliceLayout) -> MicroTurn:
+    turn = MicroTurn(data["index"], list(data["input_ids"]), list(data["output_ids"]))
+    if "audio" in data:
+        turn.audio = _tensor(data["audio"]).view(layout.audio_frames, DMelSpec().channels)
+    if "frames" in data:
+        spec = layout.video
+        turn.frames = [_tensor(f).view(spec.rows * spec.cols, 3, spec.patch, spec.patch)
+                       for f in data["frames"]]
+    return turn
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -52,13 +52,15 @@ class Decoder(nn.Module):
         return self.embed_tokens.weight.device
 
     def hidden_states(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                      backend: AttentionBackend) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] for token_ids and positions, both [B, T]."""
+                      backend: AttentionBackend, embeds: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for token_ids and positions, both [B, T].
+        `embeds` [B, T, hidden], when given, replaces the token embedding (media inputs)."""
         if token_ids.shape != positions.shape or token_ids.dim() != 2:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} and positions "
                              f"{tuple(positions.shape)} must both be [batch, steps]")
         backend.prepare(token_ids.shape[1])
-        x = self.embed_tokens(token_ids)
+        x = self.embed_tokens(token_ids) if embeds is None else embeds
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
@@ -70,9 +72,10 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                backend: AttentionBackend, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                backend: AttentionBackend, logits_at: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T', vocab] for the steps in `logits_at` (all T steps when None)."""
-        hidden = self.hidden_states(token_ids, positions, backend)
+        hidden = self.hidden_states(token_ids, positions, backend, embeds)
         if logits_at is not None:
             hidden = hidden[:, logits_at]
         return self.lm_head(hidden)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from microturn.engine.timeline import Timeline
+from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
 from microturn.train.logprobs import sequence_logprobs
 
@@ -22,17 +23,23 @@ class AlignmentReport:
         return self.first_mismatch is None and self.compared > 0
 
 
-def verify_alignment(export: dict, model: Decoder) -> AlignmentReport:
-    tokens = Timeline.from_export(export).tokens()
+def verify_alignment(export: dict, model: Decoder,
+                     frontend: FrontEnd | None = None) -> AlignmentReport:
+    """`frontend`: the engine's, for sessions with audio or video."""
+    timeline = Timeline.from_export(export)
+    tokens = timeline.tokens()
     sampled = export["logprobs"]
     if len(sampled) != len(tokens):
         raise ValueError(f"export: {len(sampled)} logprobs for {len(tokens)} tokens")
     # after an eviction the engine's window no longer starts at token 0; a full-sequence pass
     # reproduces only the tokens before it
     limit = min([e["at_token"] for e in export.get("evictions", [])] + [len(tokens)])
+    kept = Timeline(timeline.markers, _turns_within(timeline, limit), timeline.layout)
+    audio, patches = kept.media()
     with torch.enable_grad():  # the trainer's forward, autograd on
         trainer = sequence_logprobs(model, torch.tensor([tokens[:limit]]),
-                                    export.get("deterministic", True))[0].detach()
+                                    export.get("deterministic", True), frontend, audio,
+                                    patches)[0].detach()
     compared, worst, first = 0, 0.0, None
     for index in range(1, limit):
         if sampled[index] is None:
@@ -45,3 +52,16 @@ def verify_alignment(export: dict, model: Decoder) -> AlignmentReport:
             first = index
     skipped = sum(v is not None for v in sampled[limit:])
     return AlignmentReport(compared, worst, first, skipped)
+
+
+def _turns_within(timeline: Timeline, limit: int) -> list:
+    """The turns whose input lies wholly inside the first `limit` tokens (their media is
+    what those tokens need; an eviction always falls on a tick's first fed token)."""
+    out, length = [], 0
+    for turn in timeline.turns:
+        length += len(timeline.input_tokens(turn))
+        if length > limit:
+            break
+        out.append(turn)
+        length += len(turn.output_ids)
+    return out

@@ -12,6 +12,8 @@ class TimelineBatch:
     token_ids: torch.Tensor  # [B, T] int64, right-padded
     loss_mask: torch.Tensor  # [B, T - 1] bool: the target token counts in the loss
     lengths: tuple[int, ...]
+    audio: torch.Tensor | None = None  # dMel codes behind the audio placeholders, row order
+    patches: torch.Tensor | None = None  # patches behind the patch placeholders, row order
 
     @classmethod
     def from_exports(cls, exports: list[dict], outputs_only: bool = True,
@@ -28,4 +30,10 @@ class TimelineBatch:
             token_ids[row, :len(tokens)] = torch.tensor(tokens)
             wanted = timeline.output_mask() if outputs_only else [True] * len(tokens)
             mask[row, :len(tokens) - 1] = torch.tensor(wanted[1:])
-        return cls(token_ids, mask, tuple(len(s) for s in sequences))
+        audio = [a for t in timelines if (a := t.media()[0]) is not None]
+        patches = [p for t in timelines if (p := t.media()[1]) is not None]
+        vocab = timelines[0].markers.vocab_size  # 0 in exports from before media
+        if vocab:  # a media position has no token probability to learn
+            mask &= token_ids[:, 1:] < vocab
+        return cls(token_ids, mask, tuple(len(s) for s in sequences),
+                   torch.cat(audio) if audio else None, torch.cat(patches) if patches else None)

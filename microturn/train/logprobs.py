@@ -8,23 +8,33 @@ that token inside whatever batch it was in.
 
 import torch
 
+from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
 from microturn.model.attention_backend import CausalAttention
 from microturn.model.decoder import Decoder
 
 
-def sequence_logprobs(model: Decoder, token_ids: torch.Tensor,
-                      deterministic: bool = True) -> torch.Tensor:
+def sequence_logprobs(model: Decoder, token_ids: torch.Tensor, deterministic: bool = True,
+                      frontend: FrontEnd | None = None, audio: torch.Tensor | None = None,
+                      patches: torch.Tensor | None = None) -> torch.Tensor:
     """token_ids [B, T] -> [B, T - 1]: entry t - 1 is log p(token t | tokens before it),
     at positions 0..T-1. Sequences shorter than T are right-padded: padding never changes the
-    log-probabilities of the tokens before it (attention is causal, kernels row-invariant)."""
+    log-probabilities of the tokens before it (attention is causal, kernels row-invariant).
+    Media positions (ids past the vocabulary) take their vectors from `frontend` with `audio`
+    and `patches` in row order; their own entries are 0 (a dMel frame has no probability)."""
     if token_ids.dim() != 2:
         raise ValueError(f"token_ids must be [batch, steps], got {tuple(token_ids.shape)}")
     batch, steps = token_ids.shape
     token_ids = token_ids.to(model.device)
     positions = torch.arange(steps, device=model.device).expand(batch, steps)
+    vocab = model.config.vocab_size
     with policy.deterministic_mode(deterministic):
-        logits = model(token_ids, positions, CausalAttention())
+        embeds = None
+        if frontend is not None and bool((token_ids >= vocab).any()):
+            embeds = frontend.embed(model.embed_tokens, token_ids, audio, patches)
+        logits = model(token_ids, positions, CausalAttention(), embeds=embeds)
         targets = token_ids[:, 1:].reshape(-1)
+        is_text = targets < vocab
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        return ops.token_logprobs(flat, targets).view(batch, steps - 1)
+        values = ops.token_logprobs(flat, torch.where(is_text, targets, 0))
+        return torch.where(is_text, values, 0.0).view(batch, steps - 1)

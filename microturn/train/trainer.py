@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microturn.errors import MicroturnError
+from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
 from microturn.train.batch import TimelineBatch
 from microturn.train.logprobs import sequence_logprobs
@@ -30,17 +31,21 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, model: Decoder, config: TrainConfig | None = None):
-        self.model, self.config = model, config or TrainConfig()
-        for p in model.parameters():
+    """`frontend`: the audio/video input stage, trained (and checkpointed) with the model."""
+
+    def __init__(self, model: Decoder, config: TrainConfig | None = None,
+                 frontend: FrontEnd | None = None):
+        self.model, self.config, self.frontend = model, config or TrainConfig(), frontend
+        for p in self._parameters():
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr,
+        self.optimizer = torch.optim.AdamW(self._parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         self.steps = 0
 
     def loss(self, batch: TimelineBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean negative log-likelihood over the masked tokens, and all log-probabilities."""
-        logprobs = sequence_logprobs(self.model, batch.token_ids, self.config.deterministic)
+        logprobs = sequence_logprobs(self.model, batch.token_ids, self.config.deterministic,
+                                     self.frontend, batch.audio, batch.patches)
         mask = batch.loss_mask.to(logprobs.device)
         if not mask.any():
             raise MicroturnError("training batch: no token is selected for the loss")
@@ -51,7 +56,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.loss(batch)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
         return StepResult(float(loss.detach()), float(norm), int(batch.loss_mask.sum()))
@@ -94,10 +99,17 @@ class Trainer:
                                         "param_groups": json.loads(metadata["param_groups"])})
         self.steps = int(metadata["steps"])
 
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters()) + (
+            list(self.frontend.parameters()) if self.frontend is not None else [])
+
     def _own_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters by name, each storage once (a tied output head is the embedding)."""
         seen, out = set(), {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        if self.frontend is not None:
+            named += [(f"frontend.{n}", p) for n, p in self.frontend.named_parameters()]
+        for name, p in named:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 out[name] = p

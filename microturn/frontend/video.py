@@ -1,0 +1,115 @@
+"""Video and images in: frames resized to a fixed size and cut into 40x40 patches.
+
+A frame is stretched (not cropped) to `FrameSpec.height x width` with Pillow's antialiased
+bilinear filter, then cut row by row into patches; `patches_to_frame` is the exact inverse of
+the cut. Frames are sampled on the session clock: frame j belongs at j / fps seconds, so slice
+k carries the frames whose time falls inside it (`frames_due`), the same count on every replay.
+"""
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from microturn.errors import MicroturnError
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # a decoded image larger than this is refused
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    height: int = 120
+    width: int = 160
+    patch: int = 40
+    fps: float = 2.0  # frames per second of session time
+
+    def __post_init__(self):
+        if self.height % self.patch or self.width % self.patch:
+            raise MicroturnError(f"frame {self.height}x{self.width} is not a whole number of "
+                                 f"{self.patch}x{self.patch} patches")
+        if not 0 < self.fps <= 30:
+            raise MicroturnError(f"fps must be in (0, 30], got {self.fps}")
+
+    @property
+    def rows(self) -> int:
+        return self.height // self.patch
+
+    @property
+    def cols(self) -> int:
+        return self.width // self.patch
+
+    def frames_due(self, slice_index: int, slice_ms: int) -> int:
+        """How many frames slice k carries: those with j / fps in [k, k + 1) * slice."""
+        rate = Fraction(self.fps).limit_denominator(1000) * Fraction(slice_ms, 1000)
+        return _ceil(rate * (slice_index + 1)) - _ceil(rate * slice_index)
+
+
+def _ceil(value: Fraction) -> int:
+    return -((-value.numerator) // value.denominator)
+
+
+def fit_frame(image: Image.Image, spec: FrameSpec) -> torch.Tensor:
+    """A Pillow image -> uint8 [3, height, width] RGB."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise MicroturnError(f"image: {image.width}x{image.height} is over the limit of "
+                             f"{MAX_IMAGE_PIXELS} pixels")
+    resized = image.convert("RGB").resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_image(data: bytes, spec: FrameSpec) -> torch.Tensor:
+    """PNG or JPEG bytes -> uint8 [3, height, width]; anything else is a clear error."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("PNG", "JPEG"):
+            raise MicroturnError(f"image: expected PNG or JPEG, got {image.format}")
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise MicroturnError(f"image: {image.width}x{image.height} is over the limit of "
+                                 f"{MAX_IMAGE_PIXELS} pixels")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise MicroturnError(f"image: cannot decode ({error})") from None
+    return fit_frame(image, spec)
+
+
+def frame_to_patches(frame: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
+    """uint8 [3, H, W] -> [rows * cols, 3, patch, patch], row-major (the timeline's order)."""
+    p = spec.patch
+    grid = frame.reshape(3, spec.rows, p, spec.cols, p).permute(1, 3, 0, 2, 4)
+    return grid.reshape(spec.rows * spec.cols, 3, p, p).contiguous()
+
+
+def patches_to_frame(patches: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
+    p = spec.patch
+    grid = patches.reshape(spec.rows, spec.cols, 3, p, p).permute(2, 0, 3, 1, 4)
+    return grid.reshape(3, spec.height, spec.width).contiguous()
+
+
+def read_video(path: str | Path, spec: FrameSpec) -> Iterator[torch.Tensor]:
+    """Frame j of the session (time j / fps): the last video frame shown at or before that
+    time, as uint8 [3, height, width]. Decoded with PyAV (FFmpeg)."""
+    import av  # optional at import time: only video files need it
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as error:
+        raise MicroturnError(f"{path}: cannot open video ({error})") from None
+    with container:
+        if not container.streams.video:
+            raise MicroturnError(f"{path}: has no video stream")
+        held, j = None, 0
+        try:
+            for frame in container.decode(video=0):
+                while held is not None and frame.time is not None and frame.time > j / spec.fps:
+                    yield held
+                    j += 1
+                held = fit_frame(frame.to_image(), spec)
+        except av.error.FFmpegError as error:
+            raise MicroturnError(f"{path}: cannot decode video ({error})") from None
+        if held is not None:
+            yield held
