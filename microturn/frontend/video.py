@@ -102,14 +102,18 @@ def read_video(path: str | Path, spec: FrameSpec) -> Iterator[torch.Tensor]:
     with container:
         if not container.streams.video:
             raise MicroturnError(f"{path}: has no video stream")
-        held, j = None, 0
+        stream = container.streams.video[0]
+        shown = 1 / float(stream.average_rate) if stream.average_rate else 0.0  # per frame
+        held, held_time, j = None, 0.0, 0
         try:
-            for frame in container.decode(video=0):
-                while held is not None and frame.time is not None and frame.time > j / spec.fps:
+            for frame in container.decode(stream):
+                time = frame.time if frame.time is not None else held_time + shown
+                while held is not None and time > j / spec.fps:
                     yield held
                     j += 1
-                held = fit_frame(frame.to_image(), spec)
+                held, held_time = fit_frame(frame.to_image(), spec), time
         except av.error.FFmpegError as error:
             raise MicroturnError(f"{path}: cannot decode video ({error})") from None
-        if held is not None:
+        while held is not None and j / spec.fps < held_time + shown:  # the last frame's time
             yield held
+            j += 1
