@@ -133,6 +133,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
     parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    parser.add_argument("--max-media-bytes", type=int, default=d.max_media_bytes,
+                        help="one binary WebSocket frame: an audio chunk or an image")
     parser.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
                         help="per input slice")
     parser.add_argument("--max-buffered-slices", type=int, default=d.max_buffered_slices,
@@ -147,9 +149,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def add_stream_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000",
                         help="the server (http://, https://, ws:// or wss://)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", metavar="FILE", help="timed text: 'SECONDS TEXT' lines")
-    source.add_argument("--stdin", action="store_true", help="send lines as they are typed")
+    parser.add_argument("--text-file", metavar="FILE", help="timed text: 'SECONDS TEXT' lines")
+    parser.add_argument("--stdin", action="store_true", help="send lines as they are typed")
+    parser.add_argument("--wav", metavar="FILE",
+                        help="audio (WAV/FLAC/...; resampled to 16 kHz mono), streamed in time")
+    parser.add_argument("--video", metavar="FILE",
+                        help="a video file (anything FFmpeg reads), sampled at --fps")
+    parser.add_argument("--fps", type=float, default=2.0, help="video frames per second")
     parser.add_argument("--fast", action="store_true",
                         help="stream as fast as the server answers (client-clocked slices)")
     parser.add_argument("--slice-ms", type=int, default=200)

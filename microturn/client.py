@@ -21,6 +21,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from microturn.errors import MicroturnError
 from microturn.server.protocol import (
+    MEDIA_AUDIO,
+    MEDIA_IMAGE,
     EndedEvent,
     ErrorBody,
     ErrorInfo,
@@ -95,6 +97,16 @@ class StreamSession:
         if slice is not None:
             message["slice"] = slice
         await self.ws.send(json.dumps(message))
+        self.last_sent = time.monotonic()
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        """PCM16 little-endian at the session's sample rate and channels, in order."""
+        await self.ws.send(bytes([MEDIA_AUDIO]) + pcm16)
+        self.last_sent = time.monotonic()
+
+    async def send_image(self, data: bytes) -> None:
+        """One PNG or JPEG image: the session's next frame due."""
+        await self.ws.send(bytes([MEDIA_IMAGE]) + data)
         self.last_sent = time.monotonic()
 
     async def send_raw(self, frame: str | bytes) -> None:

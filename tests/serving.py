@@ -28,7 +28,7 @@ def serving(engine: Engine, limits: ServerLimits | None = None, api_key: str | N
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="on",
-                            ws_max_size=4 * limits.max_message_bytes)
+                            ws_max_size=limits.ws_max_size)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -207,7 +207,8 @@ def test_bad_websocket_input_names_field_and_limit_and_keeps_session(engine):
          "tokens", 16),
         (json.dumps({"type": "input", "text": "y" * 2100}), "limit", "message", 2000),
         ('{"type": "start"}', "already_started", "type", None),
-        (b"\x00\x01binary", "binary_not_supported", "frame", None),
+        (b"\x00\x01binary", "bad_frame", "frame", None),
+        (b"\x01\x00\x00", "invalid", "audio", None),  # audio to a text-only session
     ]
 
     async def main(url):

@@ -22,6 +22,8 @@ from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
 from microturn.server.metrics import ServerMetrics
 from microturn.server.protocol import (
+    MEDIA_AUDIO,
+    MEDIA_IMAGE,
     EndedEvent,
     EndMessage,
     ErrorBody,
@@ -176,9 +178,13 @@ def body_schema(model: type[BaseModel]) -> dict:
 
 def started_event(live: LiveSession, limits: Limits, closes_in_ms: float | None = None):
     o = live.options
+    layout = live.media.layout if live.media else None
     return StartedEvent(session=live.id, clock=live.clock, slice_ms=o.slice_ms,
                         max_output_tokens=o.max_output_tokens, deterministic=live.deterministic,
-                        first_slice_closes_in_ms=closes_in_ms, limits=limits)
+                        first_slice_closes_in_ms=closes_in_ms, limits=limits,
+                        audio_frames_per_slice=layout.audio_frames if o.audio else None,
+                        video_patches_per_frame=(layout.video.rows * layout.video.cols
+                                                 if o.video else None))
 
 
 def state_of(live: LiveSession, engine: Engine) -> SessionState:
@@ -236,8 +242,8 @@ class WebSocketSession:
         """One client frame; True once the session has ended."""
         text = message.get("text")
         if text is None:
-            raise ServerError("binary_not_supported", "binary frames are reserved for audio; "
-                              "send JSON text frames", 400, "frame")
+            self._media(message.get("bytes") or b"")
+            return False
         size = len(text.encode())
         if size > self.limits.max_message_bytes:
             raise ServerError("limit", f"message of {size} bytes, over max_message_bytes "
@@ -274,6 +280,25 @@ class WebSocketSession:
                                    ended.model_copy(update={"export": None}))
             return True
         return False
+
+    def _media(self, frame: bytes) -> None:
+        """A binary frame: one kind byte, then PCM16 audio or one PNG/JPEG image."""
+        if len(frame) > self.limits.max_media_bytes:
+            raise ServerError("limit", f"binary frame of {len(frame)} bytes, over "
+                              f"max_media_bytes {self.limits.max_media_bytes}", 413, "frame",
+                              self.limits.max_media_bytes)
+        live = self.live
+        if live is None:
+            raise ServerError("not_started", "send a start message first", 409, "type")
+        kind, payload = (frame[0] if frame else None), frame[1:]
+        if kind == MEDIA_AUDIO:
+            self.scheduler.put_audio(live, payload)
+        elif kind == MEDIA_IMAGE:
+            self.scheduler.put_image(live, payload)
+        else:
+            raise ServerError("bad_frame", f"a binary frame starts with {MEDIA_AUDIO} (PCM16 "
+                              f"audio) or {MEDIA_IMAGE} (PNG/JPEG image), got {kind}", 400,
+                              "frame")
 
     def _input(self, live: LiveSession, msg: InputMessage) -> None:
         if live.clock == "client":

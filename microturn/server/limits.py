@@ -9,6 +9,7 @@ from microturn.errors import MicroturnError
 class ServerLimits:
     max_sessions: int = 16  # open sessions, WebSocket and HTTP together
     max_message_bytes: int = 65_536  # one WebSocket text frame or one HTTP request body
+    max_media_bytes: int = 1_048_576  # one binary WebSocket frame (audio chunk or image)
     max_input_tokens: int = 64  # per input slice
     max_buffered_slices: int = 25  # input queued ahead of the open slice (5 s at 200 ms)
     idle_timeout_s: float = 60.0  # no message from the client for this long: session closed
@@ -18,6 +19,11 @@ class ServerLimits:
         for name, value in asdict(self).items():
             if value <= 0:
                 raise MicroturnError(f"{name.replace('_', '-')} must be > 0, got {value}")
+
+    @property
+    def ws_max_size(self) -> int:
+        """The WebSocket layer's own cut-off: frames over it close the connection (1009)."""
+        return max(4 * self.max_message_bytes, 2 * self.max_media_bytes)
 
     def public(self) -> dict:
         fields = asdict(self)

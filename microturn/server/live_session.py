@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from microturn.checkpoint.tokenizer import StreamingDecoder
+from microturn.frontend.assembler import MediaAssembler
+from microturn.frontend.audio import Pcm16Stream
 from microturn.server.input_queue import InputQueue
 from microturn.server.protocol import EndedEvent, SessionOptions, SessionSummary
 
@@ -33,6 +35,8 @@ class LiveSession:
     decoder: StreamingDecoder
     inbox: InputQueue  # server clock: input waiting for its slice
     requests: deque[SliceRequest] = field(default_factory=deque)  # client clock
+    media: MediaAssembler | None = None  # audio/video sessions: media waiting for its slice
+    pcm: Pcm16Stream | None = None  # audio sessions: the wire's PCM16 -> 16 kHz mono
     next_close: float = 0.0  # server clock: when the open slice closes (time.monotonic)
     opened_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)

@@ -28,6 +28,9 @@ class ServerMetrics:
         self.input_tokens = Counter("microturn_input_tokens", "input tokens fed", registry=r)
         self.output_tokens = Counter("microturn_output_tokens", "tokens the model emitted",
                                      registry=r)
+        self.audio_seconds = Counter("microturn_audio_seconds", "audio received (seconds of "
+                                     "sound)", registry=r)
+        self.images = Counter("microturn_images", "video frames received", registry=r)
         self.kv_blocks_used = Gauge("microturn_kv_blocks_used", "KV pool blocks in use",
                                     registry=r)
         self.kv_blocks_total = Gauge("microturn_kv_blocks_total", "KV pool blocks", registry=r)

@@ -1,9 +1,11 @@
 """Every message and body of the wire protocol, as pydantic models (docs/PROTOCOL.md is the prose).
 
-Client -> server over the WebSocket: `start`, `input`, `end`, `ping` (JSON text frames; binary
-frames are reserved for audio). Server -> client: `started`, `output`, `notice`, `error`,
-`ended`, `pong`. The HTTP API reuses the same pieces. Models are strict: a string where a
-number belongs is an error, not a conversion, and unknown fields are refused.
+Client -> server over the WebSocket: `start`, `input`, `end`, `ping` (JSON text frames), and
+binary frames of media: one kind byte (`MEDIA_AUDIO`: PCM16 little-endian at the session's
+rate and channels; `MEDIA_IMAGE`: one PNG or JPEG image), then the payload. Server -> client:
+`started`, `output`, `notice`, `error`, `ended`, `pong`. The HTTP API reuses the same pieces.
+Models are strict: a string where a number belongs is an error, not a conversion, and unknown
+fields are refused.
 """
 
 from typing import Annotated, Any, Literal
@@ -11,10 +13,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 MAX_SEED = 2**63 - 1
+MEDIA_AUDIO = 0x01  # first byte of a binary frame of PCM16 audio
+MEDIA_IMAGE = 0x02  # first byte of a binary frame holding one PNG or JPEG image
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class AudioOptions(Strict):
+    sample_rate: int = Field(16_000, ge=1_000, le=384_000, description="of the PCM16 sent; "
+                             "other than 16000 is resampled on the server")
+    channels: int = Field(1, ge=1, le=8, description="interleaved; averaged to mono")
+
+
+class VideoOptions(Strict):
+    fps: float = Field(2.0, gt=0.0, le=30.0, description="frames per second of session time "
+                       "(each resized to 160x120: 12 patches of 40x40)")
 
 
 class SessionOptions(Strict):
@@ -30,6 +45,9 @@ class SessionOptions(Strict):
     deterministic: bool | None = Field(
         None, description="true: batch-invariant kernels for every tick this session is in "
                           "(log-probabilities bitwise the trainer's); null: the server's mode")
+    audio: AudioOptions | None = Field(None, description="every input slice carries audio "
+                                       "(slice_ms must be a multiple of 12.5)")
+    video: VideoOptions | None = Field(None, description="every input slice carries video")
 
 
 # -- client -> server (WebSocket) ------------------------------------------------------------
@@ -67,6 +85,7 @@ client_message = TypeAdapter(ClientMessage)
 class Limits(BaseModel):
     max_sessions: int
     max_message_bytes: int
+    max_media_bytes: int
     max_input_tokens: int
     max_buffered_slices: int
     idle_timeout_s: float
@@ -81,6 +100,9 @@ class StartedEvent(BaseModel):
     deterministic: bool
     first_slice_closes_in_ms: float | None = Field(
         None, description="server clock: when slice 0 closes, from this event's sending")
+    audio_frames_per_slice: int | None = Field(
+        None, description="dMel positions each slice's audio segment holds (16 at 200 ms)")
+    video_patches_per_frame: int | None = Field(None, description="40x40 patches per frame")
     limits: Limits
 
 
@@ -89,6 +111,9 @@ class OutputEvent(BaseModel):
     slice: int
     input_tokens: list[int] = Field(description="what the slice's input held (empty: silence)")
     input_text: str
+    input_audio: bool | None = Field(None, description="audio sessions: the slice carried "
+                                     "audio (false: absent, its samples had not all arrived)")
+    input_frames: int | None = Field(None, description="video sessions: frames carried")
     tokens: list[int]
     text: str
     latency_ms: float = Field(description="slice closed (or request arrived) -> output ready")

@@ -23,6 +23,9 @@ from microturn.checkpoint.tokenizer import StreamingDecoder
 from microturn.engine.engine import Engine
 from microturn.engine.session import SessionParams, SliceOutput
 from microturn.errors import MicroturnError
+from microturn.frontend.assembler import MediaAssembler, SliceMedia
+from microturn.frontend.audio import AUDIO_RATE, Pcm16Stream
+from microturn.frontend.video import FrameSpec, decode_image
 from microturn.sampling import SamplingParams
 from microturn.server.errors import ServerError
 from microturn.server.input_queue import InputQueue, Placement
@@ -41,6 +44,7 @@ class DueSlice:
     tokens: list[int]
     closed_at: float  # slice closed (server clock) or request arrived (client clock)
     reply: asyncio.Future | None = None
+    media: SliceMedia | None = None  # audio/video sessions: the slice's media
 
 
 class Scheduler:
@@ -80,23 +84,33 @@ class Scheduler:
             raise ServerError("max_sessions", f"the server already has max_sessions "
                               f"{self.limits.max_sessions} open sessions; try again later",
                               503, "max_sessions", self.limits.max_sessions)
-        params = SessionParams(
-            max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
-            sampling=SamplingParams(temperature=options.temperature, top_k=options.top_k,
-                                    top_p=options.top_p, seed=options.seed),
-            force_output=options.force_output, deterministic=options.deterministic)
+        try:
+            params = SessionParams(
+                max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
+                sampling=SamplingParams(temperature=options.temperature, top_k=options.top_k,
+                                        top_p=options.top_p, seed=options.seed),
+                force_output=options.force_output, deterministic=options.deterministic,
+                audio=options.audio is not None,
+                video=FrameSpec(fps=options.video.fps) if options.video else None)
+        except MicroturnError as exc:
+            raise ServerError("invalid", str(exc), 422, "slice_ms") from None
         async with self._engine_lock:
             try:
                 engine_id = self.engine.open(params)
             except MicroturnError as exc:
                 self.metrics.sessions_refused.labels("kv_pool").inc()
                 raise ServerError("kv_pool_full", str(exc), 503) from exc
+            layout = self.engine.sessions[engine_id].timeline.layout
         live = LiveSession(
             id=secrets.token_urlsafe(12), engine_id=engine_id, options=options, clock=clock,
             deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
             decoder=StreamingDecoder(self.tokenizer),
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
             ended=asyncio.get_running_loop().create_future())
+        if params.audio or params.video:
+            live.media = MediaAssembler(layout, self.limits.max_buffered_slices)
+        if options.audio is not None:
+            live.pcm = Pcm16Stream(options.audio.sample_rate, options.audio.channels)
         if clock == "server":  # slice 0 closes at the first grid point >= half a slice away
             now = time.monotonic()
             live.next_close = self._origin + live.slice_s * math.floor(
@@ -163,6 +177,43 @@ class Scheduler:
         live.last_seen = time.monotonic()
         return live.inbox.put(ids, slice_index, field_name)
 
+    def put_audio(self, live: LiveSession, pcm16: bytes) -> None:
+        """PCM16 for the session's audio, in order; slices take it 3,200 samples at a time
+        (`MediaAssembler`). Refused whole when more than max_buffered_slices would wait."""
+        if live.pcm is None:
+            raise ServerError("invalid", "this session was opened without audio (start with "
+                              "\"audio\": {...})", 422, "audio")
+        frames = len(pcm16) // (2 * live.pcm.channels)
+        incoming = frames * AUDIO_RATE / live.pcm.rate / live.media.samples_per_slice
+        limit = self.limits.max_buffered_slices
+        if live.media.buffered_audio_slices + incoming > limit:
+            raise ServerError("backpressure", f"audio would wait for more than "
+                              f"max_buffered_slices {limit} slices; send in real time", 429,
+                              "audio", limit)
+        try:
+            live.media.push_audio(live.pcm.push(pcm16))
+        except MicroturnError as exc:
+            raise ServerError("invalid", str(exc), 422, "audio") from None
+        live.last_seen = time.monotonic()
+        self.metrics.audio_seconds.inc(frames / live.pcm.rate)
+
+    def put_image(self, live: LiveSession, data: bytes) -> None:
+        """One PNG/JPEG frame for the next frame due (`MediaAssembler`)."""
+        if live.media is None or live.media.layout.video is None:
+            raise ServerError("invalid", "this session was opened without video (start with "
+                              "\"video\": {...})", 422, "image")
+        try:
+            frame = decode_image(data, live.media.layout.video)
+        except MicroturnError as exc:
+            raise ServerError("invalid", str(exc), 422, "image") from None
+        try:
+            live.media.push_frame(frame)
+        except MicroturnError as exc:
+            raise ServerError("backpressure", str(exc), 429, "image",
+                              self.limits.max_buffered_slices) from None
+        live.last_seen = time.monotonic()
+        self.metrics.images.inc()
+
     def put_slice(self, live: LiveSession, text: str, tokens: list[int] | None,
                   slice_index: int | None, want_reply: bool) -> asyncio.Future | None:
         """Client clock: one whole slice, answered at the next tick."""
@@ -210,18 +261,24 @@ class Scheduler:
             if live.clock == "server":
                 if now >= live.next_close:
                     _, tokens = live.inbox.take()
-                    due.append(DueSlice(live, tokens, live.next_close))
+                    due.append(DueSlice(live, tokens, live.next_close,
+                                        media=live.media.take() if live.media else None))
                     live.next_close += live.slice_s
             elif live.requests:
                 request = live.requests.popleft()
-                due.append(DueSlice(live, request.tokens, request.arrived, request.reply))
+                due.append(DueSlice(live, request.tokens, request.arrived, request.reply,
+                                    live.media.take() if live.media else None))
         return due
 
     async def _tick(self, due: list[DueSlice]) -> None:
         async with self._engine_lock:
             due = [d for d in due if d.live.open]  # a close may have won the lock first
             for d in due:
-                self.engine.append(d.live.engine_id, d.tokens)
+                if d.media is None:
+                    self.engine.append(d.live.engine_id, d.tokens)
+                else:
+                    self.engine.append(d.live.engine_id, d.tokens, d.media.audio,
+                                       d.media.frames)
             started = time.monotonic()
             try:
                 outputs = await self.engine.tick_async()
@@ -242,7 +299,12 @@ class Scheduler:
         latency_ms = (done - d.closed_at) * 1e3
         missed = latency_ms > live.options.slice_ms
         event = OutputEvent(slice=output.index, input_tokens=d.tokens,
-                            input_text=self.tokenizer.decode(d.tokens), tokens=output.output_ids,
+                            input_text=self.tokenizer.decode(d.tokens),
+                            input_audio=(d.media.audio is not None
+                                         if live.options.audio is not None else None),
+                            input_frames=(len(d.media.frames)
+                                          if live.options.video is not None else None),
+                            tokens=output.output_ids,
                             text=live.decoder.push_all(output.output_ids),
                             latency_ms=round(latency_ms, 3), missed_deadline=missed)
         live.answered += 1

@@ -53,6 +53,7 @@ class GracefulServer(uvicorn.Server):
 def run_serve(args: argparse.Namespace) -> None:
     limits = ServerLimits(max_sessions=args.max_sessions,
                           max_message_bytes=args.max_message_bytes,
+                          max_media_bytes=args.max_media_bytes,
                           max_input_tokens=args.max_input_tokens,
                           max_buffered_slices=args.max_buffered_slices,
                           idle_timeout_s=args.idle_timeout)
@@ -66,7 +67,7 @@ def run_serve(args: argparse.Namespace) -> None:
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            ws_max_size=4 * limits.max_message_bytes, ws="websockets-sansio",
+                            ws_max_size=limits.ws_max_size, ws="websockets-sansio",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = GracefulServer(config, app.state.scheduler)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
