@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--kv-budget-mb", type=int, default=1024)
     engine.add_argument("--model", default=None, metavar="PATH")
     engine.add_argument("--json", default=None, metavar="FILE")
+    engine.add_argument("--audio", action="store_true",
+                        help="every session also streams audio (dMel, 16 positions a slice)")
+    engine.add_argument("--video", action="store_true",
+                        help="every session also streams video (2 fps, 12 patches a frame)")
     engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
                         help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)

@@ -15,7 +15,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +26,9 @@ from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.errors import MicroturnError
+from microturn.frontend.assembler import MediaAssembler
+from microturn.frontend.audio import AUDIO_RATE
+from microturn.frontend.video import FrameSpec, fit_frame
 from microturn.kernels import policy
 from microturn.kernels.build import cpu_has_bf16_gemm
 
@@ -54,6 +59,12 @@ class ShapeResult:
     kv_blocks_total: int
     evictions: int
     capacity_sessions: int | None = None
+    # --audio / --video: the front-end's work per tick (dMel, patching, embedding) and the
+    # positions each modality adds to one input slice, on average
+    frontend_ms: float | None = None
+    frontend_share: float | None = None  # of the mean tick
+    audio_positions_per_slice: float | None = None
+    video_positions_per_slice: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,8 @@ class ShapeRun:
 
     def __init__(self, loaded: LoadedModel, floors: Floors, shape: str, sessions: int,
                  turns: int, input_tokens: int, output_tokens: int, slice_ms: int,
-                 kv_budget_mb: int, deterministic: bool, warmup: int = 3):
+                 kv_budget_mb: int, deterministic: bool, warmup: int = 3,
+                 audio: bool = False, video: bool = False):
         self.loaded, self.floors, self.shape = loaded, floors, shape
         self.turns, self.warmup, self.slice_ms = turns, warmup, slice_ms
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
@@ -103,8 +115,13 @@ class ShapeRun:
         self.rng = random.Random(0)
         self.vocab = loaded.config.vocab_size - len(self.engine.markers.added)
         params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
-                               force_output=True)
+                               force_output=True, audio=audio,
+                               video=FrameSpec() if video else None)
         self.ids = [self.engine.open(params) for _ in range(sessions)]
+        self.media = ({sid: MediaSource(self.engine.sessions[sid].timeline.layout, sid)
+                       for sid in self.ids} if audio or video else {})
+        self.frontend_s = 0.0
+        self.media_positions = {"audio": 0, "video": 0}
         self.latencies: list[float] = []
         self.floors_ms: list[float] = []
         self.tokens = self.misses = self.peak_blocks = 0
@@ -112,27 +129,50 @@ class ShapeRun:
 
     def turn(self, index: int) -> float:
         engine, ids = self.engine, self.ids
+        host_s = embed_s = 0.0
         for sid in ids:
-            engine.append(sid, [self.rng.randrange(300, self.vocab)
-                                for _ in range(self.input_tokens)])
+            text = [self.rng.randrange(300, self.vocab) for _ in range(self.input_tokens)]
+            if sid in self.media:
+                started = time.perf_counter()
+                media = self.media[sid].next_slice()
+                host_s += time.perf_counter() - started
+                engine.append(sid, text, media.audio, media.frames)
+            else:
+                engine.append(sid, text)
+        embedded = engine.frontend_seconds
         t0 = time.perf_counter()
         engine.tick()
         latency = time.perf_counter() - t0
-        # the work this tick did: one input step (carried token, <in>, input, <out>), then
-        # output_tokens - 1 decode steps; contexts read back after any eviction
-        feed = self.input_tokens + 3 + (1 if index else 0)
+        embed_s = engine.frontend_seconds - embedded
+        # the work this tick did: one input step (carried token, the input slice with its
+        # markers and media), then output_tokens - 1 decode steps; contexts read back after
+        # any eviction
+        feeds = {sid: len(engine.sessions[sid].timeline.input_tokens(
+            engine.sessions[sid].timeline.turns[-1])) + (1 if index else 0) for sid in ids}
         after = {sid: engine.sessions[sid].length - (self.output_tokens - 1) for sid in ids}
-        passes = [[(feed, after[sid]) for sid in ids]]
+        passes = [[(feeds[sid], after[sid]) for sid in ids]]
         passes += [[(1, after[sid] + step) for sid in ids]
                    for step in range(1, self.output_tokens)]
         if index >= self.warmup:
             self.latencies.append(latency)
             self.floors_ms.append(self.floors.tick(self.loaded, passes) * 1e3)
-            self.tokens += len(ids) * (feed + self.output_tokens - 1)
+            self.tokens += sum(feeds.values()) + len(ids) * (self.output_tokens - 1)
             self.misses += latency * 1e3 > self.slice_ms
             self.busy += latency
+            self.frontend_s += host_s + embed_s
+            if self.media:
+                self._count_media_positions(engine.sessions[ids[0]].timeline)
         self.peak_blocks = max(self.peak_blocks, engine.pool.blocks_in_use)
         return latency
+
+    def _count_media_positions(self, timeline) -> None:
+        tokens, media = timeline.input_tokens(timeline.turns[-1]), self.engine.markers.media
+        audio = (tokens.index(media.audio_start) if timeline.layout.audio else None)
+        video = (tokens.index(media.video_start) if timeline.layout.video else None)
+        if audio is not None:  # from <audio> to the next segment (or <out>)
+            self.media_positions["audio"] += (video or len(tokens) - 1) - audio
+        if video is not None:
+            self.media_positions["video"] += len(tokens) - 1 - video
 
     def result(self) -> ShapeResult:
         engine, ids = self.engine, self.ids
@@ -153,16 +193,58 @@ class ShapeRun:
             tokens_per_s=self.tokens / self.busy, deadline_misses=self.misses,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool.num_blocks,
-            evictions=evictions)
+            evictions=evictions, **self._media_result(ms))
+
+    def _media_result(self, ms: list[float]) -> dict:
+        if not self.media:
+            return {}
+        frontend_ms = self.frontend_s * 1e3 / len(ms)
+        layout = next(iter(self.media.values())).layout
+        per_slice = {k: v / len(ms) for k, v in self.media_positions.items()}
+        return {"frontend_ms": frontend_ms, "frontend_share": frontend_ms / statistics.mean(ms),
+                "audio_positions_per_slice": per_slice["audio"] if layout.audio else None,
+                "video_positions_per_slice": per_slice["video"] if layout.video else None}
+
+
+class MediaSource:
+    """One bench session's audio and video: a synthetic voice-like signal (a gliding
+    harmonic tone, syllable-rate amplitude, breath noise) and a few decoded camera-sized
+    frames, resized and pushed through the same `MediaAssembler` the server uses."""
+
+    def __init__(self, layout, seed: int):
+        self.layout, self.assembler = layout, MediaAssembler(layout)
+        self.rng = np.random.default_rng(seed)
+        self.samples = layout.slice_ms * AUDIO_RATE // 1000
+        self.t = 0
+        self.frames = [Image.fromarray(self.rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+                       for _ in range(3)]  # decoded 640x480 camera frames
+
+    def next_slice(self):
+        if self.layout.audio:
+            t = (self.t + np.arange(self.samples)) / AUDIO_RATE
+            pitch = 140 + 40 * np.sin(2 * np.pi * 0.3 * t)
+            voice = sum(np.sin(2 * np.pi * h * pitch * t) / h for h in (1, 2, 3))
+            envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
+            wave = 0.2 * voice * envelope + self.rng.normal(0, 0.01, self.samples)
+            self.assembler.push_audio(wave.astype(np.float32))
+            self.t += self.samples
+        if self.layout.video is not None:
+            spec = self.layout.video
+            for _ in range(spec.frames_due(self.assembler.index, self.layout.slice_ms)):
+                image = self.frames[self.assembler.index % len(self.frames)]
+                self.assembler.push_frame(fit_frame(image, spec))
+        return self.assembler.take()
 
 
 def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
               input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
-              kv_budget_mb: int, console: Console, modes: list[bool]) -> list[ShapeResult]:
+              kv_budget_mb: int, console: Console, modes: list[bool], audio: bool = False,
+              video: bool = False) -> list[ShapeResult]:
     """Run the shape once per mode, the modes ticked in lockstep (alternating which goes
     first), so a comparison between them is not a comparison between two stretches of time."""
     runs = [ShapeRun(loaded, floors, shape, sessions, turns, input_tokens, output_tokens,
-                     slice_ms, kv_budget_mb, deterministic) for deterministic in modes]
+                     slice_ms, kv_budget_mb, deterministic, audio=audio, video=video)
+            for deterministic in modes]
     next_tick = time.perf_counter()
     for index in range(turns + runs[0].warmup):
         order = runs if index % 2 == 0 else runs[::-1]
@@ -188,7 +270,7 @@ def find_capacity(loaded, floors, shape, args, console, deterministic: bool) -> 
     def fits(n: int) -> bool:
         result, = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
                             out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
-                            [deterministic])
+                            [deterministic], args.audio, args.video)
         console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
         return result.p99_ms < args.slice_ms
 
@@ -224,7 +306,7 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     for shape, (in_tokens, out_tokens) in shapes.items():
         for result in run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
                                 out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
-                                console, modes):
+                                console, modes, args.audio, args.video):
             if args.find_capacity and shape in SHAPES:
                 result.capacity_sessions = find_capacity(loaded, floors, shape, args, console,
                                                          result.deterministic)
@@ -249,6 +331,15 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                       "-" if r.capacity_sessions is None else str(r.capacity_sessions),
                       str(r.evictions), f"{r.peak_rss_mb:.0f}")
     out.print(table)
+    for r in results:
+        if r.frontend_ms is not None:
+            positions = ", ".join(f"{name} {value:.1f}" for name, value in (
+                ("audio", r.audio_positions_per_slice), ("video", r.video_positions_per_slice))
+                if value is not None)
+            out.print(f"{r.shape} {mode_name(r.deterministic)}: front-end {r.frontend_ms:.2f} "
+                      f"ms per tick = {r.frontend_share * 100:.1f}% of the tick (dMel, frame "
+                      f"resize and patching, embedding); positions per input slice: "
+                      f"{positions}")
     for det, fast in zip(results[::2], results[1::2], strict=True) if args.compare_modes else ():
         out.print(f"{det.shape}: deterministic mode costs "
                   f"{(det.p50_ms / fast.p50_ms - 1) * 100:+.1f}% p50 tick latency, "

@@ -14,6 +14,7 @@ ended. Per-session bookkeeping is O(new tokens); the KV pool never moves.
 """
 
 import threading
+import time
 from dataclasses import dataclass
 from itertools import count
 
@@ -73,6 +74,7 @@ class Engine:
                               else config.deterministic)
         self.sessions: dict[int, Session] = {}
         self.frontend: FrontEnd | None = loaded.frontend  # loaded by the first media session
+        self.frontend_seconds = 0.0  # time spent embedding media (benchmarks read it)
         self._ids = count(1)
         self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
 
@@ -235,7 +237,9 @@ class Engine:
         ids = torch.tensor([tokens], device=device)
         embeds = None
         if self.frontend is not None and max(tokens) >= self.markers.vocab_size:
+            started = time.perf_counter()
             embeds = self.frontend.embed(self.model.embed_tokens, ids, audio, patches)
+            self.frontend_seconds += time.perf_counter() - started
         logits = self.model(ids, torch.tensor([positions], device=device), backend,
                             logits_at=rows.to(device), embeds=embeds)[0]
         keep = self.config.keep_logits

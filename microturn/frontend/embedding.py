@@ -44,12 +44,15 @@ class DMelEmbedding(nn.Module):
                              persistent=False)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """uint8 [frames, channels] -> [frames, width], summed in channel order in fp32."""
-        rows = codes.long() + self.offsets
-        total = self.table[rows[:, 0]].float()
-        for channel in range(1, self.spec.channels):
-            total = total + self.table[rows[:, channel]].float()
-        return total
+        """uint8 [frames, channels] -> [frames, width], summed in fp32 by a fixed pairwise
+        tree over the channels: elementwise adds only, so no frame's sum depends on how many
+        frames are in the batch (a library reduction may split differently by shape)."""
+        rows = self.table[codes.long() + self.offsets].float()  # [frames, channels, width]
+        while rows.shape[1] > 1:
+            half = rows.shape[1] // 2
+            paired = rows[:, :half] + rows[:, half:2 * half]
+            rows = torch.cat([paired, rows[:, 2 * half:]], 1) if rows.shape[1] % 2 else paired
+        return rows[:, 0]
 
 
 class HMLPStem(nn.Module):
