@@ -250,6 +250,9 @@ def test_bad_http_input_names_field_and_limit(engine):
                 (raw.post("/v1/sessions", json={"slice_ms": "fast"}), 422, "invalid",
                  "slice_ms", None),
                 (raw.post("/v1/sessions", json={"top_p": 0}), 422, "invalid", "top_p", 0),
+                (raw.post("/v1/sessions", json={"audio": {}}), 422, "invalid", "audio", None),
+                (raw.post("/v1/sessions", json={"video": {"fps": 60}}), 422, "invalid",
+                 "video.fps", 30.0),
             ]
             for request, status, code, field, limit in cases:
                 response = await request

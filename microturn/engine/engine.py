@@ -30,6 +30,7 @@ from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.dmel import DMelSpec
 from microturn.frontend.embedding import FrontEnd, load_frontend
+from microturn.frontend.video import FrameSpec
 from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample
 
@@ -98,11 +99,15 @@ class Engine:
                                          generator)
             return sid
 
-    def warm_up(self, input_tokens: int = 16) -> None:
+    def warm_up(self, input_tokens: int = 16, media: bool = False) -> None:
         """One throwaway tick (kernels load, weights pack, caches fill) so that the first real
-        tick is not the slow one."""
-        sid = self.open(SessionParams(max_output_tokens=2))
-        self.append(sid, [self.markers.silence] * input_tokens)
+        tick is not the slow one. media: also load the front-end and run audio and video
+        through it (a server does, so the first media session pays nothing extra)."""
+        sid = self.open(SessionParams(max_output_tokens=2, audio=media,
+                                      video=FrameSpec() if media else None))
+        audio = torch.zeros(16, DMelSpec().channels, dtype=torch.uint8) if media else None
+        frames = [torch.zeros(12, 3, 40, 40, dtype=torch.uint8)] if media else []
+        self.append(sid, [self.markers.silence] * input_tokens, audio, frames)
         self.tick()
         self.close(sid)
 

@@ -134,6 +134,10 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
               responses=ERRORS, openapi_extra=body_schema(SessionOptions))
     async def open_session(request: Request) -> StartedEvent:
         options = await body_of(request, SessionOptions)
+        if options.audio is not None or options.video is not None:
+            media = "audio" if options.audio is not None else "video"
+            raise ServerError("invalid", f"{media} streams over the WebSocket /v1/stream (binary "
+                              "frames); HTTP slices carry text", 422, media)
         live = await scheduler.open(options, "client", lambda event: None)
         return started_event(live, public_limits)
 

@@ -62,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> None:
     loaded = run_on_torch_thread(load_model, args.model, args.dtype, args.device)
     engine = run_on_torch_thread(Engine, loaded, EngineConfig(
         kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
-    run_on_torch_thread(engine.warm_up)
+    run_on_torch_thread(engine.warm_up, media=True)
     app = create_app(engine, limits, api_key=args.api_key)
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
