@@ -154,7 +154,8 @@ def add_stream_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wav", metavar="FILE",
                         help="audio (WAV/FLAC/...; resampled to 16 kHz mono), streamed in time")
     parser.add_argument("--video", metavar="FILE",
-                        help="a video file (anything FFmpeg reads), sampled at --fps")
+                        help="a video file (anything FFmpeg reads), sampled at --fps, or a "
+                        "directory of PNG/JPEG frames, one per frame")
     parser.add_argument("--fps", type=float, default=2.0, help="video frames per second")
     parser.add_argument("--fast", action="store_true",
                         help="stream as fast as the server answers (client-clocked slices)")

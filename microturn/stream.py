@@ -146,7 +146,7 @@ def run_stream(args: argparse.Namespace) -> None:
         raise MicroturnError("--fast needs files (stdin is typed in real time)")
     for name in ("text_file", "wav", "video"):
         path = getattr(args, name)
-        if path and not Path(path).is_file():
+        if path and not (Path(path).is_file() or (name == "video" and Path(path).is_dir())):
             raise MicroturnError(f"{path}: no such file (--{name.replace('_', '-')})")
     options = SessionOptions(slice_ms=args.slice_ms, max_output_tokens=args.max_output_tokens,
                              temperature=args.temperature, seed=args.seed,

@@ -159,6 +159,15 @@ def test_video_file_is_sampled_on_the_session_clock(tmp_path):
         assert (frame[:, 100, 80].float() - colour).abs().max() < 8
     with pytest.raises(MicroturnError, match="cannot open video"):
         list(read_video(tmp_path / "missing.mp4", FrameSpec()))
+    # an image sequence: a directory of frames, in name order
+    sequence = tmp_path / "frames"
+    sequence.mkdir()
+    for j in range(3):
+        Image.new("RGB", (320, 240), frame_colour(j)).save(sequence / f"{j:03d}.png")
+    (sequence / "notes.txt").write_text("not a frame")
+    frames = list(read_video(sequence, FrameSpec()))
+    assert len(frames) == 3
+    assert frames[2][:, 0, 0].tolist() == list(frame_colour(2))
 
 
 def test_images_decode_and_bad_ones_get_a_clear_error():
@@ -248,6 +257,28 @@ def test_text_only_sessions_are_bitwise_unchanged_beside_media(tiny, smollm_fp32
     # negative control: one different word changes what the comparison sees
     other = text_session(Engine(tiny_loaded(smollm_fp32.tokenizer), EngineConfig()), " who")
     assert other["logprobs"] != alone["logprobs"]
+
+
+def test_trainer_steps_on_a_media_session(tiny, speech, tmp_path):
+    from microturn.train.batch import TimelineBatch
+    from microturn.train.trainer import TrainConfig, Trainer
+
+    engine = Engine(tiny, EngineConfig(kv_budget_mb=64))
+    exported = engine.close(mixed_session(engine, speech, slices=5))
+    batch = TimelineBatch.from_exports([exported, exported])
+    assert batch.audio.shape == (2 * 5 * 16, 80) and batch.patches.shape[1:] == (3, 40, 40)
+    media = batch.token_ids[:, 1:] >= engine.markers.vocab_size
+    assert media.any() and not (batch.loss_mask & media).any()  # media is never a target
+    trainer = Trainer(tiny.model, TrainConfig(lr=1e-3), frontend=engine.frontend)
+    before = engine.frontend.video.cell3.weight.detach().clone()
+    first = trainer.step(batch)
+    assert first.tokens > 0 and first.loss == first.loss  # finite
+    assert not torch.equal(before, engine.frontend.video.cell3.weight)  # the stem learns
+    trainer.save(tmp_path / "ckpt.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt.safetensors"), "pt") as f:
+        assert "model.frontend.audio.table" in set(f.keys())
 
 
 def test_bad_media_input_names_the_field(tiny):

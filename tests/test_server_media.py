@@ -117,6 +117,12 @@ def test_bad_media_gets_a_clear_error_and_the_session_goes_on(engine):
         with pytest.raises(ClientError) as refused:
             await StreamSession.connect(url, SessionOptions(slice_ms=210, audio=AudioOptions()))
         assert refused.value.info.field == "slice_ms"
+        # so is a sample rate outside what the server resamples
+        with pytest.raises(ClientError) as refused:
+            await StreamSession.connect(url, SessionOptions.model_construct(
+                audio=AudioOptions.model_construct(sample_rate=500, channels=1)))
+        assert (refused.value.info.field, refused.value.info.limit) == ("audio.sample_rate",
+                                                                        1000)
 
     with serving(engine, limits) as served:
         run(main(served.url))

@@ -94,10 +94,17 @@ def patches_to_frame(patches: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     return grid.reshape(3, spec.height, spec.width).contiguous()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def read_video(path: str | Path, spec: FrameSpec) -> Iterator[torch.Tensor]:
-    """Frame j of the session (time j / fps): the last video frame shown at or before that
-    time, as uint8 [3, height, width]. Decoded with PyAV (FFmpeg)."""
-    import av  # optional at import time: only video files need it
+    """Frame j of the session (time j / fps), as uint8 [3, height, width]. A video file: the
+    last frame shown at or before that time, decoded with PyAV (FFmpeg). A directory: an
+    image sequence, its PNG/JPEG files in name order, one per frame."""
+    if Path(path).is_dir():
+        yield from read_image_sequence(Path(path), spec)
+        return
+    import av  # only video files need FFmpeg
 
     try:
         container = av.open(str(path))
@@ -121,3 +128,11 @@ def read_video(path: str | Path, spec: FrameSpec) -> Iterator[torch.Tensor]:
         while held is not None and j / spec.fps < held_time + shown:  # the last frame's time
             yield held
             j += 1
+
+
+def read_image_sequence(directory: Path, spec: FrameSpec) -> Iterator[torch.Tensor]:
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MicroturnError(f"{directory}: no PNG or JPEG images in it")
+    for file in files:
+        yield decode_image(file.read_bytes(), spec)
