@@ -1,5 +1,9 @@
 """llama.cpp through llama-cpp-python on the same GGUF (its own quantized weights): one context
-per session with its KV kept between micro-turns, the same thread count as the others."""
+per session with its KV kept between micro-turns, the same thread count as the others.
+
+A context holds at most the trained context (llama.cpp refuses more). A session that fills it
+gets llama.cpp's context shift, the policy of its own `main`/server: keep the first SINK
+tokens, drop the oldest quarter after them, shift the rest down (its K cache is re-rotated)."""
 
 from pathlib import Path
 
@@ -8,6 +12,8 @@ import torch
 
 from microturn.bench.peers.base import PeerUnavailable
 from microturn.model.config import ModelConfig
+
+SINK = 64  # tokens kept at the start (microturn's engine keeps the same sink)
 
 
 class LlamaCppPeer:
@@ -19,13 +25,15 @@ class LlamaCppPeer:
         except ImportError:
             raise PeerUnavailable("llama-cpp-python is not installed (pip install "
                                   "'microturn[bench]'; it compiles llama.cpp, ~7 min)") from None
+        context = min(context, config.max_position)
         self.llama_cpp, self.gguf, self.context = llama_cpp, gguf, context
         self.vocab = config.vocab_size
         self.threads = torch.get_num_threads()
         # f16 K and V per token: what a session keeps between micro-turns
         self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
         self.config = (f"llama-cpp-python {llama_cpp.__version__}, GGUF weights as stored "
-                       f"(Q4_1/Q8_0), f16 KV, one context per session (n_ctx {context}), "
+                       f"(Q4_1/Q8_0), f16 KV, one context per session (n_ctx {context}, "
+                       f"context shift when full), "
                        f"{self.threads} threads, sessions served one after another")
 
     def open(self) -> dict:
@@ -39,10 +47,24 @@ class LlamaCppPeer:
         for session, new in zip(sessions, inputs, strict=True):
             llm, ids = session["llm"], session["pending"] + new
             for _ in range(output_tokens):
+                self._make_room(llm, len(ids))
                 llm.eval(ids)  # logits of the last token only (no logits_all)
                 row = self.llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
                 ids = [int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab,))))]
             session["pending"] = ids
+
+    def _make_room(self, llm, incoming: int) -> None:
+        """Context shift: keep SINK tokens, drop at least a quarter of the context after them,
+        move the rest down by as many positions."""
+        if llm.n_tokens + incoming <= self.context:
+            return
+        drop = max(llm.n_tokens + incoming - self.context, self.context // 4)
+        lib, memory = self.llama_cpp, self.llama_cpp.llama_get_memory(llm._ctx.ctx)
+        lib.llama_memory_seq_rm(memory, 0, SINK, SINK + drop)
+        lib.llama_memory_seq_add(memory, 0, SINK + drop, llm.n_tokens, -drop)
+        kept = llm.input_ids[SINK + drop:llm.n_tokens].copy()
+        llm.input_ids[SINK:SINK + len(kept)] = kept
+        llm.n_tokens -= drop
 
     def resident_bytes(self, session: dict) -> int:
         return self.context * self.bytes_per_token  # llama.cpp allocates n_ctx slots at once

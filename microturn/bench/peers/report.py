@@ -3,19 +3,34 @@
 import json
 from dataclasses import asdict
 
-from microturn.bench.peers.harness import PeerRecord
+from microturn.bench.peers.harness import HEAD_TAIL, PeerRecord
+
+
+def common_length(records: list[PeerRecord], shape: str) -> int:
+    """The micro-turns every engine's long session reached at this shape."""
+    return min(len(r.latency_ms) for r in records if r.shape == shape)
+
+
+def tail_head_at(record: PeerRecord, turns: int) -> float:
+    """Tail/head over the first `turns` micro-turns: sessions stopped by the time budget at
+    different lengths compare only at a length they all reached."""
+    ms = record.latency_ms[:turns]
+    n = min(HEAD_TAIL, max(1, len(ms) // 2))
+    return (sum(ms[-n:]) / n) / (sum(ms[:n]) / n)
 
 
 def markdown_table(records: list[PeerRecord], slice_ms: int) -> str:
-    lines = ["| engine | shape | p50 ms | p99 ms | tail/head | micro-turns | capacity "
-             f"(p99 < {slice_ms} ms) | KV MiB/session | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | shape | p50 ms | p99 ms | tail/head | micro-turns | tail/head at "
+             f"common length | capacity (p99 < {slice_ms} ms) | KV MiB/session | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         turns = f"{r.turns}{' (time budget)' if r.stopped_early else ''}"
         cap = f"{r.capacity_sessions}{'+' if r.capacity_limited_by_search else ''}"
+        common = common_length(records, r.shape)
         lines.append(f"| {r.engine} | {r.shape} {r.input_tokens}/{r.output_tokens} | "
                      f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.tail_head_ratio:.2f} | {turns} | "
-                     f"{cap} | {r.memory_per_session_mb:.1f} | {r.tokens_per_s:.0f} |")
+                     f"{tail_head_at(r, common):.2f} ({common}) | {cap} | "
+                     f"{r.memory_per_session_mb:.1f} | {r.tokens_per_s:.0f} |")
     return "\n".join(lines)
 
 

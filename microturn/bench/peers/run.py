@@ -58,6 +58,11 @@ def build_peer(name: str, loaded, args, shape: Shape, context: int):
     raise MicroturnError(f"--engines: unknown engine {name!r} (known: {', '.join(ENGINES)})")
 
 
+VLLM_NOTE = ("vllm: not run; the wheel on PyPI (vllm 0.33.0) is the CUDA build (it pins "
+             "torch 2.14.0 and NVIDIA libraries, with flash-attention and CUTLASS kernels); "
+             "vLLM's CPU backend is built from source only (VLLM_TARGET_DEVICE=cpu)")
+
+
 def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
     console = Console(highlight=False, soft_wrap=True)
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
@@ -78,7 +83,9 @@ def run_peers(args: argparse.Namespace) -> list[PeerRecord]:
                   f"{machine['cores']} threads; {args.turns} micro-turns per long session, "
                   f"capacity probes of {args.capacity_turns} micro-turns, slice {args.slice_ms} "
                   "ms")
-    records, skipped = [], []
+    # checked on 2026-11-23: the wheel on PyPI is vLLM's CUDA build
+    records, skipped = [], [VLLM_NOTE]
+    console.print(f"[yellow]{VLLM_NOTE}[/]")
     log = console.log
     for name in names:
         for shape in shapes:
