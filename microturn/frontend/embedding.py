@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from microturn.engine.markers import MediaTokens
+from microturn.engine.markers import MediaTokens, install_markers
 from microturn.errors import MicroturnError
 from microturn.frontend.dmel import DMelSpec
 from microturn.frontend.video import FrameSpec
@@ -101,8 +101,8 @@ class FrontEnd(nn.Module):
         flat, ids = x.view(-1, x.shape[-1]), token_ids.reshape(-1)
         if not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
             flat = flat.clone()  # written in place below; keep autograd's saved copy intact
-        markers = (is_media.reshape(-1) & (ids < media.audio_frame)).nonzero().squeeze(1)
-        flat[markers] = self.markers[ids[markers] - media.base].to(x.dtype)
+        at_markers = (is_media.reshape(-1) & (ids < media.audio_frame)).nonzero().squeeze(1)
+        flat[at_markers] = self.markers[ids[at_markers] - media.base].to(x.dtype)
         for placeholder, data, stage in ((media.audio_frame, audio, self.audio),
                                          (media.patch, patches, self.video)):
             where = (ids == placeholder).nonzero().squeeze(1)
@@ -151,8 +151,6 @@ def load_frontend(loaded, path: str | Path | None = None) -> FrontEnd:
     the checkpoint, else fresh ones, with a notice on stderr."""
     if loaded.frontend is not None:
         return loaded.frontend
-    from microturn.engine.markers import install_markers
-
     markers = install_markers(loaded)
     model = loaded.model
     frontend = FrontEnd(markers.media, loaded.config.hidden_size)
