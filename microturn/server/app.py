@@ -246,7 +246,7 @@ class WebSocketSession:
         """One client frame; True once the session has ended."""
         text = message.get("text")
         if text is None:
-            self._media(message.get("bytes") or b"")
+            await self._media(message.get("bytes") or b"")
             return False
         size = len(text.encode())
         if size > self.limits.max_message_bytes:
@@ -285,7 +285,7 @@ class WebSocketSession:
             return True
         return False
 
-    def _media(self, frame: bytes) -> None:
+    async def _media(self, frame: bytes) -> None:
         """A binary frame: one kind byte, then PCM16 audio or one PNG/JPEG image."""
         if len(frame) > self.limits.max_media_bytes:
             raise ServerError("limit", f"binary frame of {len(frame)} bytes, over "
@@ -298,7 +298,7 @@ class WebSocketSession:
         if kind == MEDIA_AUDIO:
             self.scheduler.put_audio(live, payload)
         elif kind == MEDIA_IMAGE:
-            self.scheduler.put_image(live, payload)
+            await self.scheduler.put_image(live, payload)
         else:
             raise ServerError("bad_frame", f"a binary frame starts with {MEDIA_AUDIO} (PCM16 "
                               f"audio) or {MEDIA_IMAGE} (PNG/JPEG image), got {kind}", 400,

@@ -197,13 +197,15 @@ class Scheduler:
         live.last_seen = time.monotonic()
         self.metrics.audio_seconds.inc(frames / live.pcm.rate)
 
-    def put_image(self, live: LiveSession, data: bytes) -> None:
-        """One PNG/JPEG frame for the next frame due (`MediaAssembler`)."""
+    async def put_image(self, live: LiveSession, data: bytes) -> None:
+        """One PNG/JPEG frame for the next frame due (`MediaAssembler`). Decoding and resizing
+        (1-5 ms) run off the event loop; the connection's next message waits for it, so
+        images keep their order."""
         if live.media is None or live.media.layout.video is None:
             raise ServerError("invalid", "this session was opened without video (start with "
                               "\"video\": {...})", 422, "image")
         try:
-            frame = decode_image(data, live.media.layout.video)
+            frame = await asyncio.to_thread(decode_image, data, live.media.layout.video)
         except MicroturnError as exc:
             raise ServerError("invalid", str(exc), 422, "image") from None
         try:
