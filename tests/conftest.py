@@ -58,3 +58,15 @@ def kernel_choice(request, monkeypatch):
     elif build.load() is None:
         pytest.skip("CPU kernels unavailable here")
     return request.param
+
+
+@pytest.fixture
+def engine(smollm_fp32):
+    """A tiny random model (the real tokenizer) in a deterministic engine: what the server
+    tests serve."""
+    from test_engine import tiny_loaded
+
+    from microturn.engine.engine import Engine, EngineConfig
+
+    return Engine(tiny_loaded(smollm_fp32.tokenizer),
+                  EngineConfig(kv_budget_mb=16, max_sessions=32, deterministic=True))

@@ -14,10 +14,8 @@ import time
 import httpx
 import pytest
 from serving import serving
-from test_engine import tiny_loaded
 
 from microturn.client import ClientError, SessionsClient, StreamSession
-from microturn.engine.engine import Engine, EngineConfig
 from microturn.server.limits import ServerLimits
 from microturn.server.protocol import (
     EndedEvent,
@@ -26,12 +24,6 @@ from microturn.server.protocol import (
     OutputEvent,
     SessionOptions,
 )
-
-
-@pytest.fixture
-def engine(smollm_fp32):
-    return Engine(tiny_loaded(smollm_fp32.tokenizer),
-                  EngineConfig(kv_budget_mb=16, max_sessions=32, deterministic=True))
 
 
 def run(coro):

@@ -9,11 +9,9 @@ import pytest
 from media import speech_wav, write_test_video
 from PIL import Image
 from serving import serving
-from test_engine import tiny_loaded
 from test_server import next_of, run
 
 from microturn.client import ClientError, StreamSession
-from microturn.engine.engine import Engine, EngineConfig
 from microturn.frontend.audio import read_audio, to_model_audio
 from microturn.frontend.dmel import dmel
 from microturn.frontend.video import FrameSpec, frame_to_patches, read_video
@@ -25,12 +23,6 @@ from microturn.server.protocol import (
     SessionOptions,
     VideoOptions,
 )
-
-
-@pytest.fixture
-def engine(smollm_fp32):
-    return Engine(tiny_loaded(smollm_fp32.tokenizer),
-                  EngineConfig(kv_budget_mb=32, max_sessions=8, deterministic=True))
 
 
 def test_audio_video_and_text_stream_end_to_end(engine, tmp_path, capsys):

@@ -28,7 +28,6 @@ from microturn.engine.session import Session, SessionParams, SliceOutput
 from microturn.engine.timeline import MicroTurn, SliceLayout, Timeline, turn_media
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
-from microturn.frontend.dmel import DMelSpec
 from microturn.frontend.embedding import FrontEnd, load_frontend
 from microturn.frontend.video import FrameSpec
 from microturn.kernels import ops, policy
@@ -105,8 +104,9 @@ class Engine:
         through it (a server does, so the first media session pays nothing extra)."""
         sid = self.open(SessionParams(max_output_tokens=2, audio=media,
                                       video=FrameSpec() if media else None))
-        audio = torch.zeros(16, DMelSpec().channels, dtype=torch.uint8) if media else None
-        frames = [torch.zeros(12, 3, 40, 40, dtype=torch.uint8)] if media else []
+        layout = self.sessions[sid].timeline.layout
+        audio = torch.zeros(layout.audio_shape, dtype=torch.uint8) if media else None
+        frames = [torch.zeros(layout.frame_shape, dtype=torch.uint8)] if media else []
         self.append(sid, [self.markers.silence] * input_tokens, audio, frames)
         self.tick()
         self.close(sid)
@@ -121,31 +121,8 @@ class Engine:
         if any(not 0 <= t < vocab for t in input_ids):
             raise MicroturnError(f"input_ids: token ids must be in [0, {vocab})")
         turn = MicroTurn(len(session.timeline.turns) + len(session.pending), list(input_ids))
-        layout = session.timeline.layout
-        if audio is not None:
-            want = (layout.audio_frames, DMelSpec().channels)
-            if not layout.audio:
-                raise MicroturnError("audio: this session was opened without audio")
-            if tuple(audio.shape) != want or audio.dtype != torch.uint8:
-                raise MicroturnError(f"audio: expected uint8 dMel codes of shape {want}, got "
-                                     f"{audio.dtype} {tuple(audio.shape)}")
-            if int(audio.max()) >= DMelSpec().bins:
-                raise MicroturnError(f"audio: dMel codes must be < {DMelSpec().bins}")
-            turn.audio = audio
-        if frames:
-            if layout.video is None:
-                raise MicroturnError("frames: this session was opened without video")
-            due = layout.video.frames_due(turn.index, layout.slice_ms)
-            if len(frames) > due:
-                raise MicroturnError(f"frames: slice {turn.index} carries at most {due} "
-                                     f"frame(s) at {layout.video.fps} fps, got {len(frames)}")
-            spec = layout.video
-            want = (spec.rows * spec.cols, 3, spec.patch, spec.patch)
-            for frame in frames:
-                if tuple(frame.shape) != want or frame.dtype != torch.uint8:
-                    raise MicroturnError(f"frames: expected uint8 patches of shape {want}, "
-                                         f"got {frame.dtype} {tuple(frame.shape)}")
-            turn.frames = list(frames)
+        session.timeline.layout.check(turn.index, audio, frames)
+        turn.audio, turn.frames = audio, list(frames)
         session.pending.append(turn)
 
     def close(self, sid: int) -> dict:

@@ -14,6 +14,7 @@ head grows with it, so the model can also emit the marker.
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from tokenizers import AddedToken
@@ -68,10 +69,6 @@ class MediaTokens:
     def patch(self) -> int:  # placeholder: one 40x40 patch
         return self.base + 6
 
-    @property
-    def end(self) -> int:
-        return self.base + 7
-
 
 @dataclass(frozen=True)
 class MarkerTokens:
@@ -82,7 +79,7 @@ class MarkerTokens:
     added: tuple[str, ...] = ()  # markers that were not in the checkpoint's vocabulary
     vocab_size: int = 0  # the model's vocabulary with the markers: media ids start here
 
-    @property
+    @cached_property
     def media(self) -> MediaTokens:
         return MediaTokens(self.vocab_size)
 

@@ -18,11 +18,14 @@ sequence is exactly the text timeline. The engine feeds exactly `Timeline.tokens
 """
 
 import base64
+import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from microturn.engine.markers import MarkerTokens
+from microturn.errors import MicroturnError
 from microturn.frontend.dmel import DMelSpec
 from microturn.frontend.video import FrameSpec
 
@@ -34,14 +37,47 @@ class SliceLayout:
     audio: bool = False
     video: FrameSpec | None = None
 
-    @property
+    @cached_property
     def audio_frames(self) -> int:
         return DMelSpec().frames_per_slice(self.slice_ms) if self.audio else 0
 
+    @property
+    def audio_shape(self) -> tuple[int, int]:
+        return (self.audio_frames, DMelSpec().channels)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int, int]:
+        """One frame as the timeline holds it: its patches, row-major."""
+        v = self.video
+        return (v.rows * v.cols, 3, v.patch, v.patch)
+
+    def check(self, index: int, audio: torch.Tensor | None, frames: list[torch.Tensor]) -> None:
+        """Refuse media that slice `index` of this layout cannot carry, naming the field."""
+        if audio is not None:
+            if not self.audio:
+                raise MicroturnError("audio: this session was opened without audio")
+            if tuple(audio.shape) != self.audio_shape or audio.dtype != torch.uint8:
+                raise MicroturnError(f"audio: expected uint8 dMel codes of shape "
+                                     f"{self.audio_shape}, got {audio.dtype} "
+                                     f"{tuple(audio.shape)}")
+            if int(audio.max()) >= DMelSpec().bins:
+                raise MicroturnError(f"audio: dMel codes must be < {DMelSpec().bins}")
+        if not frames:
+            return
+        if self.video is None:
+            raise MicroturnError("frames: this session was opened without video")
+        due = self.video.frames_due(index, self.slice_ms)
+        if len(frames) > due:
+            raise MicroturnError(f"frames: slice {index} carries at most {due} frame(s) at "
+                                 f"{self.video.fps} fps, got {len(frames)}")
+        for frame in frames:
+            if tuple(frame.shape) != self.frame_shape or frame.dtype != torch.uint8:
+                raise MicroturnError(f"frames: expected uint8 patches of shape "
+                                     f"{self.frame_shape}, got {frame.dtype} "
+                                     f"{tuple(frame.shape)}")
+
     def to_dict(self) -> dict:
-        video = None if self.video is None else {
-            "height": self.video.height, "width": self.video.width,
-            "patch": self.video.patch, "fps": self.video.fps}
+        video = None if self.video is None else dataclasses.asdict(self.video)
         return {"slice_ms": self.slice_ms, "audio": self.audio, "video": video}
 
     @classmethod
@@ -136,11 +172,9 @@ def _turn_export(turn: MicroTurn) -> dict:
 def _turn_import(data: dict, layout: SliceLayout) -> MicroTurn:
     turn = MicroTurn(data["index"], list(data["input_ids"]), list(data["output_ids"]))
     if "audio" in data:
-        turn.audio = _tensor(data["audio"]).view(layout.audio_frames, DMelSpec().channels)
+        turn.audio = _tensor(data["audio"]).view(layout.audio_shape)
     if "frames" in data:
-        spec = layout.video
-        turn.frames = [_tensor(f).view(spec.rows * spec.cols, 3, spec.patch, spec.patch)
-                       for f in data["frames"]]
+        turn.frames = [_tensor(f).view(layout.frame_shape) for f in data["frames"]]
     return turn
 
 

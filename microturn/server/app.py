@@ -187,8 +187,7 @@ def started_event(live: LiveSession, limits: Limits, closes_in_ms: float | None 
                         max_output_tokens=o.max_output_tokens, deterministic=live.deterministic,
                         first_slice_closes_in_ms=closes_in_ms, limits=limits,
                         audio_frames_per_slice=layout.audio_frames if o.audio else None,
-                        video_patches_per_frame=(layout.video.rows * layout.video.cols
-                                                 if o.video else None))
+                        video_patches_per_frame=layout.frame_shape[0] if o.video else None)
 
 
 def state_of(live: LiveSession, engine: Engine) -> SessionState:

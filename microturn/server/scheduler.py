@@ -36,6 +36,7 @@ from microturn.server.protocol import EndedEvent, OutputEvent, SessionOptions
 
 log = logging.getLogger("microturn.server")
 IDLE_CHECK_S = 0.5
+NO_MEDIA = SliceMedia(None)  # a text-only session's slice
 
 
 @dataclass
@@ -276,11 +277,8 @@ class Scheduler:
         async with self._engine_lock:
             due = [d for d in due if d.live.open]  # a close may have won the lock first
             for d in due:
-                if d.media is None:
-                    self.engine.append(d.live.engine_id, d.tokens)
-                else:
-                    self.engine.append(d.live.engine_id, d.tokens, d.media.audio,
-                                       d.media.frames)
+                media = d.media or NO_MEDIA
+                self.engine.append(d.live.engine_id, d.tokens, media.audio, media.frames)
             started = time.monotonic()
             try:
                 outputs = await self.engine.tick_async()

@@ -30,8 +30,9 @@ class TimelineBatch:
             token_ids[row, :len(tokens)] = torch.tensor(tokens)
             wanted = timeline.output_mask() if outputs_only else [True] * len(tokens)
             mask[row, :len(tokens) - 1] = torch.tensor(wanted[1:])
-        audio = [a for t in timelines if (a := t.media()[0]) is not None]
-        patches = [p for t in timelines if (p := t.media()[1]) is not None]
+        media = [t.media() for t in timelines]
+        audio = [a for a, _ in media if a is not None]
+        patches = [p for _, p in media if p is not None]
         vocab = timelines[0].markers.vocab_size  # 0 in exports from before media
         if vocab:  # a media position has no token probability to learn
             mask &= token_ids[:, 1:] < vocab
