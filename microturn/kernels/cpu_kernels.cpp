@@ -158,8 +158,6 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
 }
 
-// In place: x[s] = exp(x[s] - top) / sum, in slot order (the sum is sequential over 8-lane
-// partial sums, a fixed order that depends only on n).
 // The maximum of x[0:n] (exact whatever the order, so 8 lanes at a time).
 inline float max_of(const float* x, int64_t n) {
   __m256 lanes = _mm256_set1_ps(-INFINITY);
@@ -173,172 +171,41 @@ inline float max_of(const float* x, int64_t n) {
   return top;
 }
 
-inline void softmax_inplace(float* x, int64_t n) {
-  const float top = max_of(x, n);
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 lanes = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= n; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), shift));
-    _mm256_storeu_ps(x + s, e);
-    lanes = _mm256_add_ps(lanes, e);
-  }
-  float total = horizontal_sum(lanes);
-  for (; s < n; ++s) total += (x[s] = std::exp(x[s] - top));
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
-  for (; s < n; ++s) x[s] *= 1.0f / total;
-}
-
 // ---- attention: every query's arithmetic is fixed, whatever shares its pass ----
 //
-// A work item is one kv head of one sequence and some of the query rows that read it (its
-// query heads times the new tokens). Keys are read as 16-slot panels (the linear kernel's
-// layout, so a score is its tile: one FMA chain over the head dimension): straight from a
-// block pool that stores them so, else gathered and transposed once per item. Values are
-// read as rows, in place, widened in registers.
-// Then per query row r, seeing its first n_r slots:
-//   scores[r, s] = q_r . k_s                          (FMA chain over d, for every s)
-//   p[r, 0:n_r] = softmax(scores[r, 0:n_r])           (max; exp-sum in an order fixed by n_r)
-//   out[r] = sum_{s < n_r} p[r, s] v_s                (FMA chain over s, per channel)
-// Tiles only decide which products share registers, never an output's order of operations, so
-// a token's result is the same bits in a 200-token prefill, in a decode step, alone or in a
-// batch of sessions. Slots a row does not see get p = 0, and fma(0, v, acc) == acc exactly.
-struct AttentionScratch {
-  std::vector<float> k_panels, scores, queries;
-  std::vector<const void*> panels, runs;  // per 16-slot panel / per run of value rows
-  std::vector<int64_t> run_lengths;
-};
+// Flash-style, on a fixed grid of slots. A query row r that sees the first n_r slots of its
+// kv head's history computes, for each SPLIT-slot split of [0, n_r) (split k covers slots
+// [k SPLIT, (k + 1) SPLIT)), a partial (max m_k, sum l_k, acc_k[d]) by online softmax over
+// CHUNK-slot chunks of the split:
+//   s = q_r . k_s for the chunk's slots (one FMA chain over d per slot)
+//   M = max(M, max s); if M grew: acc *= exp(M_old - M), l *= exp(M_old - M)
+//   p_s = exp(s - M); l += sum p_s (8-lane partial sums, then across lanes)
+//   acc += p_s v_s, one FMA chain per channel over the row's own slots in order
+// and then folds the partials k = 0, 1, ... left to right: out = acc / l. Every step depends on
+// the row's q, its n_r and the grid only, so a token gets the same bits in a 2,000-token
+// prefill, in a decode step, alone or beside other sessions; how rows and splits are spread
+// over threads changes nothing. Keys are widened per chunk into fp32 16-slot panels (the
+// linear kernel's tile reads them), values into fp32 rows.
+constexpr int64_t SPLIT = 512;     // slots per partial: the unit of work spread over threads
+constexpr int64_t CHUNK = 128;     // slots per online-softmax step
+constexpr int64_t ROW_GROUP = 60;  // query rows of one kv head that share the widened K/V
+constexpr int64_t WIDEN_ROWS = 12; // fewer active rows read the pool in place
 
-// Gathered keys (row-major [span][d], fp32) -> fp32 panels in w.k_panels, listed in w.panels.
-inline void pack_key_panels(const float* keys, int64_t span, int64_t d, AttentionScratch& w) {
-  const int64_t panels = (span + PANEL - 1) / PANEL;
-  w.k_panels.assign(panels * d * PANEL, 0.0f);
-  for (int64_t s = 0; s < span; ++s) {
-    float* panel = w.k_panels.data() + (s / PANEL) * d * PANEL + s % PANEL;
-    for (int64_t j = 0; j < d; ++j) panel[j * PANEL] = keys[s * d + j];
-  }
-  w.panels.resize(panels);
-  for (int64_t p = 0; p < panels; ++p) w.panels[p] = w.k_panels.data() + p * d * PANEL;
-}
-
-template <int MR, typename PT>
-inline void score_block(const AttentionScratch& w, const float* q, int64_t d, float* scores,
-                        int64_t lds) {
-  float tile[MR * PANEL];
-  for (size_t p = 0; p < w.panels.size(); ++p) {
-    panel_tile<MR, 1>(q, d, static_cast<const PT*>(w.panels[p]), 0, d, tile);
-    for (int m = 0; m < MR; ++m)
-      std::copy(tile + m * PANEL, tile + (m + 1) * PANEL, scores + m * lds + p * PANEL);
-  }
-}
-
-// out[m][j0 : j0 + 8 * C] += sum_s p[m][s] v[s][j0 : ...] for MR rows over the value runs
-// [run_begin, run_end) (first slot s0), in slot order. The caller walks the history in chunks
-// that fit in L1 and keeps the partial sums in `out` between chunks: storing and reloading an
-// fp32 accumulator is exact, so the chain per output is the same as in one pass.
-template <int MR, int C, typename T>
-inline void weighted_block(const AttentionScratch& w, const float* p, int64_t ldp, int64_t d,
-                           int64_t j0, float* const* out, size_t run_begin, size_t run_end,
-                           int64_t s0) {
-  __m256 acc[MR * C];
-#pragma GCC unroll 16
-  for (int a = 0; a < MR * C; ++a) acc[a] = _mm256_loadu_ps(out[a / C] + j0 + 8 * (a % C));
-  int64_t s = s0;
-  for (size_t run = run_begin; run < run_end; ++run) {
-    const T* v = static_cast<const T*>(w.runs[run]);
-    for (int64_t i = 0; i < w.run_lengths[run]; ++i, ++s) {
-      __m256 vv[C];
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) vv[c] = load8(v + i * d + j0 + 8 * c);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m256 ps = _mm256_broadcast_ss(p + m * ldp + s);
-#pragma GCC unroll 8
-        for (int c = 0; c < C; ++c) acc[m * C + c] = _mm256_fmadd_ps(ps, vv[c], acc[m * C + c]);
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int a = 0; a < MR * C; ++a) _mm256_storeu_ps(out[a / C] + j0 + 8 * (a % C), acc[a]);
-}
-
-template <int MR, typename T>
-inline void weighted_rows(const AttentionScratch& w, const float* p, int64_t ldp, int64_t d,
-                          float* const* out, size_t run_begin, size_t run_end, int64_t s0) {
-  int64_t j = 0;
-  for (; j + 16 <= d; j += 16) weighted_block<MR, 2, T>(w, p, ldp, d, j, out, run_begin, run_end, s0);
-  for (; j + 8 <= d; j += 8) weighted_block<MR, 1, T>(w, p, ldp, d, j, out, run_begin, run_end, s0);
-  for (; j < d; ++j)
-    for (int m = 0; m < MR; ++m) {
-      float acc = out[m][j];
-      int64_t s = s0;
-      for (size_t run = run_begin; run < run_end; ++run) {
-        const T* v = static_cast<const T*>(w.runs[run]);
-        for (int64_t i = 0; i < w.run_lengths[run]; ++i, ++s)
-          acc = std::fma(p[m * ldp + s], static_cast<float>(v[i * d + j]), acc);
-      }
-      out[m][j] = acc;
-    }
-}
-
-constexpr int64_t VALUE_CHUNK = 128;  // slots of values per pass (32 KiB of fp32 at d = 64)
-
-// Contiguous value rows [span][d] as runs of VALUE_CHUNK slots.
+// Where one kv head of one sequence keeps its history: slot s lives in block blocks[s / bs]
+// (or the single block 0 when blocks is null) at row s % bs; k and v point at this head's
+// part of block 0, block_elems apart. With panel_keys the keys are stored as 16-slot panels.
 template <typename T>
-inline void split_runs(AttentionScratch& w, const T* values, int64_t span, int64_t d) {
-  w.runs.clear();
-  w.run_lengths.clear();
-  for (int64_t s0 = 0; s0 < span; s0 += VALUE_CHUNK) {
-    w.runs.push_back(values + s0 * d);
-    w.run_lengths.push_back(std::min(VALUE_CHUNK, span - s0));
-  }
-}
+struct KvHead {
+  const T* k;
+  const T* v;
+  const int32_t* blocks;
+  int64_t block_elems, bs, d;
+  bool panel_keys;
 
-// Query rows w.queries[r] (pre-scaled, fp32), each seeing its first n_keys[r] of the `span`
-// history slots: keys in w.panels (of type PT), values in w.runs (of type T). Writes out[r].
-template <typename PT, typename T>
-void attend_item(AttentionScratch& w, int64_t rows, const int64_t* n_keys, float* const* out,
-                 int64_t span, int64_t d) {
-  const int64_t lds = static_cast<int64_t>(w.panels.size()) * PANEL;
-  w.scores.resize(rows * lds);
-  const float* q = w.queries.data();
-  float* sc = w.scores.data();
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) score_block<6, PT>(w, q + r * d, d, sc + r * lds, lds);
-  switch (rows - r) {
-    case 5: score_block<5, PT>(w, q + r * d, d, sc + r * lds, lds); break;
-    case 4: score_block<4, PT>(w, q + r * d, d, sc + r * lds, lds); break;
-    case 3: score_block<3, PT>(w, q + r * d, d, sc + r * lds, lds); break;
-    case 2: score_block<2, PT>(w, q + r * d, d, sc + r * lds, lds); break;
-    case 1: score_block<1, PT>(w, q + r * d, d, sc + r * lds, lds); break;
-    default: break;
+  int64_t offset(int64_t s) const {
+    return (blocks ? static_cast<int64_t>(blocks[s / bs]) * block_elems : 0) + (s % bs) * d;
   }
-  for (r = 0; r < rows; ++r) {
-    softmax_inplace(sc + r * lds, n_keys[r]);
-    std::fill(sc + r * lds + n_keys[r], sc + r * lds + span, 0.0f);
-  }
-  for (r = 0; r < rows; ++r) std::fill(out[r], out[r] + d, 0.0f);
-  size_t run = 0;
-  for (int64_t s0 = 0; run < w.runs.size();) {  // value chunks of about VALUE_CHUNK slots
-    size_t run_end = run;
-    int64_t s1 = s0;
-    while (run_end < w.runs.size() && (run_end == run || s1 - s0 + w.run_lengths[run_end] <= VALUE_CHUNK))
-      s1 += w.run_lengths[run_end++];
-    // 6 rows x 16 channels per register tile: each value vector loaded serves six rows
-    for (r = 0; r + 6 <= rows; r += 6) weighted_rows<6, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0);
-    switch (rows - r) {
-      case 5: weighted_rows<5, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
-      case 4: weighted_rows<4, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
-      case 3: weighted_rows<3, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
-      case 2: weighted_rows<2, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
-      case 1: weighted_rows<1, T>(w, sc + r * lds, lds, d, out + r, run, run_end, s0); break;
-      default: break;
-    }
-    run = run_end;
-    s0 = s1;
-  }
-}
+};
 
 inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 
@@ -348,11 +215,302 @@ inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
 }
 
+inline void unpack_panel(const float* src, float* dst, int64_t d) {
+  std::copy(src, src + d * PANEL, dst);
+}
+
+inline void unpack_panel(const at::BFloat16* src, float* dst, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {  // slots j and 8 + j share a word (see write_rows)
+    __m256 lo, hi;
+    load_panel_row(src + j * PANEL, lo, hi);
+    _mm256_storeu_ps(dst + j * PANEL, lo);
+    _mm256_storeu_ps(dst + j * PANEL + 8, hi);
+  }
+}
+
+// Keys of slots [c0, c0 + n) (c0 a multiple of 16) as fp32 panels [ceil(n / 16)][d][16].
+template <typename T>
+void widen_keys(const KvHead<T>& h, int64_t c0, int64_t n, float* dst) {
+  const int64_t d = h.d;
+  if (h.panel_keys) {  // a panel never straddles blocks (bs is a multiple of 16)
+    for (int64_t s = c0; s < c0 + n; s += PANEL) unpack_panel(h.k + h.offset(s), dst + (s - c0) * d, d);
+    return;
+  }
+  std::fill(dst + (n / PANEL) * d * PANEL, dst + (n + PANEL - 1) / PANEL * d * PANEL, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = h.k + h.offset(c0 + i);
+    float* col = dst + (i / PANEL) * d * PANEL + i % PANEL;
+    for (int64_t j = 0; j < d; ++j) col[j * PANEL] = static_cast<float>(row[j]);
+  }
+}
+
+// Asks the cache for slots [c0, c0 + n)'s keys and values (the next chunk's, while this one
+// computes: a chunk's K/V are a few separate 2 KiB block rows the prefetcher would not guess).
+template <typename T>
+void prefetch_slots(const KvHead<T>& h, int64_t c0, int64_t n) {
+  for (int64_t s = c0; s < c0 + n;) {
+    const int64_t run = std::min(h.bs - s % h.bs, c0 + n - s);
+    const char* k = reinterpret_cast<const char*>(h.k + h.offset(s));
+    const char* v = reinterpret_cast<const char*>(h.v + h.offset(s));
+    for (int64_t b = 0; b < run * h.d * static_cast<int64_t>(sizeof(T)); b += 64) {
+      _mm_prefetch(k + b, _MM_HINT_T1);
+      _mm_prefetch(v + b, _MM_HINT_T1);
+    }
+    s += run;
+  }
+}
+
+// Values of slots [c0, c0 + n) as fp32 rows [n][d].
+template <typename T>
+void widen_values(const KvHead<T>& h, int64_t c0, int64_t n, float* dst) {
+  for (int64_t s = c0; s < c0 + n;) {
+    const int64_t run = std::min(h.bs - s % h.bs, c0 + n - s);
+    widen(h.v + h.offset(s), dst + (s - c0) * h.d, run * h.d);
+    s += run;
+  }
+}
+
+// Calls f(std::integral_constant<int, MR>, first_row) over rows [begin, end) in tiles of <= 6.
+template <typename F>
+inline void row_tiles(int64_t begin, int64_t end, F&& f) {
+  int64_t r = begin;
+  for (; r + 6 <= end; r += 6) f(std::integral_constant<int, 6>{}, r);
+  switch (end - r) {
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
+// acc[m][j0 : j0 + 8C] += sum_{s in [s0, s1)} p[m][s] v[s][j0 : ...] for MR rows, slot order
+// (v: value rows, fp32 or bf16 widened in registers).
+template <int MR, int C, typename V>
+inline void pv_block(const float* p, int64_t ldp, const V* v, int64_t d, int64_t j0,
+                     float* acc, int64_t s0, int64_t s1) {
+  __m256 a[MR * C];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR * C; ++i) a[i] = _mm256_loadu_ps(acc + (i / C) * d + j0 + 8 * (i % C));
+  for (int64_t s = s0; s < s1; ++s) {
+    __m256 vv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) vv[c] = load8(v + s * d + j0 + 8 * c);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 ps = _mm256_broadcast_ss(p + m * ldp + s);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[m * C + c] = _mm256_fmadd_ps(ps, vv[c], a[m * C + c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR * C; ++i) _mm256_storeu_ps(acc + (i / C) * d + j0 + 8 * (i % C), a[i]);
+}
+
+template <int MR, typename V>
+inline void pv_rows(const float* p, int64_t ldp, const V* v, int64_t d, float* acc,
+                    int64_t s0, int64_t s1) {
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) pv_block<MR, 2>(p, ldp, v, d, j, acc, s0, s1);
+  for (; j + 8 <= d; j += 8) pv_block<MR, 1>(p, ldp, v, d, j, acc, s0, s1);
+  for (; j < d; ++j)
+    for (int m = 0; m < MR; ++m)
+      for (int64_t s = s0; s < s1; ++s)
+        acc[m * d + j] = std::fma(p[m * ldp + s], static_cast<float>(v[s * d + j]), acc[m * d + j]);
+}
+
+struct AttentionScratch {
+  std::vector<float> keys, values, scores;
+};
+
+// One split of one row group: rows [0, rows) (queries q [rows][d], pre-scaled, fp32; n_keys
+// non-decreasing, each > s_begin) over slots [s_begin, s_end). Writes each row's partial:
+// acc [rows][d], row_max, row_sum.
+template <typename T>
+void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int64_t rows,
+                  int64_t s_begin, int64_t s_end, float* acc, float* row_max, float* row_sum,
+                  AttentionScratch& w) {
+  const int64_t d = h.d;
+  w.keys.resize(CHUNK * d);
+  w.values.resize(CHUNK * d);
+  w.scores.resize(rows * CHUNK);
+  std::fill(acc, acc + rows * d, 0.0f);
+  std::fill(row_max, row_max + rows, -INFINITY);
+  std::fill(row_sum, row_sum + rows, 0.0f);
+  float* sc = w.scores.data();
+  int64_t first = 0;  // rows before `first` see none of the current chunk
+  prefetch_slots(h, s_begin, s_end - s_begin);  // the split's K/V (<= 128 KiB) into L2
+  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, s_end - c0);
+    while (n_keys[first] <= c0) ++first;
+    // Few rows (a decode step) read the pool in place, bf16 widened in registers; more rows
+    // share one widened copy. Widening is exact, so both give the same bits.
+    const bool in_place = h.panel_keys && rows - first < WIDEN_ROWS;
+    if (!in_place) {
+      widen_keys(h, c0, n, w.keys.data());
+      widen_values(h, c0, n, w.values.data());
+    }
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      float tile[MR * PANEL];
+      for (int64_t p = 0; p < panels; ++p) {
+        if (in_place) {
+          panel_tile<MR, 1>(q + r * d, d, h.k + h.offset(c0 + p * PANEL), 0, d, tile);
+        } else {
+          panel_tile<MR, 1>(q + r * d, d, w.keys.data() + p * d * PANEL, 0, d, tile);
+        }
+        for (int m = 0; m < MR; ++m)
+          std::copy(tile + m * PANEL, tile + (m + 1) * PANEL, sc + (r + m) * CHUNK + p * PANEL);
+      }
+    });
+    for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
+      float* s = sc + r * CHUNK;
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      const float top = max_of(s, valid);
+      if (top > row_max[r]) {
+        if (row_max[r] != -INFINITY) {
+          const float alpha = std::exp(row_max[r] - top);
+          row_sum[r] *= alpha;
+          for (int64_t j = 0; j < d; ++j) acc[r * d + j] *= alpha;
+        }
+        row_max[r] = top;
+      }
+      const __m256 shift = _mm256_set1_ps(row_max[r]);
+      __m256 lanes = _mm256_setzero_ps();
+      for (int64_t j = 0; j < valid; j += 8) {  // lanes past `valid` add +0 (p >= 0)
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+        if (valid - j < 8) {
+          const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+          const __m256 keep = _mm256_castsi256_ps(
+              _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - j)), lane));
+          e = _mm256_and_ps(e, keep);
+        }
+        _mm256_storeu_ps(s + j, e);
+        lanes = _mm256_add_ps(lanes, e);
+      }
+      row_sum[r] += horizontal_sum(lanes);
+    }
+    // acc += p . v over slots [a, b) of the chunk for MR rows from r (per block in place)
+    auto pv = [&](auto mr, int64_t r, int64_t a, int64_t b) {
+      constexpr int MR = decltype(mr)::value;
+      if (!in_place) {
+        pv_rows<MR>(sc + r * CHUNK, CHUNK, w.values.data(), d, acc + r * d, a, b);
+        return;
+      }
+      for (int64_t s0 = a; s0 < b;) {
+        const int64_t s1 = std::min(b, s0 + h.bs - (c0 + s0) % h.bs);  // to the block's end
+        pv_rows<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, 0, s1 - s0);
+        s0 = s1;
+      }
+    };
+    // all active rows over the slots they all see, then each row's own remainder, so no row
+    // ever takes a product with a slot it does not see
+    const int64_t common = std::min(n_keys[first] - c0, n);
+    row_tiles(first, rows, [&](auto mr, int64_t r) { pv(mr, r, 0, common); });
+    for (int64_t r = first; r < rows; ++r) {
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      if (valid > common) pv(std::integral_constant<int, 1>{}, r, common, valid);
+    }
+  }
+}
+
+// The work of one attention call: groups of up to ROW_GROUP query rows that read one kv head,
+// each split into SPLIT-slot partials computed in parallel, then folded per row in split order.
+// Partials of a very long call (a trainer's whole sequence) are bounded by running the groups
+// in passes.
+struct RowGroup {
+  int64_t head, first_row, rows, splits, partial_base;  // head: (sequence, kv head) id
+};
+
+constexpr int64_t PARTIAL_FLOATS = int64_t{1} << 22;  // per pass (16 MiB)
+
+// For a head id h (one kv head of one sequence) and its query row r: head(h) -> KvHead<T>,
+// query(h, r) / output(h, r) -> the row's fp32 query / output, n_keys(h, r) -> slots it sees.
+template <typename T, typename HeadOf, typename QueryOf, typename OutputOf, typename KeysOf>
+void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryOf query,
+                   OutputOf output, KeysOf n_keys) {
+  for (size_t g0 = 0; g0 < groups.size();) {
+    size_t g1 = g0;
+    int64_t partials = 0;
+    std::vector<std::array<int64_t, 2>> units;  // group, split
+    while (g1 < groups.size() && (g1 == g0 || partials + groups[g1].rows * groups[g1].splits * (d + 2) <= PARTIAL_FLOATS)) {
+      groups[g1].partial_base = partials / (d + 2);
+      partials += groups[g1].rows * groups[g1].splits * (d + 2);
+      for (int64_t k = 0; k < groups[g1].splits; ++k) units.push_back({static_cast<int64_t>(g1), k});
+      ++g1;
+    }
+    const int64_t slots = partials / (d + 2);
+    std::vector<float> acc(slots * d), row_max(slots), row_sum(slots);
+    at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+      AttentionScratch w;
+      std::vector<float> q;
+      std::vector<int64_t> keys;
+      for (int64_t u = begin; u < end; ++u) {
+        const RowGroup& grp = groups[units[u][0]];
+        const int64_t k = units[u][1], s_begin = k * SPLIT;
+        keys.resize(grp.rows);
+        int64_t first = 0;
+        for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
+        while (keys[first] <= s_begin) ++first;  // the last row sees the most: some row is active
+        const int64_t rows = grp.rows - first;
+        q.resize(rows * d);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* src = query(grp.head, grp.first_row + first + r);
+          std::copy(src, src + d, q.data() + r * d);
+        }
+        const int64_t base = grp.partial_base + k * grp.rows + first;
+        attend_split(head(grp.head), q.data(), keys.data() + first, rows, s_begin,
+                     std::min(s_begin + SPLIT, keys[grp.rows - 1]), acc.data() + base * d,
+                     row_max.data() + base, row_sum.data() + base, w);
+      }
+    });
+    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> total(d);
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const RowGroup& grp = groups[gi];
+        for (int64_t r = 0; r < grp.rows; ++r) {
+          const int64_t splits = (n_keys(grp.head, grp.first_row + r) + SPLIT - 1) / SPLIT;
+          int64_t at = grp.partial_base + r;
+          float top = row_max[at], sum = row_sum[at];
+          std::copy(acc.data() + at * d, acc.data() + (at + 1) * d, total.data());
+          for (int64_t k = 1; k < splits; ++k) {
+            at += grp.rows;
+            const float next = std::max(top, row_max[at]);
+            const float a = std::exp(top - next), b = std::exp(row_max[at] - next);
+            sum = sum * a + row_sum[at] * b;
+            for (int64_t j = 0; j < d; ++j) total[j] = std::fma(acc[at * d + j], b, total[j] * a);
+            top = next;
+          }
+          float* out = output(grp.head, grp.first_row + r);
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < d; ++j) out[j] = total[j] * inv;
+        }
+      }
+    });
+    g0 = g1;
+  }
+}
+
+// Row groups of `group` query heads x tokens(h) tokens per head id h (rows token-major), the
+// last row of each seeing last_keys(h, row) slots.
+template <typename TokensOf, typename KeysOf>
+std::vector<RowGroup> row_groups(int64_t heads, int64_t group, TokensOf tokens, KeysOf n_keys) {
+  std::vector<RowGroup> groups;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t r0 = 0; r0 < tokens(h) * group; r0 += ROW_GROUP) {
+      const int64_t rows = std::min(ROW_GROUP, tokens(h) * group - r0);
+      groups.push_back({h, r0, rows, (n_keys(h, r0 + rows - 1) + SPLIT - 1) / SPLIT, 0});
+    }
+  return groups;
+}
+
 }  // namespace
 
 // Attention of q [B, Hq, T, D] over a KV buffer [B, Hkv, capacity, D] whose first
 // `start + T` slots are filled; query t sits at slot start + t and sees slots [0, start + t].
-// Item = (batch row, kv head), the same steps as the paged kernel.
+// Each (batch row, kv head) is a history of one block: the paged kernel's arithmetic.
 torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                int64_t start) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "cached_attention: 4-D tensors expected");
@@ -366,31 +524,21 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto out = torch::empty({b, hq, t, d}, torch::kFloat32);
   const float* qp = q32.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1);
+  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), capacity = k_cache.size(2);
+  // head id = batch row * hkv + kv head; its row r = (token r / group, head r % group)
+  auto row_offset = [&](int64_t h, int64_t r) {
+    return (((h / hkv) * hq + (h % hkv) * group + r % group) * t + r / group) * d;
+  };
+  auto n_keys = [&](int64_t, int64_t r) { return start + r / group + 1; };
+  auto groups = row_groups(b * hkv, group, [&](int64_t) { return t; }, n_keys);
   auto body = [&](auto* kp, auto* vp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
-    at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
-      AttentionScratch w;
-      std::vector<float> keys;
-      std::vector<int64_t> n_keys(group * t);
-      std::vector<float*> outs(group * t);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bi = item / hkv, kv = item % hkv, offset = bi * sb + kv * sh;
-        keys.resize(span * d);
-        widen(kp + offset, keys.data(), span * d);
-        pack_key_panels(keys.data(), span, d, w);
-        w.queries.resize(group * t * d);
-        for (int64_t r = 0; r < group * t; ++r) {  // row r = (token r / group, head r % group)
-          const int64_t ti = r / group, h = kv * group + r % group;
-          const float* src = qp + ((bi * hq + h) * t + ti) * d;
-          std::copy(src, src + d, w.queries.data() + r * d);
-          n_keys[r] = start + ti + 1;
-          outs[r] = op + ((bi * hq + h) * t + ti) * d;
-        }
-        split_runs(w, vp + offset, span, d);  // values read in place
-        attend_item<float, T>(w, group * t, n_keys.data(), outs.data(), span, d);
-      }
-    });
+    auto head = [&](int64_t h) {
+      const int64_t offset = (h / hkv) * sb + (h % hkv) * sh;
+      return KvHead<T>{kp + offset, vp + offset, nullptr, 0, capacity, d, false};
+    };
+    attend_groups<T>(groups, d, head, [&](int64_t h, int64_t r) { return qp + row_offset(h, r); },
+                     [&](int64_t h, int64_t r) { return op + row_offset(h, r); }, n_keys);
   };
   if (q.scalar_type() == torch::kBFloat16) {
     body(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
@@ -406,75 +554,28 @@ namespace {
 // Ragged attention through block tables. The batch holds segments: segment g is tokens
 // [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
 // first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
-// Item = (segment, kv head): the history is gathered and widened once for every query that
-// reads it (the kv head's query heads times the segment's tokens).
 template <typename T>
 void paged_segments(const float* q, const T* k_pool, bool panel_keys, const T* v_pool,
                     const int32_t* table, int64_t table_width, const int32_t* rows,
                     const int32_t* keys, const int32_t* starts, int64_t segments, float* out,
                     int64_t hq, int64_t hkv, int64_t bs, int64_t d) {
   const int64_t group = hq / hkv;
-  // work unit = (segment, kv head, up to UNIT_ROWS of its query rows): a 20-token input slice
-  // splits into several units so both cores stay busy even with a single session (12 rows
-  // measured 10-15 % faster than 24 at 8k slots: better balance, scores stay in L2)
-  constexpr int64_t UNIT_ROWS = 12;
-  std::vector<std::array<int64_t, 4>> units;  // segment, kv head, first row, end row
-  for (int64_t g = 0; g < segments; ++g)
-    for (int64_t kv = 0; kv < hkv; ++kv)
-      for (int64_t r0 = 0; r0 < (starts[g + 1] - starts[g]) * group; r0 += UNIT_ROWS)
-        units.push_back({g, kv, r0, std::min(r0 + UNIT_ROWS, (starts[g + 1] - starts[g]) * group)});
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    AttentionScratch w;
-    std::vector<float> k_rows;
-    std::vector<int64_t> n_keys;
-    std::vector<float*> outs;
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t g = units[u][0], kv = units[u][1], r_first = units[u][2], r_end = units[u][3];
-      const int64_t first = starts[g];
-      const int32_t* blocks = table + rows[first] * table_width;
-      // keys seen by the unit's last row (rows are token-major: later rows see more)
-      const int64_t span = keys[first + (r_end - 1) / group];
-      auto block_base = [&](int64_t s0) {
-        return (static_cast<int64_t>(blocks[s0 / bs]) * hkv + kv) * bs * d;
-      };
-      if (panel_keys) {  // the pool already holds 16-slot key panels: read them in place
-        w.panels.resize((span + PANEL - 1) / PANEL);
-        for (int64_t p = 0; p < static_cast<int64_t>(w.panels.size()); ++p)
-          w.panels[p] = k_pool + block_base(p * PANEL) + (p * PANEL % bs) * d;
-      } else {
-        k_rows.resize(span * d);
-        for (int64_t s0 = 0; s0 < span; s0 += bs)
-          widen(k_pool + block_base(s0), k_rows.data() + s0 * d, std::min(bs, span - s0) * d);
-        pack_key_panels(k_rows.data(), span, d, w);
-      }
-      const int64_t n = r_end - r_first;
-      w.queries.resize(n * d);
-      n_keys.resize(n);
-      outs.resize(n);
-      for (int64_t r = 0; r < n; ++r) {  // query (t, hh) is row t * group + hh
-        const int64_t token = first + (r_first + r) / group;
-        const int64_t head = kv * group + (r_first + r) % group;
-        const float* src = q + (token * hq + head) * d;
-        std::copy(src, src + d, w.queries.data() + r * d);
-        n_keys[r] = keys[token];
-        outs[r] = out + (token * hq + head) * d;
-      }
-      // values are read in place, block by block (widened in registers)
-      w.runs.clear();
-      w.run_lengths.clear();
-      for (int64_t s0 = 0; s0 < span; s0 += bs) {
-        w.runs.push_back(v_pool + block_base(s0));
-        w.run_lengths.push_back(std::min(bs, span - s0));
-      }
-      if (panel_keys) {
-        attend_item<T, T>(w, n, n_keys.data(), outs.data(), span, d);
-      } else {
-        attend_item<float, T>(w, n, n_keys.data(), outs.data(), span, d);
-      }
-    }
-  });
+  // head id = segment * hkv + kv head; its row r = (token starts[g] + r / group, head r % group)
+  auto row_offset = [&](int64_t h, int64_t r) {
+    return ((starts[h / hkv] + r / group) * hq + (h % hkv) * group + r % group) * d;
+  };
+  auto n_keys = [&](int64_t h, int64_t r) {
+    return static_cast<int64_t>(keys[starts[h / hkv] + r / group]);
+  };
+  auto tokens = [&](int64_t h) { return static_cast<int64_t>(starts[h / hkv + 1] - starts[h / hkv]); };
+  auto groups = row_groups(segments * hkv, group, tokens, n_keys);
+  auto head = [&](int64_t h) {
+    return KvHead<T>{k_pool + (h % hkv) * bs * d, v_pool + (h % hkv) * bs * d,
+                     table + rows[starts[h / hkv]] * table_width, hkv * bs * d, bs, d, panel_keys};
+  };
+  attend_groups<T>(groups, d, head, [&](int64_t h, int64_t r) { return q + row_offset(h, r); },
+                   [&](int64_t h, int64_t r) { return out + row_offset(h, r); }, n_keys);
 }
-
 }  // namespace
 
 // [N, K] weight -> [ceil(N / 16), K, 16] panels (zero-padded columns), same dtype.
