@@ -466,7 +466,8 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
                      row_max.data() + base, row_sum.data() + base, w);
       }
     });
-    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), 1, [&](int64_t begin, int64_t end) {
+    // folding is a few multiply-adds per partial: small calls (decode) fold on this thread
+    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), 16, [&](int64_t begin, int64_t end) {
       std::vector<float> total(d);
       for (int64_t gi = begin; gi < end; ++gi) {
         const RowGroup& grp = groups[gi];
@@ -659,13 +660,13 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
 template <typename T>
 void write_rows(T* k_pool, T* v_pool, bool panel_keys, const T* k, const T* v,
                 const int64_t* blocks, const int64_t* offsets, int64_t n, int64_t hkv, int64_t bs,
-                int64_t d) {
+                int64_t d, int64_t row_stride) {
   const bool paired = std::is_same_v<T, at::BFloat16>;  // bf16 panels pair slots j and 8 + j
   for (int64_t i = 0; i < n; ++i)
     for (int64_t h = 0; h < hkv; ++h) {
       const int64_t base = (blocks[i] * hkv + h) * bs * d, off = offsets[i];
-      const T* k_row = k + (i * hkv + h) * d;
-      const T* v_row = v + (i * hkv + h) * d;
+      const T* k_row = k + i * row_stride + h * d;
+      const T* v_row = v + i * row_stride + h * d;
       std::copy(v_row, v_row + d, v_pool + base + off * d);
       if (panel_keys) {
         const int64_t c = off % PANEL, column = paired ? 2 * (c % 8) + c / 8 : c;
@@ -692,12 +693,12 @@ void paged_write_(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor k, t
   if (k.scalar_type() == torch::kBFloat16) {
     write_rows(k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), panel_keys,
                kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), b.data_ptr<int64_t>(),
-               o.data_ptr<int64_t>(), n, hkv, bs, d);
+               o.data_ptr<int64_t>(), n, hkv, bs, d, hkv * d);
   } else {
     TORCH_CHECK(k.scalar_type() == torch::kFloat32, "paged_write_: fp32 or bf16 only");
     write_rows(k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), panel_keys,
                kc.data_ptr<float>(), vc.data_ptr<float>(), b.data_ptr<int64_t>(),
-               o.data_ptr<int64_t>(), n, hkv, bs, d);
+               o.data_ptr<int64_t>(), n, hkv, bs, d, hkv * d);
   }
 }
 
@@ -881,9 +882,61 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
 }
 
 // All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
-// the same order as the Python layer loop (so the same bits), without ~15 Python-dispatched
-// calls per layer. weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
+// the same order as the Python layer loop, rounding to the model's dtype at the same points
+// (so the same bits), on buffers allocated once per pass. No torch op runs inside the loop:
+// at decode sizes their dispatch, views and copies cost more than the arithmetic (~1,500 per
+// step, ~2 ms). weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
 // post-attention norm, gate/up panels, down panels]; x [N, hidden].
+template <typename T>
+void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, const float* cos,
+                    const float* sin, int64_t n, int64_t hidden, int64_t hq, int64_t hkv,
+                    int64_t d, int64_t intermediate, bool interleaved, T* k_pools, T* v_pools,
+                    int64_t pool_layer_elems, bool panel_keys, int64_t bs, const int32_t* table,
+                    int64_t table_width, const int32_t* rows, const int32_t* keys,
+                    const int32_t* starts, int64_t segments, const int64_t* write_blocks,
+                    const int64_t* write_offsets) {
+  const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
+  std::vector<T> normed(n * hidden), qkv(n * width), att(n * q_size), proj(n * hidden);
+  std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
+  std::vector<float> wide(n * std::max({hidden, q_size, intermediate})), q32(n * q_size),
+      att32(n * q_size);
+  const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
+                    T* out, int64_t cols) {
+    widen(in, wide.data(), n * k);
+    packed_rows(wide.data(), panels.data_ptr<T>(), bias, out, n, cols, k);
+  };
+  auto add_into_x = [&](const T* y) {  // x = x + y, rounded once per element (torch's add)
+    for (int64_t i = 0; i < n * hidden; ++i)
+      x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+  };
+  for (int64_t l = 0; l < layers; ++l) {
+    const torch::Tensor* w = weights.data() + 7 * l;
+    const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
+    T* k_pool = k_pools + l * pool_layer_elems;
+    T* v_pool = v_pools + l * pool_layer_elems;
+    rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
+    linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
+    rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
+    write_rows(k_pool, v_pool, panel_keys, qkv.data() + q_size, qkv.data() + q_size + kv_size,
+               write_blocks, write_offsets, n, hkv, bs, d, width);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < q_size; ++j)
+        q32[t * q_size + j] = static_cast<float>(qkv[t * width + j]) * q_scale;
+    paged_segments(q32.data(), k_pool, panel_keys, v_pool, table, table_width, rows, keys,
+                   starts, segments, att32.data(), hq, hkv, bs, d);
+    for (int64_t i = 0; i < n * q_size; ++i) att[i] = static_cast<T>(att32[i]);
+    linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
+    add_into_x(proj.data());
+    rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
+    linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate);
+    silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
+    linear(act.data(), intermediate, w[6], nullptr, proj.data(), hidden);
+    add_into_x(proj.data());
+  }
+}
+
 torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
                                    double eps, torch::Tensor cos, torch::Tensor sin,
                                    int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
@@ -893,24 +946,40 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> w
                                    torch::Tensor write_offsets) {
   TORCH_CHECK(weights.size() % 7 == 0 && x.dim() == 2, "paged_decoder_layers: bad arguments");
   const int64_t layers = static_cast<int64_t>(weights.size()) / 7, n = x.size(0);
-  const int64_t hidden = x.size(1), q_size = hq * d, kv_size = hkv * d;
-  for (int64_t l = 0; l < layers; ++l) {
-    const torch::Tensor* w = weights.data() + 7 * l;
-    c10::optional<torch::Tensor> bias;
-    if (w[2].numel()) bias = w[2];
-    auto qkv = packed_linear(rms_norm(x, w[0], eps), w[1], q_size + 2 * kv_size, bias);
-    rotary_qkv_(qkv, cos, sin, hq, hkv, d, interleaved);
-    auto k_pool = k_pools[l], v_pool = v_pools[l];
-    paged_write_(k_pool, v_pool, qkv.narrow(1, q_size, kv_size).reshape({n, hkv, d}),
-                 qkv.narrow(1, q_size + kv_size, kv_size).reshape({n, hkv, d}), write_blocks,
-                 write_offsets);
-    auto attended = paged_attention(qkv.narrow(1, 0, q_size).reshape({n, hq, d}), k_pool,
-                                    v_pool, table, rows, keys, starts);
-    x = x + packed_linear(attended.view({n, q_size}), w[3], hidden, c10::nullopt);
-    auto gate_up = packed_linear(rms_norm(x, w[4], eps), w[5], 2 * intermediate, c10::nullopt);
-    x = x + packed_linear(silu_mul(gate_up), w[6], hidden, c10::nullopt);
+  const bool panel_keys = k_pools.dim() == 6;
+  TORCH_CHECK(k_pools.is_contiguous() && v_pools.is_contiguous() && v_pools.dim() == 5 &&
+              k_pools.size(0) == layers && k_pools.numel() == v_pools.numel(),
+              "paged_decoder_layers: pools [layers, blocks, kv heads, ...] expected");
+  for (const auto& t : {table, rows, keys, starts})
+    TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(),
+                "paged_decoder_layers: contiguous int32 metadata expected");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.numel() == n * d / 2, "paged_decoder_layers: fp32 cos/sin, one row per token");
+  for (int64_t l = 0; l < layers; ++l)
+    for (int i : {0, 1, 3, 4, 5, 6})
+      TORCH_CHECK(weights[7 * l + i].scalar_type() == x.scalar_type() && weights[7 * l + i].is_contiguous(),
+                  "paged_decoder_layers: weights must be contiguous and of x's dtype");
+  std::vector<torch::Tensor> w = weights;  // biases in fp32, as packed_linear takes them
+  for (int64_t l = 0; l < layers; ++l)
+    if (w[7 * l + 2].numel()) w[7 * l + 2] = w[7 * l + 2].to(torch::kFloat32).contiguous();
+  auto out = x.contiguous().clone();
+  auto blocks = write_blocks.to(torch::kInt64).contiguous();
+  auto offsets = write_offsets.to(torch::kInt64).contiguous();
+  const int64_t pool_layer_elems = v_pools.numel() / layers;
+  auto run = [&](auto* xp, auto* kp, auto* vp) {
+    decoder_layers(xp, w, static_cast<float>(eps), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                   n, x.size(1), hq, hkv, d, intermediate, interleaved, kp, vp, pool_layer_elems,
+                   panel_keys, v_pools.size(3), table.data_ptr<int32_t>(), table.size(1),
+                   rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
+                   starts.numel() - 1, blocks.data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    run(out.data_ptr<at::BFloat16>(), k_pools.data_ptr<at::BFloat16>(), v_pools.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "paged_decoder_layers: fp32 or bf16 only");
+    run(out.data_ptr<float>(), k_pools.data_ptr<float>(), v_pools.data_ptr<float>());
   }
-  return x;
+  return out;
 }
 
 // The long calls release the GIL, so a server's event loop keeps running during a tick.
