@@ -98,7 +98,7 @@ class PagedSequence:
     taken up front; `length` may be set back to drop the tail (the slots are rewritten)."""
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", block_size: int = 16):
+                 device: torch.device | str = "cpu", block_size: int = 64):
         if capacity <= 0:
             raise MicroturnError(f"kv cache: capacity must be > 0, got {capacity}")
         blocks = -(-capacity // block_size)
