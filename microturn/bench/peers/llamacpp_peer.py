@@ -27,7 +27,6 @@ class LlamaCppPeer:
                                   "'microturn[bench]'; it compiles llama.cpp, ~7 min)") from None
         context = min(context, config.max_position)
         self.llama_cpp, self.gguf, self.context = llama_cpp, gguf, context
-        self.vocab = config.vocab_size
         self.threads = torch.get_num_threads()
         # f16 K and V per token: what a session keeps between micro-turns
         self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
@@ -46,11 +45,15 @@ class LlamaCppPeer:
     def turn(self, sessions: list, inputs: list[list[int]], output_tokens: int) -> None:
         for session, new in zip(sessions, inputs, strict=True):
             llm, ids = session["llm"], session["pending"] + new
+            # the logits row is llama.cpp's vocabulary wide: not the shared config's, which
+            # grows when the microturn engine adds its markers (reading past the row once fed
+            # llama.cpp an out-of-range token: llama_decode returned -1)
+            vocab = llm.n_vocab()
             for _ in range(output_tokens):
                 self._make_room(llm, len(ids))
                 llm.eval(ids)  # logits of the last token only (no logits_all)
                 row = self.llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-                ids = [int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab,))))]
+                ids = [int(np.argmax(np.ctypeslib.as_array(row, shape=(vocab,))))]
             session["pending"] = ids
 
     def _make_room(self, llm, incoming: int) -> None:
