@@ -937,15 +937,39 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, 
   }
 }
 
-torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
-                                   double eps, torch::Tensor cos, torch::Tensor sin,
+// The weights of a decoder's layers, checked and arranged once (biases widened to fp32, as
+// packed_linear takes them) and kept by Python between passes: a decode step then passes one
+// object instead of converting ~200 tensors. weights: per layer [input norm, qkv panels, qkv
+// bias or empty, o panels, post-attention norm, gate/up panels, down panels].
+struct LayerStack {
+  std::vector<torch::Tensor> weights;
+  torch::ScalarType dtype;
+  int64_t layers;
+};
+
+LayerStack layer_stack(std::vector<torch::Tensor> weights) {
+  TORCH_CHECK(!weights.empty() && weights.size() % 7 == 0, "layer_stack: 7 tensors per layer");
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
+  const auto dtype = weights[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32, "layer_stack: fp32 or bf16 only");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int i : {0, 1, 3, 4, 5, 6})
+      TORCH_CHECK(weights[7 * l + i].scalar_type() == dtype && weights[7 * l + i].is_contiguous(),
+                  "layer_stack: weights must be contiguous and of one dtype");
+    if (weights[7 * l + 2].numel()) weights[7 * l + 2] = weights[7 * l + 2].to(torch::kFloat32).contiguous();
+  }
+  return {std::move(weights), dtype, layers};
+}
+
+torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, double eps,
+                                   torch::Tensor cos, torch::Tensor sin,
                                    int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
                                    bool interleaved, torch::Tensor k_pools, torch::Tensor v_pools,
                                    torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
                                    torch::Tensor starts, torch::Tensor write_blocks,
                                    torch::Tensor write_offsets) {
-  TORCH_CHECK(weights.size() % 7 == 0 && x.dim() == 2, "paged_decoder_layers: bad arguments");
-  const int64_t layers = static_cast<int64_t>(weights.size()) / 7, n = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == stack.dtype, "paged_decoder_layers: x [N, hidden] of the weights' dtype");
+  const int64_t layers = stack.layers, n = x.size(0);
   const bool panel_keys = k_pools.dim() == 6;
   TORCH_CHECK(k_pools.is_contiguous() && v_pools.is_contiguous() && v_pools.dim() == 5 &&
               k_pools.size(0) == layers && k_pools.numel() == v_pools.numel(),
@@ -955,28 +979,22 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, std::vector<torch::Tensor> w
                 "paged_decoder_layers: contiguous int32 metadata expected");
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && sin.is_contiguous() &&
               cos.numel() == n * d / 2, "paged_decoder_layers: fp32 cos/sin, one row per token");
-  for (int64_t l = 0; l < layers; ++l)
-    for (int i : {0, 1, 3, 4, 5, 6})
-      TORCH_CHECK(weights[7 * l + i].scalar_type() == x.scalar_type() && weights[7 * l + i].is_contiguous(),
-                  "paged_decoder_layers: weights must be contiguous and of x's dtype");
-  std::vector<torch::Tensor> w = weights;  // biases in fp32, as packed_linear takes them
-  for (int64_t l = 0; l < layers; ++l)
-    if (w[7 * l + 2].numel()) w[7 * l + 2] = w[7 * l + 2].to(torch::kFloat32).contiguous();
   auto out = x.contiguous().clone();
   auto blocks = write_blocks.to(torch::kInt64).contiguous();
   auto offsets = write_offsets.to(torch::kInt64).contiguous();
   const int64_t pool_layer_elems = v_pools.numel() / layers;
   auto run = [&](auto* xp, auto* kp, auto* vp) {
-    decoder_layers(xp, w, static_cast<float>(eps), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                   n, x.size(1), hq, hkv, d, intermediate, interleaved, kp, vp, pool_layer_elems,
-                   panel_keys, v_pools.size(3), table.data_ptr<int32_t>(), table.size(1),
-                   rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
-                   starts.numel() - 1, blocks.data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
+    decoder_layers(xp, stack.weights, static_cast<float>(eps), cos.data_ptr<float>(),
+                   sin.data_ptr<float>(), n, x.size(1), hq, hkv, d, intermediate, interleaved, kp,
+                   vp, pool_layer_elems, panel_keys, v_pools.size(3), table.data_ptr<int32_t>(),
+                   table.size(1), rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
+                   starts.data_ptr<int32_t>(), starts.numel() - 1, blocks.data_ptr<int64_t>(),
+                   offsets.data_ptr<int64_t>());
   };
+  TORCH_CHECK(k_pools.scalar_type() == x.scalar_type(), "paged_decoder_layers: pool dtype mismatch");
   if (x.scalar_type() == torch::kBFloat16) {
     run(out.data_ptr<at::BFloat16>(), k_pools.data_ptr<at::BFloat16>(), v_pools.data_ptr<at::BFloat16>());
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "paged_decoder_layers: fp32 or bf16 only");
     run(out.data_ptr<float>(), k_pools.data_ptr<float>(), v_pools.data_ptr<float>());
   }
   return out;
@@ -988,6 +1006,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, nogil, "attention over an in-place KV buffer");
+  py::class_<LayerStack>(m, "LayerStack");
+  m.def("layer_stack", &layer_stack, "a decoder's layer weights, checked and arranged once");
   m.def("paged_decoder_layers", &paged_decoder_layers, nogil, "all layers of a paged pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
   m.def("paged_attention", &paged_attention, nogil, "ragged attention through block tables");
