@@ -175,3 +175,29 @@ def test_broken_checkpoints_fail_with_one_clear_line(tmp_path, smollm_fp32):
     (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(MicroturnError, match="model_type 'gpt2' is not supported"):
         load_model(model_dir)
+
+
+def test_native_layer_stack_follows_in_place_weight_updates(kernel_choice):
+    """The all-layers native pass keeps its packed weights between calls; an in-place update (an
+    optimizer step) or a replaced weight must be seen by the next pass, as the reference sees it."""
+    from microturn.engine.paged_attention import PagedSequence
+
+    model = tiny_model(seed=5)
+    tokens = torch.randint(0, 97, (1, 6))
+    positions = torch.arange(6).unsqueeze(0)
+
+    def paged_logits() -> torch.Tensor:
+        cache = PagedSequence(model.config, 6, torch.float32)
+        with torch.inference_mode():
+            return model(tokens, positions, cache)
+
+    before = paged_logits()
+    assert relative_error(before, full_logits(model, tokens)) < 1e-5
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight.mul_(1.5)  # in place: bumps the version
+    after = paged_logits()
+    assert relative_error(after, before) > 1e-3  # negative control: the update changes logits
+    assert relative_error(after, full_logits(model, tokens)) < 1e-5
+    model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(
+        model.layers[0].self_attn.o_proj.weight.detach() * 0.5)  # replaced
+    assert relative_error(paged_logits(), full_logits(model, tokens)) < 1e-5
