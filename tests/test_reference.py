@@ -100,16 +100,26 @@ def test_greedy_continuation_matches_reference(smollm_fp32, reference_model, pro
 
 def test_bf16_logits_close_to_fp32(smollm_fp32, smollm_bf16, text_ids, reference_model,
                                    reference_logits):
-    """Our bf16 error is measured against the error transformers itself makes in bf16."""
+    """Our bf16 error is measured against the error transformers itself makes in bf16: on the
+    whole distribution (KL to fp32, mean |error|) and at its worst logit. The worst of ~17M
+    logits moves by 2x with any change of fp32 summation order (the bf16 dot-product kernel's
+    pairs, say), so it gets a wider bound than the averages."""
     fp32 = microturn_logits(smollm_fp32, text_ids)
     bf16 = microturn_logits(smollm_bf16, text_ids)
-    error = relative_error(bf16, fp32)
-    top1 = float((bf16.argmax(-1) == fp32.argmax(-1)).float().mean())
     reference_bf16 = copy.deepcopy(reference_model).to(torch.bfloat16)
     with torch.inference_mode():
         theirs = reference_bf16(torch.tensor([text_ids])).logits[0].float()
-    reference_error = relative_error(theirs, reference_logits)
-    print(f"bf16 vs fp32 logits: microturn max rel error {error:.2e} (top-1 agreement "
-          f"{top1:.1%}); transformers {reference_error:.2e}")
-    assert error <= 1.5 * reference_error
-    assert top1 >= 0.9
+
+    def errors(logits, exact):
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), exact.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        return (relative_error(logits, exact), float((logits - exact).abs().mean()), float(kl),
+                float((logits.argmax(-1) == exact.argmax(-1)).float().mean()))
+
+    ours, ref = errors(bf16, fp32), errors(theirs, reference_logits)
+    print("bf16 vs fp32 logits (max rel error, mean |error|, KL, top-1 agreement): microturn "
+          f"{ours[0]:.2e}, {ours[1]:.3f}, {ours[2]:.4f}, {ours[3]:.1%}; transformers "
+          f"{ref[0]:.2e}, {ref[1]:.3f}, {ref[2]:.4f}, {ref[3]:.1%}")
+    assert ours[1] <= 1.5 * ref[1] and ours[2] <= 1.5 * ref[2]
+    assert ours[0] <= 3 * ref[0]
+    assert ours[3] >= 0.9

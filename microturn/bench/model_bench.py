@@ -3,7 +3,9 @@
 The floor of a pass is the larger of (bytes it must read) / (measured read bandwidth) and
 (FLOPs it must do) / (measured matmul peak). Bytes: every weight once (the tied embedding as the
 output head) plus the KV cache it attends over. FLOPs: 2 per weight per new token, attention,
-and the output head for the one token whose logits a decode needs.
+and the output head for the one token whose logits a decode needs. The bandwidth of a pass's
+floor is sampled between its timed passes (median): a shared machine's bandwidth drifts by tens
+of percent within minutes, so the time and its floor must come from the same minutes.
 """
 
 import argparse
@@ -16,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from microturn.bench.machine import measure_machine
+from microturn.bench.machine import BandwidthSampler, measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
@@ -44,7 +46,8 @@ def kv_bytes(loaded: LoadedModel, keys: int) -> int:
 
 
 def time_pass(loaded: LoadedModel, cache: PagedSequence, context: int, new_tokens: int,
-              repeats: int) -> list[float]:
+              repeats: int, between=None) -> list[float]:
+    """Seconds of `repeats` passes (after 3 untimed); `between()` runs before each timed one."""
     model = loaded.model
     tokens = torch.randint(0, loaded.config.vocab_size, (1, new_tokens), device=model.device)
     positions = torch.arange(context, context + new_tokens, device=model.device).unsqueeze(0)
@@ -52,6 +55,8 @@ def time_pass(loaded: LoadedModel, cache: PagedSequence, context: int, new_token
     times = []
     for i in range(repeats + 3):
         cache.length = context  # drop the previous pass: every repeat appends at the same place
+        if between is not None and i >= 3:
+            between()
         started = time.perf_counter()
         model(tokens, positions, cache, logits_at=last)
         if i >= 3:  # first passes warm caches and allocator
@@ -85,8 +90,8 @@ def run_model_bench(args: argparse.Namespace) -> None:
     out.print(f"CPU kernels: {'on' if build.load() else 'off (torch fallback)'}")
     table = Table(title=f"one forward pass, {args.context}-token context (median of "
                         f"{args.repeats})")
-    for column in ("dtype", "new tokens", "time ms", "bytes floor ms", "flops floor ms",
-                   "x floor", "tokens/s"):
+    for column in ("dtype", "new tokens", "time ms", "GB/s during", "bytes floor ms",
+                   "flops floor ms", "x floor", "tokens/s"):
         table.add_column(column, justify="right")
     records = []
     for dtype in dtypes:
@@ -100,17 +105,23 @@ def run_model_bench(args: argparse.Namespace) -> None:
             loaded.model(context_ids, torch.arange(args.context).unsqueeze(0), cache,
                          logits_at=torch.tensor([args.context - 1]))
         for n in sizes:
+            # a bandwidth sample before each pass: the floor is the bandwidth of the same minutes
+            sampler = BandwidthSampler()
             with console.status(f"{dtype}: timing passes of {n} new tokens"):
                 seconds = statistics.median(time_pass(loaded, cache, args.context, n,
-                                                      args.repeats))
-            byte_floor = (weight_bytes(loaded) + kv_bytes(loaded, args.context + n)) / bandwidth
+                                                      args.repeats, sampler.sample))
+            during = statistics.median(sampler.samples)
+            del sampler
+            byte_floor = (weight_bytes(loaded) + kv_bytes(loaded, args.context + n)) / during
             flop_floor = pass_flops(loaded, n, args.context) / peaks.matmul_flops_per_second[dtype]
             floor = max(byte_floor, flop_floor)
             record = dict(dtype=dtype, new_tokens=n, context=args.context, ms=seconds * 1e3,
+                          read_GBps_during=during / 1e9,
                           bytes_floor_ms=byte_floor * 1e3, flops_floor_ms=flop_floor * 1e3,
                           ratio_to_floor=seconds / floor, tokens_per_s=n / seconds)
             records.append(record)
-            table.add_row(dtype, str(n), f"{seconds * 1e3:.2f}", f"{byte_floor * 1e3:.2f}",
+            table.add_row(dtype, str(n), f"{seconds * 1e3:.2f}", f"{during / 1e9:.1f}",
+                          f"{byte_floor * 1e3:.2f}",
                           f"{flop_floor * 1e3:.2f}", f"{seconds / floor:.2f}",
                           f"{n / seconds:.0f}")
     out.print(table)

@@ -12,6 +12,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -137,6 +140,97 @@ void packed_rows(const float* x, const W* panels, const float* bias, Out* y, int
       }
     });
   }
+}
+
+// ---- the same linear with bf16 arithmetic (CPUs with AVX512-BF16) ----
+//
+// Where the CPU multiplies bf16 directly (vdpbf16ps: each fp32 lane adds two exact bf16
+// products), a bf16 linear skips the widening and does twice the multiply-adds per instruction.
+// Weights are packed [groups][ceil(K / 2)][64 columns][2]: word (p, c) holds w[c][2p] and
+// w[c][2p + 1] (zero past K). Every output is ONE fp32 accumulator updated by one vdpbf16ps per
+// k pair, pairs in order, then the bias is added and the result rounded once: the same for
+// every tile shape, so this kernel is batch invariant as the fp32-FMA one is. Its bits differ
+// from that kernel's (the pair is added in one instruction; denormals flush to zero), so a
+// machine uses one or the other for everything: MICROTURN_BF16_DOT=0 picks the widening kernel.
+constexpr int64_t DOT_COLS = 64;   // columns per packed group: four 16-lane vectors
+constexpr int64_t DOT_ROWS = 24;   // activation rows per work unit (four 6-row tiles)
+
+bool cpu_has_bf16_dot() {
+  static const bool yes = [] {
+    const char* env = std::getenv("MICROTURN_BF16_DOT");
+    if (env && std::string(env) == "0") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+}
+
+#define MICROTURN_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// tile [MR][64] = x rows [MR][k] (bf16, row stride ldx) times one packed group
+template <int MR>
+MICROTURN_DOT_TARGET inline void dot_tile(const uint16_t* x, int64_t ldx, int64_t k,
+                                          const uint16_t* group, float* tile) {
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* row = group + p * 2 * DOT_COLS;
+    __m512i w[4];
+    for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_si512(row + 32 * c);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      if (2 * p + 1 < k) {
+        std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));
+      } else {  // odd K: the last pair's second value is zero (so is its weight)
+        pair = x[m * ldx + 2 * p];
+      }
+      const __m512i xv = _mm512_set1_epi32(pair);
+      for (int c = 0; c < 4; ++c)
+        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)xv, (__m512bh)w[c]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(tile + m * DOT_COLS + 16 * c, acc[m][c]);
+}
+
+template <int MR, typename Out>
+MICROTURN_DOT_TARGET void dot_block(const uint16_t* x, int64_t k, const uint16_t* packed,
+                                    int64_t g, const float* bias, Out* y, int64_t n) {
+  float tile[MR * DOT_COLS];
+  dot_tile<MR>(x, k, k, packed + g * ((k + 1) / 2) * 2 * DOT_COLS, tile);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < DOT_COLS; ++j) {
+      const int64_t col = g * DOT_COLS + j;
+      if (col < n) y[m * n + col] = static_cast<Out>(tile[m * DOT_COLS + j] + (bias ? bias[col] : 0.0f));
+    }
+}
+
+template <typename Out>
+MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, const float* bias,
+                                   Out* y, int64_t m, int64_t n, int64_t k) {
+  const int64_t groups = (n + DOT_COLS - 1) / DOT_COLS;
+  const int64_t blocks = (m + DOT_ROWS - 1) / DOT_ROWS;
+  // units walk the groups of one row block, then the next: a thread's rows stay in cache
+  at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u % groups, r0 = (u / groups) * DOT_ROWS, r1 = std::min(m, r0 + DOT_ROWS);
+      int64_t r = r0;
+      for (; r + 6 <= r1; r += 6) dot_block<6>(x + r * k, k, packed, g, bias, y + r * n, n);
+      const uint16_t* xr = x + r * k;
+      Out* yr = y + r * n;
+      switch (r1 - r) {
+        case 5: dot_block<5>(xr, k, packed, g, bias, yr, n); break;
+        case 4: dot_block<4>(xr, k, packed, g, bias, yr, n); break;
+        case 3: dot_block<3>(xr, k, packed, g, bias, yr, n); break;
+        case 2: dot_block<2>(xr, k, packed, g, bias, yr, n); break;
+        case 1: dot_block<1>(xr, k, packed, g, bias, yr, n); break;
+        default: break;
+      }
+    }
+  });
 }
 
 // exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
@@ -584,6 +678,15 @@ void paged_segments(const float* q, const T* k_pool, bool panel_keys, const T* v
 // same dtype.
 torch::Tensor pack_linear_weight(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be 2-D");
+  if (w.scalar_type() == torch::kBFloat16 && cpu_has_bf16_dot()) {
+    // [groups][ceil(K / 2)][64][2]: the bf16 dot-product kernel's layout (last dim 128)
+    const int64_t n = w.size(0), k = w.size(1), groups = (n + DOT_COLS - 1) / DOT_COLS;
+    const int64_t pairs = (k + 1) / 2;
+    auto padded = torch::zeros({groups * DOT_COLS, 2 * pairs}, w.options());
+    padded.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
+    return padded.view({groups, DOT_COLS, pairs, 2}).permute({0, 2, 1, 3}).contiguous()
+        .view({groups, pairs, 2 * DOT_COLS});
+  }
   const int64_t n = w.size(0), k = w.size(1), groups = (n + GROUP_COLS - 1) / GROUP_COLS;
   auto padded = torch::zeros({groups * GROUP_COLS, k}, w.options());
   padded.narrow(0, 0, n).copy_(w);
@@ -597,6 +700,24 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
                             c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "packed_linear: CPU tensors only");
+  if (panels.dim() == 3 && panels.size(2) == 2 * DOT_COLS) {  // the bf16 dot-product layout
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && panels.scalar_type() == torch::kBFloat16 &&
+                panels.is_contiguous() && panels.size(0) == (n + DOT_COLS - 1) / DOT_COLS &&
+                (x.size(-1) + 1) / 2 == panels.size(1),
+                "packed_linear: bf16 x and its packed weight expected");
+    const int64_t k = x.size(-1);
+    auto out_shape = x.sizes().vec();
+    out_shape.back() = n;
+    auto xc = x.reshape({-1, k}).contiguous();
+    const int64_t m = xc.size(0);
+    auto y = torch::empty({m, n}, x.options());
+    torch::Tensor b32;
+    if (bias.has_value()) b32 = bias->to(torch::kFloat32).contiguous();
+    dot_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+             reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()),
+             bias.has_value() ? b32.data_ptr<float>() : nullptr, y.data_ptr<at::BFloat16>(), m, n, k);
+    return y.view(out_shape);
+  }
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == GROUP_COLS && panels.is_contiguous() &&
               panels.size(0) == (n + GROUP_COLS - 1) / GROUP_COLS,
               "packed_linear: panels from pack_linear_weight expected");
@@ -907,6 +1028,13 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, 
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                     T* out, int64_t cols) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (panels.size(2) == 2 * DOT_COLS) {  // bf16 arithmetic: no widening
+        dot_rows(reinterpret_cast<const uint16_t*>(in),
+                 reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, out, n, cols, k);
+        return;
+      }
+    }
     widen(in, wide.data(), n * k);
     packed_rows(wide.data(), panels.data_ptr<T>(), bias, out, n, cols, k);
   };
@@ -1006,7 +1134,8 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, dou
 // The long calls release the GIL, so a server's event loop keeps running during a tick.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight into 16-column panels");
+  m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight for packed_linear");
+  m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "bf16 linears use the CPU's bf16 dot product");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, nogil, "attention over an in-place KV buffer");
   py::class_<LayerStack>(m, "LayerStack", py::module_local());  // builds may coexist (A/B runs)
