@@ -44,17 +44,39 @@ def _weight_slots(model) -> list[tuple[dict, str]]:
     return slots
 
 
-def _state(t: torch.Tensor | None) -> tuple:
-    return (None,) if t is None else (id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+def _state(slots: list[tuple[dict, str]]) -> list:
+    """Each weight's identity, storage and version, flat: [id, data_ptr, version, ...]."""
+    state = []
+    for params, name in slots:
+        t = params.get(name)
+        state += (None, None, None) if t is None else (
+            id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+    return state
+
+
+def _unchanged(slots: list[tuple[dict, str]], state: list) -> bool:
+    """`_state(slots) == state`, without building containers: it runs every decode step, and
+    a few hundred tuples a step would wake Python's cyclic garbage collector."""
+    i = 0
+    for params, name in slots:
+        t = params.get(name)
+        if t is None:
+            if state[i] is not None:
+                return False
+        elif (id(t) != state[i] or t.data_ptr() != state[i + 1]
+              or (0 if t.is_inference() else t._version) != state[i + 2]):
+            return False
+        i += 3
+    return True
 
 
 def layer_stack(model, kernels):
     """The native weight stack, built once and rebuilt whenever a weight is replaced or
     updated in place (a trainer's optimizer step bumps its version): a decode step then hands
     the kernel one object instead of ~200 tensors."""
-    key = tuple(_state(params.get(name)) for params, name in _weight_slots(model))
+    slots = _weight_slots(model)
     cached = _stacks.get(model)
-    if cached is not None and cached[0] == key:
+    if cached is not None and _unchanged(slots, cached[0]):
         return cached[1]
     empty = torch.empty(0, dtype=model.dtype, device=model.device)
     weights = []
@@ -66,7 +88,7 @@ def layer_stack(model, kernels):
                     layer.post_attention_layernorm.weight, mlp.gate_up_proj.panels(),
                     mlp.down_proj.panels()]
     stack = kernels.layer_stack(weights)
-    _stacks[model] = (key, stack)
+    _stacks[model] = (_state(slots), stack)
     return stack
 
 
