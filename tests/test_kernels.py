@@ -223,3 +223,13 @@ def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
     # negative control: one visible value changed moves the result past the tolerance
     v_pool[table[3, 5]] += 3.0
     assert rel_error(kernels.paged_attention(*args), reference) > 1e-3
+
+
+def test_bf16_linear_takes_the_cpus_bf16_dot_product_where_there_is_one():
+    """bf16 weights are packed for vdpbf16ps on CPUs with AVX512-BF16 ([groups, K/2, 128]) and
+    for the widening kernel elsewhere ([groups, K, 64]); fp32 weights always for the latter.
+    Either way the result is the bf16 product summed in fp32 (the reference test above)."""
+    w = torch.randn(100, 37)
+    dot = kernels.cpu_has_bf16_dot()
+    assert kernels.pack_linear_weight(w).shape == (2, 37, 64)
+    assert kernels.pack_linear_weight(w.bfloat16()).shape == ((2, 19, 128) if dot else (2, 37, 64))
