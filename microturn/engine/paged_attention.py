@@ -102,10 +102,13 @@ class PagedAttention:
 class PagedSequence:
     """One sequence (batch 1) on a block pool of its own: the engine's KV layout and attention
     kernel for plain generation (`microturn generate`, `microturn bench model`). All blocks are
-    taken up front; `length` may be set back to drop the tail (the slots are rewritten)."""
+    taken up front; `length` may be set back to drop the tail (the slots are rewritten).
+    Blocks are 256 slots: one sequence shares its pool with nobody, and each kv head's history
+    then comes in 32 KiB runs, which a decode step's attention reads faster than 8 KiB ones
+    (A/B at 1,000 slots: 11.2 -> 10.2-10.5 ms a step; at 4,000: 16.3 -> 15.3)."""
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", block_size: int = 64):
+                 device: torch.device | str = "cpu", block_size: int = 256):
         if capacity <= 0:
             raise MicroturnError(f"kv cache: capacity must be > 0, got {capacity}")
         blocks = -(-capacity // block_size)
