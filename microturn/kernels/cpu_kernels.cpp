@@ -166,6 +166,9 @@ bool cpu_has_bf16_dot() {
   return yes;
 }
 
+// Weights packed for this kernel (pack_linear_weight's choice): the last dim holds 64 pairs.
+inline bool dot_packed(const torch::Tensor& panels) { return panels.size(-1) == 2 * DOT_COLS; }
+
 #define MICROTURN_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // tile [MR][64] = x rows [MR][k] (bf16, row stride ldx) times one packed group
@@ -700,44 +703,38 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
                             c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "packed_linear: CPU tensors only");
-  if (panels.dim() == 3 && panels.size(2) == 2 * DOT_COLS) {  // the bf16 dot-product layout
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && panels.scalar_type() == torch::kBFloat16 &&
-                panels.is_contiguous() && panels.size(0) == (n + DOT_COLS - 1) / DOT_COLS &&
-                (x.size(-1) + 1) / 2 == panels.size(1),
-                "packed_linear: bf16 x and its packed weight expected");
-    const int64_t k = x.size(-1);
-    auto out_shape = x.sizes().vec();
-    out_shape.back() = n;
-    auto xc = x.reshape({-1, k}).contiguous();
-    const int64_t m = xc.size(0);
-    auto y = torch::empty({m, n}, x.options());
-    torch::Tensor b32;
-    if (bias.has_value()) b32 = bias->to(torch::kFloat32).contiguous();
-    dot_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
-             reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()),
-             bias.has_value() ? b32.data_ptr<float>() : nullptr, y.data_ptr<at::BFloat16>(), m, n, k);
-    return y.view(out_shape);
-  }
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == GROUP_COLS && panels.is_contiguous() &&
-              panels.size(0) == (n + GROUP_COLS - 1) / GROUP_COLS,
+  const bool dot = panels.dim() == 3 && dot_packed(panels);
+  const int64_t cols = dot ? DOT_COLS : GROUP_COLS;
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == (dot ? 2 * DOT_COLS : GROUP_COLS) &&
+              panels.is_contiguous() && panels.size(0) == (n + cols - 1) / cols,
               "packed_linear: panels from pack_linear_weight expected");
-  const int64_t k = panels.size(1);
-  TORCH_CHECK(x.size(-1) == k, "packed_linear: x has ", x.size(-1), " features, weight ", k);
+  const int64_t k = x.size(-1);
+  TORCH_CHECK((dot ? (k + 1) / 2 : k) == panels.size(1), "packed_linear: x has ", k,
+              " features, the packed weight another count");
+  TORCH_CHECK(x.scalar_type() == panels.scalar_type() &&
+              (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
+              "packed_linear: x and weight must both be fp32 or both bf16");
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  auto x32 = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
-  const int64_t m = x32.size(0);
+  auto rows = x.reshape({-1, k});
+  const int64_t m = rows.size(0);
   auto y = torch::empty({m, n}, x.options());
   torch::Tensor b32;
   if (bias.has_value()) b32 = bias->to(torch::kFloat32).contiguous();
   const float* bp = bias.has_value() ? b32.data_ptr<float>() : nullptr;
-  const float* xp = x32.data_ptr<float>();
-  if (panels.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16) {
-    packed_rows(xp, panels.data_ptr<at::BFloat16>(), bp, y.data_ptr<at::BFloat16>(), m, n, k);
-  } else if (panels.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32) {
-    packed_rows(xp, panels.data_ptr<float>(), bp, y.data_ptr<float>(), m, n, k);
+  if (dot) {  // bf16 x as it is
+    auto xc = rows.contiguous();
+    dot_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+             reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), bp,
+             y.data_ptr<at::BFloat16>(), m, n, k);
+    return y.view(out_shape);
+  }
+  auto x32 = rows.to(torch::kFloat32).contiguous();
+  if (x.scalar_type() == torch::kBFloat16) {
+    packed_rows(x32.data_ptr<float>(), panels.data_ptr<at::BFloat16>(), bp,
+                y.data_ptr<at::BFloat16>(), m, n, k);
   } else {
-    TORCH_CHECK(false, "packed_linear: x and weight must both be fp32 or both bf16");
+    packed_rows(x32.data_ptr<float>(), panels.data_ptr<float>(), bp, y.data_ptr<float>(), m, n, k);
   }
   return y.view(out_shape);
 }
@@ -1029,7 +1026,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, 
   auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                     T* out, int64_t cols) {
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (panels.size(2) == 2 * DOT_COLS) {  // bf16 arithmetic: no widening
+      if (dot_packed(panels)) {  // bf16 arithmetic: no widening
         dot_rows(reinterpret_cast<const uint16_t*>(in),
                  reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, out, n, cols, k);
         return;

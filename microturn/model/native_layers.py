@@ -20,27 +20,23 @@ def applies(model, x: torch.Tensor, backend) -> bool:
             and (policy.deterministic() or x.shape[1] <= ops.SMALL_BATCH_ROWS))
 
 
-# per model: its weight slots, and (weights' state, native stack). Kept beside the model, not
-# on it, so copying or pickling a model never meets the native object.
-_slots: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# per model: (its weight slots, their state when the stack was built, the native stack). Kept
+# beside the model, not on it, so copying or pickling a model never meets the native object.
 _stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _weight_slots(model) -> list[tuple[dict, str]]:
-    """Where each layer's weights live: (a module's parameter dict, name), found once. Reading
-    them through these dicts each step is ~10x cheaper than nn.Module attribute lookups."""
-    slots = _slots.get(model)
-    if slots is None:
-        slots = []
-        for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            slots += [(layer.input_layernorm._parameters, "weight"),
-                      (attn.qkv_proj._parameters, "weight"), (attn.qkv_proj._parameters, "bias"),
-                      (attn.o_proj._parameters, "weight"),
-                      (layer.post_attention_layernorm._parameters, "weight"),
-                      (mlp.gate_up_proj._parameters, "weight"),
-                      (mlp.down_proj._parameters, "weight")]
-        _slots[model] = slots
+    """Where each layer's weights live: (a module's parameter dict, name). Reading them through
+    these dicts each step is ~10x cheaper than nn.Module attribute lookups."""
+    slots = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        slots += [(layer.input_layernorm._parameters, "weight"),
+                  (attn.qkv_proj._parameters, "weight"), (attn.qkv_proj._parameters, "bias"),
+                  (attn.o_proj._parameters, "weight"),
+                  (layer.post_attention_layernorm._parameters, "weight"),
+                  (mlp.gate_up_proj._parameters, "weight"),
+                  (mlp.down_proj._parameters, "weight")]
     return slots
 
 
@@ -74,10 +70,10 @@ def layer_stack(model, kernels):
     """The native weight stack, built once and rebuilt whenever a weight is replaced or
     updated in place (a trainer's optimizer step bumps its version): a decode step then hands
     the kernel one object instead of ~200 tensors."""
-    slots = _weight_slots(model)
     cached = _stacks.get(model)
-    if cached is not None and _unchanged(slots, cached[0]):
-        return cached[1]
+    if cached is not None and _unchanged(cached[0], cached[1]):
+        return cached[2]
+    slots = _weight_slots(model)
     empty = torch.empty(0, dtype=model.dtype, device=model.device)
     weights = []
     for layer in model.layers:
@@ -88,7 +84,7 @@ def layer_stack(model, kernels):
                     layer.post_attention_layernorm.weight, mlp.gate_up_proj.panels(),
                     mlp.down_proj.panels()]
     stack = kernels.layer_stack(weights)
-    _stacks[model] = (_state(slots), stack)
+    _stacks[model] = (slots, _state(slots), stack)
     return stack
 
 
