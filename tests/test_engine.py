@@ -89,7 +89,7 @@ def test_negative_control_off_by_one_kv_write_fails(tiny, monkeypatch):
         batch = real_build(pool, segments)
         return paged_attention.PagedBatch(batch.rows, batch.keys, batch.write_blocks,
                                           (batch.write_offsets + 1) % pool.block_size,
-                                          batch.starts, batch.segments)
+                                          batch.starts)
 
     monkeypatch.setattr(paged_attention.PagedBatch, "build", staticmethod(shifted))
     engine = Engine(tiny, EngineConfig(kv_budget_mb=64, block_size=8, keep_logits=True))

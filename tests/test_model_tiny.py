@@ -201,3 +201,10 @@ def test_native_layer_stack_follows_in_place_weight_updates(kernel_choice):
     model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(
         model.layers[0].self_attn.o_proj.weight.detach() * 0.5)  # replaced
     assert relative_error(paged_logits(), full_logits(model, tokens)) < 1e-5
+    # the parts around the layers, which the whole-forward native call also keeps
+    with torch.no_grad():
+        model.norm.weight.mul_(1.25)  # in place
+    model.embed_tokens.weight.data = model.embed_tokens.weight.data * 0.75  # storage swapped
+    changed = paged_logits()
+    assert relative_error(changed, before) > 1e-3
+    assert relative_error(changed, full_logits(model, tokens)) < 1e-5

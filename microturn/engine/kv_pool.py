@@ -46,6 +46,8 @@ class KVPool:
         # row r lists session r's blocks in order; -1 marks unused entries
         self.block_table = torch.full((max_sessions, max_blocks_per_session), -1,
                                       dtype=torch.int32, device=device)
+        # on the CPU a numpy view of the same memory (no copy per step)
+        self._host_table = self.block_table.numpy() if self.block_table.is_cpu else None
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
         self.free_rows = list(range(max_sessions - 1, -1, -1))
 
@@ -68,6 +70,12 @@ class KVPool:
             return k
         k = k[..., self._column]  # [n, heads, panels, dim, 16] in slot order
         return k.transpose(-1, -2).flatten(2, 3)
+
+    def host_table(self):
+        """The block table as a numpy array on the host (batch metadata is built there)."""
+        if self._host_table is not None:
+            return self._host_table
+        return self.block_table.cpu().numpy()
 
     @property
     def blocks_in_use(self) -> int:

@@ -7,6 +7,7 @@ from per-session counters; nothing here depends on the length of any history.
 """
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -35,7 +36,6 @@ class PagedBatch:
     write_blocks: torch.Tensor  # [N] int64 physical block of each token's slot
     write_offsets: torch.Tensor  # [N] int64 offset inside that block
     starts: torch.Tensor  # [S + 1] int32 first token of each segment, then N
-    segments: tuple[Segment, ...]
 
     @classmethod
     def build(cls, pool: KVPool, segments: list[Segment]) -> "PagedBatch":
@@ -47,13 +47,18 @@ class PagedBatch:
         for s in segments:
             rows[s.start:s.end] = s.row
             slots[s.start:s.end] = np.arange(s.first_slot, s.first_slot + s.end - s.start)
-        table = pool.block_table.cpu().numpy()
-        blocks = table[rows, slots // pool.block_size].astype(np.int64)
+        blocks = pool.host_table()[rows, slots // pool.block_size].astype(np.int64)
         starts = np.array([s.start for s in segments] + [n], np.int32)
+        arrays = (rows, (slots + 1).astype(np.int32), blocks, slots % pool.block_size, starts)
         device = pool.block_table.device
-        return cls(*(torch.from_numpy(a).to(device) for a in (
-            rows, (slots + 1).astype(np.int32), blocks, slots % pool.block_size, starts)),
-            tuple(segments))
+        if device.type == "cpu":  # shares the arrays' memory: no copy, no dispatch
+            return cls(*map(torch.from_numpy, arrays))
+        return cls(*(torch.from_numpy(a).to(device) for a in arrays))
+
+    def segments(self) -> list[Segment]:
+        """The segments this batch was built from (the torch reference path reads them)."""
+        starts, rows, keys = self.starts.tolist(), self.rows.tolist(), self.keys.tolist()
+        return [Segment(rows[a], a, b, keys[a] - 1) for a, b in pairwise(starts)]
 
 
 class PagedAttention:
@@ -86,7 +91,7 @@ class PagedAttention:
         """torch path: gather each session's KV and run causal attention (one call per
         session; the fallback and the kernel's reference, not the fast path)."""
         pool, out = self.pool, torch.empty_like(q)
-        for s in self.batch.segments:
+        for s in self.batch.segments():
             seen = s.first_slot + (s.end - s.start)
             blocks = pool.block_table[s.row, :(seen + pool.block_size - 1) // pool.block_size]
             keys = pool.keys(layer, blocks.long()).transpose(0, 1).flatten(1, 2)[:, :seen]
@@ -120,13 +125,30 @@ class PagedSequence:
             self.pool.grow(self.row, have)
         self.capacity, self.length = capacity, 0
         self._attention: PagedAttention | None = None
+        self._table = self.pool.host_table()[self.row]
+        self._decode: PagedAttention | None = None  # reused by every one-token pass
 
     def prepare(self, num_new_tokens: int) -> None:
         end = self.length + num_new_tokens
         if end > self.capacity:
             raise MicroturnError(f"kv cache: {end} tokens exceed its capacity of {self.capacity}")
-        segment = Segment(self.row, 0, num_new_tokens, self.length)
-        self._attention = PagedAttention(self.pool, PagedBatch.build(self.pool, [segment]))
+        if num_new_tokens == 1 and self._decode is not None:
+            # a decode step: the last one's metadata, three numbers rewritten in place. After a
+            # pass over the weights every Python op runs on cold caches (~10-25 us each), and a
+            # fresh build takes ~15 of them.
+            keys, blocks, offsets = self._decode_arrays
+            keys[0] = end
+            blocks[0] = self._table[self.length // self.pool.block_size]
+            offsets[0] = self.length % self.pool.block_size
+            self._attention = self._decode
+        else:
+            segment = Segment(self.row, 0, num_new_tokens, self.length)
+            self._attention = PagedAttention(self.pool, PagedBatch.build(self.pool, [segment]))
+            if num_new_tokens == 1 and self.pool.block_table.is_cpu:
+                b = self._attention.batch
+                self._decode = self._attention
+                self._decode_arrays = (b.keys.numpy(), b.write_blocks.numpy(),
+                                       b.write_offsets.numpy())
         self.length = end
 
     @property

@@ -1007,17 +1007,16 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
 // (so the same bits), on buffers allocated once per pass. No torch op runs inside the loop:
 // at decode sizes their dispatch, views and copies cost more than the arithmetic (~1,500 per
 // step, ~2 ms). weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
-// post-attention norm, gate/up panels, down panels]; x [N, hidden].
+// post-attention norm, gate/up panels, down panels] (first 7 x layers entries); x [N, hidden].
 template <typename T>
-void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, const float* cos,
-                    const float* sin, int64_t n, int64_t hidden, int64_t hq, int64_t hkv,
+void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t layers, float eps,
+                    const float* cos, const float* sin, int64_t n, int64_t hidden, int64_t hq, int64_t hkv,
                     int64_t d, int64_t intermediate, bool interleaved, T* k_pools, T* v_pools,
                     int64_t pool_layer_elems, bool panel_keys, int64_t bs, const int32_t* table,
                     int64_t table_width, const int32_t* rows, const int32_t* keys,
                     const int32_t* starts, int64_t segments, const int64_t* write_blocks,
                     const int64_t* write_offsets) {
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
-  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
   std::vector<T> normed(n * hidden), qkv(n * width), att(n * q_size), proj(n * hidden);
   std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
   std::vector<float> wide(n * std::max({hidden, q_size, intermediate})), q32(n * q_size),
@@ -1065,28 +1064,55 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, float eps, 
   }
 }
 
-// The weights of a decoder's layers, checked and arranged once (biases widened to fp32, as
-// packed_linear takes them) and kept by Python between passes: a decode step then passes one
-// object instead of converting ~200 tensors. weights: per layer [input norm, qkv panels, qkv
-// bias or empty, o panels, post-attention norm, gate/up panels, down panels].
+// The weights of a decoder, checked and arranged once (biases widened to fp32, as packed_linear
+// takes them) and kept by Python between passes: a decode step then passes one object instead
+// of converting ~200 tensors. weights: per layer [input norm, qkv panels, qkv bias or empty, o
+// panels, post-attention norm, gate/up panels, down panels]; then the token embedding [vocab,
+// hidden], the final norm and the output head's panels. `sources` are the parameters these were
+// made from: fresh() says whether each still has the storage and version it had (an optimizer
+// step or a `.data` swap changes one), in C++ because a decode step asks every time and ~200
+// Python attribute reads on objects the weight stream has evicted from cache cost ~0.2 ms.
 struct LayerStack {
   std::vector<torch::Tensor> weights;
+  std::vector<torch::Tensor> sources;
+  std::vector<std::pair<const void*, int64_t>> seen;  // each source's data_ptr and version
   torch::ScalarType dtype;
-  int64_t layers;
+  int64_t layers, vocab;
+
+  static std::pair<const void*, int64_t> state(const torch::Tensor& t) {
+    return {t.data_ptr(), t.is_inference() ? 0 : static_cast<int64_t>(t._version())};
+  }
+
+  bool fresh() const {
+    for (size_t i = 0; i < sources.size(); ++i)
+      if (state(sources[i]) != seen[i]) return false;
+    return true;
+  }
+  const torch::Tensor& embedding() const { return weights[7 * layers]; }
+  const torch::Tensor& final_norm() const { return weights[7 * layers + 1]; }
+  const torch::Tensor& head() const { return weights[7 * layers + 2]; }
 };
 
-LayerStack layer_stack(std::vector<torch::Tensor> weights) {
-  TORCH_CHECK(!weights.empty() && weights.size() % 7 == 0, "layer_stack: 7 tensors per layer");
-  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
+LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> sources,
+                       int64_t vocab) {
+  TORCH_CHECK(weights.size() >= 10 && (weights.size() - 3) % 7 == 0,
+              "layer_stack: 7 tensors per layer, then embedding, final norm and head panels");
+  const int64_t layers = static_cast<int64_t>(weights.size() - 3) / 7;
   const auto dtype = weights[0].scalar_type();
   TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32, "layer_stack: fp32 or bf16 only");
-  for (int64_t l = 0; l < layers; ++l) {
-    for (int i : {0, 1, 3, 4, 5, 6})
-      TORCH_CHECK(weights[7 * l + i].scalar_type() == dtype && weights[7 * l + i].is_contiguous(),
-                  "layer_stack: weights must be contiguous and of one dtype");
-    if (weights[7 * l + 2].numel()) weights[7 * l + 2] = weights[7 * l + 2].to(torch::kFloat32).contiguous();
+  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+    if (i < 7 * layers && i % 7 == 2) {  // qkv bias
+      if (weights[i].numel()) weights[i] = weights[i].to(torch::kFloat32).contiguous();
+      continue;
+    }
+    TORCH_CHECK(weights[i].scalar_type() == dtype && weights[i].is_contiguous(),
+                "layer_stack: weights must be contiguous and of one dtype");
   }
-  return {std::move(weights), dtype, layers};
+  TORCH_CHECK(weights[7 * layers].dim() == 2 && weights[7 * layers].size(0) == vocab,
+              "layer_stack: embedding [vocab, hidden] expected");
+  std::vector<std::pair<const void*, int64_t>> seen;
+  for (const auto& t : sources) seen.push_back(LayerStack::state(t));
+  return {std::move(weights), std::move(sources), std::move(seen), dtype, layers, vocab};
 }
 
 torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, double eps,
@@ -1112,7 +1138,7 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, dou
   auto offsets = write_offsets.to(torch::kInt64).contiguous();
   const int64_t pool_layer_elems = v_pools.numel() / layers;
   auto run = [&](auto* xp, auto* kp, auto* vp) {
-    decoder_layers(xp, stack.weights, static_cast<float>(eps), cos.data_ptr<float>(),
+    decoder_layers(xp, stack.weights, layers, static_cast<float>(eps), cos.data_ptr<float>(),
                    sin.data_ptr<float>(), n, x.size(1), hq, hkv, d, intermediate, interleaved, kp,
                    vp, pool_layer_elems, panel_keys, v_pools.size(3), table.data_ptr<int32_t>(),
                    table.size(1), rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
@@ -1128,6 +1154,50 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, dou
   return out;
 }
 
+// A whole forward pass through the paged pool in one call: token embedding (or the given
+// embeddings), rotary angles, every layer, the final norm and the output head for the rows in
+// logits_at only. The same kernels the Python modules call, in the same order: the same bits.
+// What it removes is ~10 Python-dispatched ops around the layers, which after a pass over
+// 270 MB of weights run with cold caches (~0.5 ms a decode step).
+torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token_ids,
+                                    c10::optional<torch::Tensor> embeds, torch::Tensor positions,
+                                    torch::Tensor inv_freq, c10::optional<torch::Tensor> logits_at,
+                                    double eps, int64_t hq, int64_t hkv, int64_t d,
+                                    int64_t intermediate, bool interleaved,
+                                    torch::Tensor k_pools, torch::Tensor v_pools,
+                                    torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
+                                    torch::Tensor starts, torch::Tensor write_blocks,
+                                    torch::Tensor write_offsets) {
+  const auto& embedding = stack.embedding();
+  const int64_t hidden = embedding.size(1);
+  auto ids = token_ids.reshape({-1}).to(torch::kInt64).contiguous();
+  const int64_t n = ids.numel();
+  torch::Tensor x;
+  if (embeds.has_value()) {
+    TORCH_CHECK(embeds->numel() == n * hidden && embeds->scalar_type() == stack.dtype,
+                "paged_decoder_forward: embeds [N, hidden] of the weights' dtype expected");
+    x = embeds->reshape({n, hidden}).contiguous();
+  } else {
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < stack.vocab, "paged_decoder_forward: token id ", ip[i],
+                  " outside [0, ", stack.vocab, ")");
+    x = embedding.index_select(0, ids);
+  }
+  auto angles = rotary_angles(positions.reshape({-1}), inv_freq);
+  auto h = paged_decoder_layers(x, stack, eps, angles[0], angles[1], hq, hkv, d, intermediate,
+                                interleaved, k_pools, v_pools, table, rows, keys, starts,
+                                write_blocks, write_offsets);
+  if (logits_at.has_value()) {
+    auto at = logits_at->reshape({-1}).to(torch::kInt64);
+    at = torch::where(at < 0, at + n, at);
+    TORCH_CHECK(at.numel() == 0 || (at.min().item<int64_t>() >= 0 && at.max().item<int64_t>() < n),
+                "paged_decoder_forward: logits_at outside the pass's ", n, " tokens");
+    h = h.index_select(0, at);
+  }
+  return packed_linear(rms_norm(h, stack.final_norm(), eps), stack.head(), stack.vocab, c10::nullopt);
+}
+
 // The long calls release the GIL, so a server's event loop keeps running during a tick.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -1135,8 +1205,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "bf16 linears use the CPU's bf16 dot product");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
   m.def("cached_attention", &cached_attention, nogil, "attention over an in-place KV buffer");
-  py::class_<LayerStack>(m, "LayerStack", py::module_local());  // builds may coexist (A/B runs)
-  m.def("layer_stack", &layer_stack, "a decoder's layer weights, checked and arranged once");
+  py::class_<LayerStack>(m, "LayerStack", py::module_local())  // builds may coexist (A/B runs)
+      .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
+  m.def("layer_stack", &layer_stack, "a decoder's weights, checked and arranged once");
+  m.def("paged_decoder_forward", &paged_decoder_forward, nogil, "a whole paged forward pass, one call");
   m.def("paged_decoder_layers", &paged_decoder_layers, nogil, "all layers of a paged pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
   m.def("paged_attention", &paged_attention, nogil, "ragged attention through block tables");

@@ -56,13 +56,33 @@ class Decoder(nn.Module):
                       ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for token_ids and positions, both [B, T].
         `embeds` [B, T, hidden], when given, replaces the token embedding (media inputs)."""
+        self._begin_pass(token_ids, positions, backend)
+        return self._hidden_states(token_ids, positions, backend, embeds)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                backend: AttentionBackend, logits_at: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T', vocab] for the steps in `logits_at` (all T steps when None)."""
+        self._begin_pass(token_ids, positions, backend)
+        if native_layers.applies(self, token_ids, backend):  # one native call, the same bits
+            return native_layers.run_forward(self, token_ids, positions, backend, logits_at,
+                                             embeds)
+        hidden = self._hidden_states(token_ids, positions, backend, embeds)
+        if logits_at is not None:
+            hidden = hidden[:, logits_at]
+        return self.lm_head(hidden)
+
+    def _begin_pass(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                    backend: AttentionBackend) -> None:
         if token_ids.shape != positions.shape or token_ids.dim() != 2:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} and positions "
                              f"{tuple(positions.shape)} must both be [batch, steps]")
         backend.prepare(token_ids.shape[1])
+        if self.inv_freq.device != token_ids.device:
+            self.inv_freq = self.inv_freq.to(token_ids.device)
+
+    def _hidden_states(self, token_ids, positions, backend, embeds):
         x = self.embed_tokens(token_ids) if embeds is None else embeds
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
         rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
         if native_layers.applies(self, x, backend):  # same kernels, one call for all layers
             x = native_layers.run_layers(self, x, rotary, backend)
@@ -70,15 +90,6 @@ class Decoder(nn.Module):
             for layer in self.layers:
                 x = layer(x, rotary, backend)
         return self.norm(x)
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                backend: AttentionBackend, logits_at: torch.Tensor | None = None,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T', vocab] for the steps in `logits_at` (all T steps when None)."""
-        hidden = self.hidden_states(token_ids, positions, backend, embeds)
-        if logits_at is not None:
-            hidden = hidden[:, logits_at]
-        return self.lm_head(hidden)
 
 
 def init_random_weights(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:

@@ -1,9 +1,11 @@
-"""All decoder layers of a paged pass in one native call (`paged_decoder_layers`).
+"""A paged pass in one native call: all decoder layers (`paged_decoder_layers`), or the whole
+forward from token ids to logits (`paged_decoder_forward`).
 
-The C++ function runs the same kernels in the same order as the Python layer loop, so it gives
-the same bits; what it removes is the ~15 Python-dispatched calls per layer that dominate a
-decode step's overhead. It applies on the CPU kernels' paged path without autograd, for the
-Llama/Qwen2 layer (no q/k norm), and where the Python loop would also take the kernels.
+The C++ functions run the same kernels in the same order as the Python modules, so they give
+the same bits; what they remove is the ~15 Python-dispatched calls per layer (and ~10 around
+the layers) that dominate a decode step's overhead. They apply on the CPU kernels' paged path
+without autograd, for the Llama/Qwen2 layer (no q/k norm), and where the Python loop would also
+take the kernels.
 """
 
 import weakref
@@ -20,50 +22,23 @@ def applies(model, x: torch.Tensor, backend) -> bool:
             and (policy.deterministic() or x.shape[1] <= ops.SMALL_BATCH_ROWS))
 
 
-# per model: (its weight slots, their state when the stack was built, the native stack). Kept
-# beside the model, not on it, so copying or pickling a model never meets the native object.
+# per model: (the parameter generation it was built at, the native stack). Kept beside the
+# model, not on it, so copying or pickling a model never meets the native object.
 _stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-
-def _weight_slots(model) -> list[tuple[dict, str]]:
-    """Where each layer's weights live: (a module's parameter dict, name). Reading them through
-    these dicts each step is ~10x cheaper than nn.Module attribute lookups."""
-    slots = []
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        slots += [(layer.input_layernorm._parameters, "weight"),
-                  (attn.qkv_proj._parameters, "weight"), (attn.qkv_proj._parameters, "bias"),
-                  (attn.o_proj._parameters, "weight"),
-                  (layer.post_attention_layernorm._parameters, "weight"),
-                  (mlp.gate_up_proj._parameters, "weight"),
-                  (mlp.down_proj._parameters, "weight")]
-    return slots
+# Bumped whenever any module anywhere registers a parameter (`module.weight = Parameter(...)`,
+# `load_state_dict(assign=True)`, a new module): a replaced weight is then seen without walking
+# ~200 parameter slots each step. In-place updates and `.data` swaps keep the parameter and
+# change its version or storage, which the native stack checks itself (`fresh()`).
+_generation = 0
 
 
-def _state(slots: list[tuple[dict, str]]) -> list:
-    """Each weight's identity, storage and version, flat: [id, data_ptr, version, ...]."""
-    state = []
-    for params, name in slots:
-        t = params.get(name)
-        state += (None, None, None) if t is None else (
-            id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
-    return state
+def _parameter_registered(module, name, param) -> None:
+    global _generation
+    _generation += 1
 
 
-def _unchanged(slots: list[tuple[dict, str]], state: list) -> bool:
-    """`_state(slots) == state`, without building containers: it runs every decode step, and
-    a few hundred tuples a step would wake Python's cyclic garbage collector."""
-    i = 0
-    for params, name in slots:
-        t = params.get(name)
-        if t is None:
-            if state[i] is not None:
-                return False
-        elif (id(t) != state[i] or t.data_ptr() != state[i + 1]
-              or (0 if t.is_inference() else t._version) != state[i + 2]):
-            return False
-        i += 3
-    return True
+torch.nn.modules.module.register_module_parameter_registration_hook(_parameter_registered)
 
 
 def layer_stack(model, kernels):
@@ -71,11 +46,11 @@ def layer_stack(model, kernels):
     updated in place (a trainer's optimizer step bumps its version): a decode step then hands
     the kernel one object instead of ~200 tensors."""
     cached = _stacks.get(model)
-    if cached is not None and _unchanged(cached[0], cached[1]):
-        return cached[2]
-    slots = _weight_slots(model)
+    if cached is not None and cached[0] == _generation and cached[1].fresh():
+        return cached[1]
+    generation = _generation
     empty = torch.empty(0, dtype=model.dtype, device=model.device)
-    weights = []
+    weights, sources = [], []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         bias = attn.qkv_proj.bias
@@ -83,8 +58,14 @@ def layer_stack(model, kernels):
                     empty if bias is None else bias, attn.o_proj.panels(),
                     layer.post_attention_layernorm.weight, mlp.gate_up_proj.panels(),
                     mlp.down_proj.panels()]
-    stack = kernels.layer_stack(weights)
-    _stacks[model] = (slots, _state(slots), stack)
+        sources += [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                    mlp.down_proj.weight] + ([] if bias is None else [bias])
+    weights += [model.embed_tokens.weight, model.norm.weight, model.lm_head.panels()]
+    sources += [model.embed_tokens.weight, model.norm.weight, model.lm_head.weight]
+    stack = kernels.layer_stack([w.detach() for w in weights], [t.detach() for t in sources],
+                                model.config.vocab_size)
+    _stacks[model] = (generation, stack)
     return stack
 
 
@@ -99,3 +80,18 @@ def run_layers(model, x: torch.Tensor, rotary: RotaryAngles, backend) -> torch.T
         pool.k, pool.v, pool.block_table, b.rows, b.keys, b.starts, b.write_blocks,
         b.write_offsets)
     return out.unsqueeze(0)
+
+
+def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor, backend,
+                logits_at: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
+    """The whole forward pass (embedding to logits at `logits_at`) in one native call: the
+    Python modules' kernels in their order, so the same bits, without ~10 dispatched ops."""
+    c, paged = model.config, backend.paged
+    kernels = ops.kernels_for(token_ids)
+    b, pool = paged.batch, paged.pool
+    logits = kernels.paged_decoder_forward(
+        layer_stack(model, kernels), token_ids, None if embeds is None else embeds[0], positions,
+        model.inv_freq, logits_at, c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.head_dim,
+        c.intermediate_size, c.rope_layout == "interleaved", pool.k, pool.v, pool.block_table,
+        b.rows, b.keys, b.starts, b.write_blocks, b.write_offsets)
+    return logits.unsqueeze(0)
