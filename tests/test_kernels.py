@@ -225,6 +225,29 @@ def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
     assert rel_error(kernels.paged_attention(*args), reference) > 1e-3
 
 
+@pytest.mark.parametrize("block_size,dim", [(16, 64), (256, 64), (32, 16)])
+def test_decode_attention_in_16_lane_vectors_gives_the_8_lane_bits(block_size, dim):
+    """Where the CPU has AVX-512, a decode step's bf16 attention (few rows, K/V read in place)
+    runs in 16-lane vectors. It must give the 8-lane code's bits, or a result would depend on
+    which CPU computed it (the trainer's and the sampler's may differ)."""
+    lengths, news = [1, 130, 600, 1100], [1, 1, 3, 2]  # <= 3 tokens x 3 heads: read in place
+    args, reference = paged_case(torch.bfloat16, block_size, dim, lengths, news, seed=dim)
+    if not kernels.wide_attention(False):
+        kernels.wide_attention(True)
+        pytest.skip("this CPU has no AVX-512: the 8-lane code is the only one")
+    try:
+        narrow = kernels.paged_attention(*args)
+    finally:
+        kernels.wide_attention(True)
+    wide = kernels.paged_attention(*args)
+    assert rel_error(wide, reference) < TOLERANCE[torch.bfloat16] * 10
+    assert torch.equal(wide, narrow)
+    # negative control: one visible key one bf16 step away changes the bits
+    q, k_pool, v_pool, table, rows, keys, starts = args
+    k_pool.view(torch.int16)[table[2, 0], 1, 0, 3, 5] += 1
+    assert not torch.equal(kernels.paged_attention(*args), wide)
+
+
 def test_bf16_linear_takes_the_cpus_bf16_dot_product_where_there_is_one():
     """bf16 weights are packed for vdpbf16ps on CPUs with AVX512-BF16 ([groups, K/2, 128]) and
     for the widening kernel elsewhere ([groups, K, 64]); fp32 weights always for the latter.
