@@ -225,13 +225,14 @@ def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
     assert rel_error(kernels.paged_attention(*args), reference) > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size,dim", [(16, 64), (256, 64), (32, 16)])
-def test_decode_attention_in_16_lane_vectors_gives_the_8_lane_bits(block_size, dim):
-    """Where the CPU has AVX-512, a decode step's bf16 attention (few rows, K/V read in place)
-    runs in 16-lane vectors. It must give the 8-lane code's bits, or a result would depend on
-    which CPU computed it (the trainer's and the sampler's may differ)."""
-    lengths, news = [1, 130, 600, 1100], [1, 1, 3, 2]  # <= 3 tokens x 3 heads: read in place
-    args, reference = paged_case(torch.bfloat16, block_size, dim, lengths, news, seed=dim)
+def test_attention_in_16_lane_vectors_gives_the_8_lane_bits(dtype, block_size, dim):
+    """Where the CPU has AVX-512, attention runs in 16-lane vectors: decode steps reading K/V
+    in place (few rows) and segments widening them (25 tokens: 75 rows). It must give the
+    8-lane code's bits, or a result would depend on which CPU computed it."""
+    lengths, news = [1, 130, 600, 1100, 300], [1, 1, 3, 2, 25]
+    args, reference = paged_case(dtype, block_size, dim, lengths, news, seed=dim)
     if not kernels.wide_attention(False):
         kernels.wide_attention(True)
         pytest.skip("this CPU has no AVX-512: the 8-lane code is the only one")
@@ -240,11 +241,15 @@ def test_decode_attention_in_16_lane_vectors_gives_the_8_lane_bits(block_size, d
     finally:
         kernels.wide_attention(True)
     wide = kernels.paged_attention(*args)
-    assert rel_error(wide, reference) < TOLERANCE[torch.bfloat16] * 10
+    assert rel_error(wide, reference) < TOLERANCE[dtype] * 10
     assert torch.equal(wide, narrow)
-    # negative control: one visible key one bf16 step away changes the bits
+    # negative control: one visible key nudged by ~1e-3 of itself (one bf16 step) changes bits
     q, k_pool, v_pool, table, rows, keys, starts = args
-    k_pool.view(torch.int16)[table[2, 0], 1, 0, 3, 5] += 1
+    key = k_pool[table[2, 0], 1, 0, 3]
+    if dtype == torch.bfloat16:
+        key.view(torch.int16)[5] += 1
+    else:
+        key.view(torch.int32)[5] += 1 << 13
     assert not torch.equal(kernels.paged_attention(*args), wide)
 
 

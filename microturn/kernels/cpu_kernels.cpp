@@ -419,15 +419,15 @@ inline void pv_rows(const float* p, int64_t ldp, const V* v, int64_t d, float* a
         acc[m * d + j] = std::fma(p[m * ldp + s], static_cast<float>(v[s * d + j]), acc[m * d + j]);
 }
 
-// ---- the same decode attention arithmetic in 16-lane vectors (CPUs with AVX-512) ----
+// ---- the same attention arithmetic in 16-lane vectors (CPUs with AVX-512) ----
 //
-// A decode step's few query rows read bf16 K/V in place. With AVX-512 one bf16 key panel row
-// (16 slots) widens into one vector, and one value row of 64 channels into four: half the
-// instructions of the 8-lane code, and enough accumulators (up to 4 panels or 64 channels at a
-// time) to keep both FMA units busy where the 8-lane code waits on its FMA chains. Each score
-// and each output channel is still ONE fp32 accumulator updated by FMA in the same order
-// (channels 0..d-1 for a score, slots in order for an output), so the bits are those of the
-// 8-lane code: which one a CPU runs never shows in the results.
+// With AVX-512 one key panel row (16 slots) is one vector, and a value row of 64 channels four:
+// half the instructions of the 8-lane code, and enough accumulators (up to 4 panels or 64
+// channels at a time) to keep both FMA units busy where the 8-lane code waits on its FMA chains.
+// Each score and each output channel is still ONE fp32 accumulator updated by FMA in the same
+// order (channels 0..d-1 for a score, slots in order for an output), so the bits are those of
+// the 8-lane code: which one a CPU runs never shows in the results. It serves both the in-place
+// reads of a decode step and the widened copies of a prefill.
 #define MICROTURN_WIDE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 std::atomic<bool> g_wide_attention{true};  // tests switch it off to compare the two
@@ -440,23 +440,28 @@ bool cpu_has_avx512() {
   return yes;
 }
 
-// out [MR][P x 16] (row stride ldo) = q rows [MR][d] (fp32, row stride ldq) . P bf16 key panels
-// [d][16] (slots
-// j and 8 + j share word j of a panel row, so a widened row holds slots 0, 8, 1, 9, ...: the
-// store puts them back in slot order)
-template <int MR, int P>
-MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq,
-                                                const at::BFloat16* const* panels, int64_t d,
-                                                float* out, int64_t ldo) {
+// 16 keys of one panel row as fp32: fp32 panels (and widened copies) hold slots in order; bf16
+// panels pair slots j and 8 + j in word j, so the widened row holds slots 0, 8, 1, 9, ...
+MICROTURN_WIDE_TARGET inline __m512 load_keys16(const float* p) { return _mm512_loadu_ps(p); }
+MICROTURN_WIDE_TARGET inline __m512 load_keys16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// 16 consecutive values as fp32 (value rows are never paired)
+MICROTURN_WIDE_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MICROTURN_WIDE_TARGET inline __m512 load16(const at::BFloat16* p) { return load_keys16(p); }
+
+// out [MR][P x 16] (row stride ldo) = q rows [MR][d] (fp32, row stride ldq) . P key panels
+// [d][16], in slot order
+template <int MR, int P, typename W>
+MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq, const W* const* panels,
+                                                int64_t d, float* out, int64_t ldo) {
   __m512 acc[MR][P];
   for (int m = 0; m < MR; ++m)
     for (int p = 0; p < P; ++p) acc[m][p] = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; ++j) {
     __m512 k[P];
-    for (int p = 0; p < P; ++p) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panels[p] + j * PANEL));
-      k[p] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
+    for (int p = 0; p < P; ++p) k[p] = load_keys16(panels[p] + j * PANEL);
     for (int m = 0; m < MR; ++m) {
       const __m512 qv = _mm512_set1_ps(q[m * ldq + j]);
       for (int p = 0; p < P; ++p) acc[m][p] = _mm512_fmadd_ps(qv, k[p], acc[m][p]);
@@ -465,43 +470,39 @@ MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq,
   const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int m = 0; m < MR; ++m)
     for (int p = 0; p < P; ++p)
-      _mm512_storeu_ps(out + m * ldo + p * PANEL, _mm512_permutexvar_ps(order, acc[m][p]));
+      _mm512_storeu_ps(out + m * ldo + p * PANEL, std::is_same_v<W, float>
+                           ? acc[m][p] : _mm512_permutexvar_ps(order, acc[m][p]));
 }
 
-// scores sc [MR][CHUNK] of MR rows over a chunk's `panels` key panels, read in place
-template <int MR>
-MICROTURN_WIDE_TARGET void key_rows_wide(const float* q, int64_t d,
-                                         const KvHead<at::BFloat16>& h, int64_t c0,
-                                         int64_t panels, float* sc, int64_t ldo) {
+// scores out [MR][ldo] of MR rows against `panels` key panels, panel p at panel_at(p)
+template <int MR, typename PanelAt>
+MICROTURN_WIDE_TARGET void key_rows_wide(const float* q, int64_t d, PanelAt panel_at,
+                                         int64_t panels, float* out, int64_t ldo) {
+  using W = std::remove_const_t<std::remove_pointer_t<decltype(panel_at(0))>>;
   for (int64_t p = 0; p < panels;) {
-    const at::BFloat16* at[4];
+    const W* at[4];
     const int64_t take = std::min<int64_t>(4, panels - p);
-    for (int64_t i = 0; i < take; ++i) at[i] = h.k + h.offset(c0 + (p + i) * PANEL);
-    float* out = sc + p * PANEL;
+    for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
     switch (take) {
-      case 4: key_tile_wide<MR, 4>(q, d, at, d, out, ldo); break;
-      case 3: key_tile_wide<MR, 3>(q, d, at, d, out, ldo); break;
-      case 2: key_tile_wide<MR, 2>(q, d, at, d, out, ldo); break;
-      default: key_tile_wide<MR, 1>(q, d, at, d, out, ldo); break;
+      case 4: key_tile_wide<MR, 4>(q, d, at, d, out + p * PANEL, ldo); break;
+      case 3: key_tile_wide<MR, 3>(q, d, at, d, out + p * PANEL, ldo); break;
+      case 2: key_tile_wide<MR, 2>(q, d, at, d, out + p * PANEL, ldo); break;
+      default: key_tile_wide<MR, 1>(q, d, at, d, out + p * PANEL, ldo); break;
     }
     p += take;
   }
 }
 
 // acc[m][j0 : j0 + 16C] += sum_{s < n} p[m][s] v[s][j0 : ...] for MR rows, slots in order
-template <int MR, int C>
-MICROTURN_WIDE_TARGET inline void value_block_wide(const float* p, int64_t ldp,
-                                                   const at::BFloat16* v, int64_t d, int64_t j0,
-                                                   float* acc, int64_t n) {
+template <int MR, int C, typename V>
+MICROTURN_WIDE_TARGET inline void value_block_wide(const float* p, int64_t ldp, const V* v,
+                                                   int64_t d, int64_t j0, float* acc, int64_t n) {
   __m512 a[MR][C];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
   for (int64_t s = 0; s < n; ++s) {
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * d + j0 + 16 * c));
-      vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + s * d + j0 + 16 * c);
     for (int m = 0; m < MR; ++m) {
       const __m512 ps = _mm512_set1_ps(p[m * ldp + s]);
       for (int c = 0; c < C; ++c) a[m][c] = _mm512_fmadd_ps(ps, vv[c], a[m][c]);
@@ -511,11 +512,10 @@ MICROTURN_WIDE_TARGET inline void value_block_wide(const float* p, int64_t ldp,
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + m * d + j0 + 16 * c, a[m][c]);
 }
 
-template <int MR>
-MICROTURN_WIDE_TARGET inline void value_rows_wide(const float* p, int64_t ldp,
-                                                  const at::BFloat16* v, int64_t d, float* acc,
-                                                  int64_t n) {  // d a multiple of 16
-  int64_t j = 0;
+template <int MR, typename V>
+MICROTURN_WIDE_TARGET inline void value_rows_wide(const float* p, int64_t ldp, const V* v,
+                                                  int64_t d, float* acc, int64_t n) {
+  int64_t j = 0;  // d is a multiple of 16
   for (; j + 64 <= d; j += 64) value_block_wide<MR, 4>(p, ldp, v, d, j, acc, n);
   for (; j < d; j += 16) value_block_wide<MR, 1>(p, ldp, v, d, j, acc, n);
 }
@@ -538,9 +538,8 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
   std::fill(row_sum, row_sum + rows, 0.0f);
   float* sc = w.scores.data();
   int64_t first = 0;  // rows before `first` see none of the current chunk
-  constexpr bool bf16 = std::is_same_v<T, at::BFloat16>;
-  const bool wide_cpu = bf16 && d % PANEL == 0 && cpu_has_avx512() &&
-                        g_wide_attention.load(std::memory_order_relaxed);
+  const bool wide = d % PANEL == 0 && cpu_has_avx512() &&
+                    g_wide_attention.load(std::memory_order_relaxed);  // the same bits
   prefetch_slots(h, s_begin, s_end - s_begin);  // the split's K/V (<= 128 KiB) into L2
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
     const int64_t n = std::min(CHUNK, s_end - c0);
@@ -555,11 +554,16 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
       widen_values(h, c0, n, w.values.data());
     }
     const int64_t panels = (n + PANEL - 1) / PANEL;
-    const bool wide = in_place && wide_cpu;  // 16-lane vectors, the same bits
     row_tiles(first, rows, [&](auto mr, int64_t r) {
       constexpr int MR = decltype(mr)::value;
-      if constexpr (bf16) {
-        if (wide) return key_rows_wide<MR>(q + r * d, d, h, c0, panels, sc + r * CHUNK, CHUNK);
+      if (wide && in_place) {
+        return key_rows_wide<MR>(q + r * d, d, [&](int64_t p) { return h.k + h.offset(c0 + p * PANEL); },
+                                 panels, sc + r * CHUNK, CHUNK);
+      }
+      if (wide) {
+        const float* keys = w.keys.data();
+        return key_rows_wide<MR>(q + r * d, d, [&](int64_t p) { return keys + p * d * PANEL; },
+                                 panels, sc + r * CHUNK, CHUNK);
       }
       float tile[MR * PANEL];
       for (int64_t p = 0; p < panels; ++p) {
@@ -603,19 +607,20 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
     auto pv = [&](auto mr, int64_t r, int64_t a, int64_t b) {
       constexpr int MR = decltype(mr)::value;
       if (!in_place) {
-        pv_rows<MR>(sc + r * CHUNK, CHUNK, w.values.data(), d, acc + r * d, a, b);
+        if (wide) {
+          value_rows_wide<MR>(sc + r * CHUNK + a, CHUNK, w.values.data() + a * d, d, acc + r * d, b - a);
+        } else {
+          pv_rows<MR>(sc + r * CHUNK, CHUNK, w.values.data(), d, acc + r * d, a, b);
+        }
         return;
       }
       for (int64_t s0 = a; s0 < b;) {
         const int64_t s1 = std::min(b, s0 + h.bs - (c0 + s0) % h.bs);  // to the block's end
-        bool done = false;
-        if constexpr (bf16) {
-          if (wide) {
-            value_rows_wide<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, s1 - s0);
-            done = true;
-          }
+        if (wide) {
+          value_rows_wide<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, s1 - s0);
+        } else {
+          pv_rows<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, 0, s1 - s0);
         }
-        if (!done) pv_rows<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, 0, s1 - s0);
         s0 = s1;
       }
     };
