@@ -1309,11 +1309,14 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token
   auto h = paged_decoder_layers(x, stack, eps, angles[0], angles[1], hq, hkv, d, intermediate,
                                 interleaved, k_pools, v_pools, table, rows, keys, starts,
                                 write_blocks, write_offsets);
-  if (logits_at.has_value()) {
-    auto at = logits_at->reshape({-1}).to(torch::kInt64);
-    at = torch::where(at < 0, at + n, at);
-    TORCH_CHECK(at.numel() == 0 || (at.min().item<int64_t>() >= 0 && at.max().item<int64_t>() < n),
-                "paged_decoder_forward: logits_at outside the pass's ", n, " tokens");
+  if (logits_at.has_value()) {  // indices as Python's: negative ones count from the end
+    auto at = logits_at->reshape({-1}).to(torch::kInt64).clone();
+    int64_t* ap = at.data_ptr<int64_t>();
+    for (int64_t i = 0; i < at.numel(); ++i) {
+      if (ap[i] < 0) ap[i] += n;
+      TORCH_CHECK(ap[i] >= 0 && ap[i] < n, "paged_decoder_forward: logits_at outside the pass's ",
+                  n, " tokens");
+    }
     h = h.index_select(0, at);
   }
   return packed_linear(rms_norm(h, stack.final_norm(), eps), stack.head(), stack.vocab, c10::nullopt);
