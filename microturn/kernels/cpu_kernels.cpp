@@ -37,10 +37,33 @@ inline float horizontal_sum(__m256 v) {
 }
 
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// fp32 -> bf16 for 8 lanes with c10's rounding (to nearest even; any NaN becomes 0x7FC0), so
+// a vector store gives the bits of static_cast<at::BFloat16> element by element
 inline void store8(at::BFloat16* p, __m256 v) {
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  for (int j = 0; j < 8; ++j) p[j] = static_cast<at::BFloat16>(tmp[j]);
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i bits = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// dst[i] = T(float(a[i]) * scale) or T(float(a[i]) + float(b[i])): each element rounded once,
+// as the scalar expressions do, 8 at a time
+template <typename T, typename U>
+inline void scale_rows(const T* a, float scale, U* dst, int64_t n) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_mul_ps(load8(a + i), s));
+  for (; i < n; ++i) dst[i] = static_cast<U>(static_cast<float>(a[i]) * scale);
+}
+
+template <typename T>
+inline void add_rows(T* x, const T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(x + i, _mm256_add_ps(load8(x + i), load8(y + i)));
+  for (; i < n; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
 // ---- linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) over packed weight panels ----
@@ -952,10 +975,19 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t d, floa
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * d;
-      float sq = 0.0f;
-      for (int64_t j = 0; j < d; ++j) sq += static_cast<float>(row[j]) * static_cast<float>(row[j]);
+      __m256 lanes = _mm256_setzero_ps();  // the sum of squares: 8 lanes, then across, then the tail
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8) {
+        const __m256 v = load8(row + j);
+        lanes = _mm256_fmadd_ps(v, v, lanes);
+      }
+      float sq = horizontal_sum(lanes);
+      for (; j < d; ++j) sq += static_cast<float>(row[j]) * static_cast<float>(row[j]);
       const float scale = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
-      for (int64_t j = 0; j < d; ++j)
+      const __m256 s = _mm256_set1_ps(scale);
+      for (j = 0; j + 8 <= d; j += 8)
+        store8(out + r * d + j, _mm256_mul_ps(load8(w + j), _mm256_mul_ps(load8(row + j), s)));
+      for (; j < d; ++j)
         out[r * d + j] = static_cast<T>(static_cast<float>(w[j]) * (static_cast<float>(row[j]) * scale));
     }
   });
@@ -1155,10 +1187,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
     widen(in, wide.data(), n * k);
     packed_rows(wide.data(), panels.data_ptr<T>(), bias, out, n, cols, k);
   };
-  auto add_into_x = [&](const T* y) {  // x = x + y, rounded once per element (torch's add)
-    for (int64_t i = 0; i < n * hidden; ++i)
-      x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
-  };
+  auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = weights.data() + 7 * l;
     const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
@@ -1169,12 +1198,10 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
     rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
     write_rows(k_pool, v_pool, panel_keys, qkv.data() + q_size, qkv.data() + q_size + kv_size,
                write_blocks, write_offsets, n, hkv, bs, d, width);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < q_size; ++j)
-        q32[t * q_size + j] = static_cast<float>(qkv[t * width + j]) * q_scale;
+    for (int64_t t = 0; t < n; ++t) scale_rows(qkv.data() + t * width, q_scale, q32.data() + t * q_size, q_size);
     paged_segments(q32.data(), k_pool, panel_keys, v_pool, table, table_width, rows, keys,
                    starts, segments, att32.data(), hq, hkv, bs, d);
-    for (int64_t i = 0; i < n * q_size; ++i) att[i] = static_cast<T>(att32[i]);
+    scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
     linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
     add_into_x(proj.data());
     rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
