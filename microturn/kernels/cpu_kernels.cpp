@@ -451,14 +451,15 @@ inline void pv_rows(const float* p, int64_t ldp, const V* v, int64_t d, float* a
 // order (channels 0..d-1 for a score, slots in order for an output), so the bits are those of
 // the 8-lane code: which one a CPU runs never shows in the results. It serves both the in-place
 // reads of a decode step and the widened copies of a prefill.
-#define MICROTURN_WIDE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define MICROTURN_WIDE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 std::atomic<bool> g_wide_attention{true};  // tests switch it off to compare the two
 
 bool cpu_has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq");
   }();
   return yes;
 }
@@ -543,6 +544,41 @@ MICROTURN_WIDE_TARGET inline void value_rows_wide(const float* p, int64_t ldp, c
   for (; j < d; j += 16) value_block_wide<MR, 1>(p, ldp, v, d, j, acc, n);
 }
 
+// exp8's polynomial in 16 lanes: the same operations per lane, so the same bits
+MICROTURN_WIDE_TARGET inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                   _mm512_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  const __m512i pow2 = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+// s[j] = exp(s[j] - shift) for j < valid (0 past it, up to the next multiple of 16); returns the
+// 8-lane partial sums in the 8-lane loop's order (low half, then high half, of each 16)
+MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float shift) {
+  const __m512 by = _mm512_set1_ps(shift);
+  __m256 lanes = _mm256_setzero_ps();
+  for (int64_t j = 0; j < valid; j += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), by));
+    if (valid - j < 16) e = _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << (valid - j)) - 1), e);
+    _mm512_storeu_ps(s + j, e);
+    lanes = _mm256_add_ps(lanes, _mm512_castps512_ps256(e));
+    lanes = _mm256_add_ps(lanes, _mm512_extractf32x8_ps(e, 1));
+  }
+  return lanes;
+}
+
 struct AttentionScratch {
   std::vector<float> keys, values, scores;
 };
@@ -610,6 +646,10 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
           for (int64_t j = 0; j < d; ++j) acc[r * d + j] *= alpha;
         }
         row_max[r] = top;
+      }
+      if (wide) {  // the same bits, 16 exponentials at a time
+        row_sum[r] += horizontal_sum(exp_sum_wide(s, valid, row_max[r]));
+        continue;
       }
       const __m256 shift = _mm256_set1_ps(row_max[r]);
       __m256 lanes = _mm256_setzero_ps();
