@@ -89,9 +89,8 @@ def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor, backend
     c, paged = model.config, backend.paged
     kernels = ops.kernels_for(token_ids)
     b, pool = paged.batch, paged.pool
-    logits = kernels.paged_decoder_forward(
+    return kernels.paged_decoder_forward(
         layer_stack(model, kernels), token_ids, None if embeds is None else embeds[0], positions,
         model.inv_freq, logits_at, c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.head_dim,
         c.intermediate_size, c.rope_layout == "interleaved", pool.k, pool.v, pool.block_table,
         b.rows, b.keys, b.starts, b.write_blocks, b.write_offsets)
-    return logits.unsqueeze(0)
