@@ -127,6 +127,7 @@ class PagedSequence:
         self._attention: PagedAttention | None = None
         self._table = self.pool.host_table()[self.row]
         self._decode: PagedAttention | None = None  # reused by every one-token pass
+        self._decode_arrays: tuple[np.ndarray, ...] = ()  # its keys, blocks, offsets
 
     def prepare(self, num_new_tokens: int) -> None:
         end = self.length + num_new_tokens

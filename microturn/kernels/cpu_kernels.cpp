@@ -260,20 +260,24 @@ MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, co
   });
 }
 
-// exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): softmax spends most of its
-// time in exp, and the scalar libm call costs more than the dot products around it.
+// exp(x) = 2^n p(r) with Cephes' single-precision constants (~1 ulp): softmax spends most of its
+// time in exp, and the scalar libm call costs more than the dot products around it. The 8- and
+// 16-lane versions take these constants and the same operations per lane: the same bits.
+struct ExpConstants {
+  static constexpr float lo = -87.0f, hi = 88.0f, log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                    4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
-                                              _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  using C = ExpConstants;
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(C::lo)), _mm256_set1_ps(C::hi));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(C::log2e), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(C::ln2_hi), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(C::ln2_lo), x);
+  __m256 y = _mm256_set1_ps(C::poly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(C::poly[i]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i pow2 = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
@@ -544,20 +548,16 @@ MICROTURN_WIDE_TARGET inline void value_rows_wide(const float* p, int64_t ldp, c
   for (; j < d; j += 16) value_block_wide<MR, 1>(p, ldp, v, d, j, acc, n);
 }
 
-// exp8's polynomial in 16 lanes: the same operations per lane, so the same bits
+// exp8 in 16 lanes (see ExpConstants): the same operations per lane, so the same bits
 MICROTURN_WIDE_TARGET inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
-                                                   _mm512_set1_ps(0.5f)),
+  using C = ExpConstants;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(C::lo)), _mm512_set1_ps(C::hi));
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(C::log2e), _mm512_set1_ps(0.5f)),
                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(C::ln2_hi), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(C::ln2_lo), x);
+  __m512 y = _mm512_set1_ps(C::poly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(C::poly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   const __m512i pow2 = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
@@ -1404,7 +1404,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
   m.def("layer_stack", &layer_stack, "a decoder's weights, checked and arranged once");
   m.def("paged_decoder_forward", &paged_decoder_forward, nogil, "a whole paged forward pass, one call");
-  m.def("paged_decoder_layers", &paged_decoder_layers, nogil, "all layers of a paged pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
   m.def("paged_attention", &paged_attention, nogil, "ragged attention through block tables");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");

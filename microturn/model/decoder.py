@@ -51,14 +51,6 @@ class Decoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def hidden_states(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                      backend: AttentionBackend, embeds: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] for token_ids and positions, both [B, T].
-        `embeds` [B, T, hidden], when given, replaces the token embedding (media inputs)."""
-        self._begin_pass(token_ids, positions, backend)
-        return self._hidden_states(token_ids, positions, backend, embeds)
-
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 backend: AttentionBackend, logits_at: torch.Tensor | None = None,
                 embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,14 +73,15 @@ class Decoder(nn.Module):
         if self.inv_freq.device != token_ids.device:
             self.inv_freq = self.inv_freq.to(token_ids.device)
 
-    def _hidden_states(self, token_ids, positions, backend, embeds):
+    def _hidden_states(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                       backend: AttentionBackend, embeds: torch.Tensor | None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] through the modules (after `_begin_pass`):
+        the trainer's path, and the one the native call reproduces bit for bit. `embeds`
+        [B, T, hidden], when given, replaces the token embedding (media inputs)."""
         x = self.embed_tokens(token_ids) if embeds is None else embeds
         rotary = RotaryAngles.at(positions, self.inv_freq, x.dtype)
-        if native_layers.applies(self, x, backend):  # same kernels, one call for all layers
-            x = native_layers.run_layers(self, x, rotary, backend)
-        else:
-            for layer in self.layers:
-                x = layer(x, rotary, backend)
+        for layer in self.layers:
+            x = layer(x, rotary, backend)
         return self.norm(x)
 
 

@@ -1,9 +1,9 @@
-"""A paged pass in one native call: all decoder layers (`paged_decoder_layers`), or the whole
-forward from token ids to logits (`paged_decoder_forward`).
+"""A whole paged forward pass in one native call (`paged_decoder_forward`): token ids (or media
+embeddings) to the logits asked for.
 
-The C++ functions run the same kernels in the same order as the Python modules, so they give
-the same bits; what they remove is the ~15 Python-dispatched calls per layer (and ~10 around
-the layers) that dominate a decode step's overhead. They apply on the CPU kernels' paged path
+The C++ function runs the same kernels in the same order as the Python modules, so it gives
+the same bits; what it removes is the ~15 Python-dispatched calls per layer (and ~10 around
+the layers) that dominate a decode step's overhead. It applies on the CPU kernels' paged path
 without autograd, for the Llama/Qwen2 layer (no q/k norm), and where the Python loop would also
 take the kernels.
 """
@@ -13,7 +13,6 @@ import weakref
 import torch
 
 from microturn.kernels import ops, policy
-from microturn.model.rotary import RotaryAngles
 
 
 def applies(model, x: torch.Tensor, backend) -> bool:
@@ -67,19 +66,6 @@ def layer_stack(model, kernels):
                                 model.config.vocab_size)
     _stacks[model] = (generation, stack)
     return stack
-
-
-def run_layers(model, x: torch.Tensor, rotary: RotaryAngles, backend) -> torch.Tensor:
-    """x [1, N, hidden] after the embedding -> after the last layer (before the final norm)."""
-    c, paged = model.config, backend.paged
-    kernels = ops.kernels_for(x)
-    b, pool = paged.batch, paged.pool
-    out = kernels.paged_decoder_layers(
-        x[0], layer_stack(model, kernels), c.rms_norm_eps, rotary.cos, rotary.sin, c.num_heads,
-        c.num_kv_heads, c.head_dim, c.intermediate_size, c.rope_layout == "interleaved",
-        pool.k, pool.v, pool.block_table, b.rows, b.keys, b.starts, b.write_blocks,
-        b.write_offsets)
-    return out.unsqueeze(0)
 
 
 def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor, backend,
