@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -386,6 +387,57 @@ void prefetch_slots(const KvHead<T>& h, int64_t c0, int64_t n) {
   }
 }
 
+// Asks the cache for a split's keys and values in the order the in-place kernels read them
+// (each chunk's key panels, then its value rows) and at the rate they read them: every kernel
+// step calls ahead() with the bytes it consumes, so the requests stay LEAD bytes in front of
+// the reads. A whole split asked for at once (128 KiB, prefetch_slots) stalls the core on its
+// few miss buffers before any arithmetic starts; asked for as the work goes, the loads overlap
+// the arithmetic (decode attention reads the KV at the core's streaming rate, not at ~1/3).
+struct StreamAhead {
+  static constexpr int64_t LEAD = 16384;
+  std::vector<std::pair<const char*, const char*>> runs;  // byte ranges, in reading order
+  size_t next = 0;
+  const char* at = nullptr;
+  const char* end = nullptr;
+  int64_t budget = 0;
+
+  template <typename T>
+  void start(const KvHead<T>& h, int64_t s_begin, int64_t s_end, int64_t chunk) {
+    runs.clear();
+    next = 0;
+    at = end = nullptr;
+    budget = 0;
+    const int64_t row = h.d * static_cast<int64_t>(sizeof(T));
+    for (int64_t c0 = s_begin; c0 < s_end; c0 += chunk) {
+      const int64_t c1 = std::min(c0 + chunk, s_end);
+      for (const T* base : {h.k, h.v})
+        for (int64_t s = c0; s < c1;) {
+          const int64_t run = std::min(h.bs - s % h.bs, c1 - s);
+          // a key panel is read whole, also when the history ends inside it
+          const int64_t slots = base == h.k ? (run + PANEL - 1) / PANEL * PANEL : run;
+          const char* p = reinterpret_cast<const char*>(base + h.offset(s));
+          runs.emplace_back(p, p + slots * row);
+          s += run;
+        }
+    }
+    ahead(LEAD);
+  }
+
+  inline void ahead(int64_t bytes) {
+    for (budget += bytes; budget >= 64; budget -= 64) {
+      if (at >= end) {
+        if (next == runs.size()) {
+          budget = 0;
+          return;
+        }
+        std::tie(at, end) = runs[next++];
+      }
+      _mm_prefetch(at, _MM_HINT_T0);
+      at += 64;
+    }
+  }
+};
+
 // Values of slots [c0, c0 + n) as fp32 rows [n][d].
 template <typename T>
 void widen_values(const KvHead<T>& h, int64_t c0, int64_t n, float* dst) {
@@ -483,11 +535,13 @@ MICROTURN_WIDE_TARGET inline __m512 load16(const at::BFloat16* p) { return load_
 // [d][16], in slot order
 template <int MR, int P, typename W>
 MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq, const W* const* panels,
-                                                int64_t d, float* out, int64_t ldo) {
+                                                int64_t d, float* out, int64_t ldo,
+                                                StreamAhead* stream) {
   __m512 acc[MR][P];
   for (int m = 0; m < MR; ++m)
     for (int p = 0; p < P; ++p) acc[m][p] = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; ++j) {
+    if (stream) stream->ahead(P * PANEL * sizeof(W));
     __m512 k[P];
     for (int p = 0; p < P; ++p) k[p] = load_keys16(panels[p] + j * PANEL);
     for (int m = 0; m < MR; ++m) {
@@ -502,20 +556,22 @@ MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq, con
                            ? acc[m][p] : _mm512_permutexvar_ps(order, acc[m][p]));
 }
 
-// scores out [MR][ldo] of MR rows against `panels` key panels, panel p at panel_at(p)
+// scores out [MR][ldo] of MR rows against `panels` key panels, panel p at panel_at(p); a
+// stream, where given, is told of every byte read
 template <int MR, typename PanelAt>
 MICROTURN_WIDE_TARGET void key_rows_wide(const float* q, int64_t d, PanelAt panel_at,
-                                         int64_t panels, float* out, int64_t ldo) {
+                                         int64_t panels, float* out, int64_t ldo,
+                                         StreamAhead* stream = nullptr) {
   using W = std::remove_const_t<std::remove_pointer_t<decltype(panel_at(0))>>;
   for (int64_t p = 0; p < panels;) {
     const W* at[4];
     const int64_t take = std::min<int64_t>(4, panels - p);
     for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
     switch (take) {
-      case 4: key_tile_wide<MR, 4>(q, d, at, d, out + p * PANEL, ldo); break;
-      case 3: key_tile_wide<MR, 3>(q, d, at, d, out + p * PANEL, ldo); break;
-      case 2: key_tile_wide<MR, 2>(q, d, at, d, out + p * PANEL, ldo); break;
-      default: key_tile_wide<MR, 1>(q, d, at, d, out + p * PANEL, ldo); break;
+      case 4: key_tile_wide<MR, 4>(q, d, at, d, out + p * PANEL, ldo, stream); break;
+      case 3: key_tile_wide<MR, 3>(q, d, at, d, out + p * PANEL, ldo, stream); break;
+      case 2: key_tile_wide<MR, 2>(q, d, at, d, out + p * PANEL, ldo, stream); break;
+      default: key_tile_wide<MR, 1>(q, d, at, d, out + p * PANEL, ldo, stream); break;
     }
     p += take;
   }
@@ -524,11 +580,13 @@ MICROTURN_WIDE_TARGET void key_rows_wide(const float* q, int64_t d, PanelAt pane
 // acc[m][j0 : j0 + 16C] += sum_{s < n} p[m][s] v[s][j0 : ...] for MR rows, slots in order
 template <int MR, int C, typename V>
 MICROTURN_WIDE_TARGET inline void value_block_wide(const float* p, int64_t ldp, const V* v,
-                                                   int64_t d, int64_t j0, float* acc, int64_t n) {
+                                                   int64_t d, int64_t j0, float* acc, int64_t n,
+                                                   StreamAhead* stream) {
   __m512 a[MR][C];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
   for (int64_t s = 0; s < n; ++s) {
+    if (stream) stream->ahead(C * 16 * sizeof(V));
     __m512 vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load16(v + s * d + j0 + 16 * c);
     for (int m = 0; m < MR; ++m) {
@@ -542,10 +600,11 @@ MICROTURN_WIDE_TARGET inline void value_block_wide(const float* p, int64_t ldp, 
 
 template <int MR, typename V>
 MICROTURN_WIDE_TARGET inline void value_rows_wide(const float* p, int64_t ldp, const V* v,
-                                                  int64_t d, float* acc, int64_t n) {
+                                                  int64_t d, float* acc, int64_t n,
+                                                  StreamAhead* stream = nullptr) {
   int64_t j = 0;  // d is a multiple of 16
-  for (; j + 64 <= d; j += 64) value_block_wide<MR, 4>(p, ldp, v, d, j, acc, n);
-  for (; j < d; j += 16) value_block_wide<MR, 1>(p, ldp, v, d, j, acc, n);
+  for (; j + 64 <= d; j += 64) value_block_wide<MR, 4>(p, ldp, v, d, j, acc, n, stream);
+  for (; j < d; j += 16) value_block_wide<MR, 1>(p, ldp, v, d, j, acc, n, stream);
 }
 
 // exp8 in 16 lanes (see ExpConstants): the same operations per lane, so the same bits
@@ -581,6 +640,7 @@ MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float 
 
 struct AttentionScratch {
   std::vector<float> keys, values, scores;
+  StreamAhead stream;
 };
 
 // One split of one row group: rows [0, rows) (queries q [rows][d], pre-scaled, fp32; n_keys
@@ -599,7 +659,13 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
   int64_t first = 0;  // rows before `first` see none of the current chunk
   const bool wide = d % PANEL == 0 && cpu_has_avx512() &&
                     g_wide_attention.load(std::memory_order_relaxed);  // the same bits
-  prefetch_slots(h, s_begin, s_end - s_begin);  // the split's K/V (<= 128 KiB) into L2
+  // a few rows read the pool in place throughout (`first` only grows): stream it to them
+  StreamAhead* stream = wide && h.panel_keys && rows < WIDEN_ROWS ? &w.stream : nullptr;
+  if (stream) {
+    stream->start(h, s_begin, s_end, CHUNK);
+  } else {
+    prefetch_slots(h, s_begin, s_end - s_begin);  // the split's K/V (<= 128 KiB) into L2
+  }
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
     const int64_t n = std::min(CHUNK, s_end - c0);
     while (n_keys[first] <= c0) ++first;
@@ -615,9 +681,9 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
     const int64_t panels = (n + PANEL - 1) / PANEL;
     row_tiles(first, rows, [&](auto mr, int64_t r) {
       constexpr int MR = decltype(mr)::value;
-      if (wide && in_place) {
+      if (wide && in_place) {  // the first tile reads from memory: it drives the stream
         return key_rows_wide<MR>(q + r * d, d, [&](int64_t p) { return h.k + h.offset(c0 + p * PANEL); },
-                                 panels, sc + r * CHUNK, CHUNK);
+                                 panels, sc + r * CHUNK, CHUNK, r == first ? stream : nullptr);
       }
       if (wide) {
         const float* keys = w.keys.data();
@@ -680,7 +746,8 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
       for (int64_t s0 = a; s0 < b;) {
         const int64_t s1 = std::min(b, s0 + h.bs - (c0 + s0) % h.bs);  // to the block's end
         if (wide) {
-          value_rows_wide<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, s1 - s0);
+          value_rows_wide<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d,
+                              s1 - s0, r == first ? stream : nullptr);
         } else {
           pv_rows<MR>(sc + r * CHUNK + s0, CHUNK, h.v + h.offset(c0 + s0), d, acc + r * d, 0, s1 - s0);
         }
