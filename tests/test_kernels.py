@@ -200,11 +200,12 @@ def paged_case(dtype, block_size, dim, lengths, news, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size,dim", [(16, 64), (32, 16), (7, 8)])
+@pytest.mark.parametrize("block_size,dim", [(16, 64), (32, 16), (7, 8), (7, 16)])
 def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
     """Histories crossing the kernel's 128-slot chunks and 512-slot splits, a 25-token segment
     (75 query rows: two row groups), ragged lengths: against float64, and every token's row
-    bitwise equal when it is computed alone (a decode step) or with its segment alone."""
+    bitwise equal when it is computed alone (a decode step) or with its segment alone. (Odd
+    blocks of 16 channels: the bf16 dot-product kernel's slot pairs straddle blocks.)"""
     lengths, news = [1, 130, 600, 1100, 514], [1, 20, 25, 13, 2]
     args, reference = paged_case(dtype, block_size, dim, lengths, news, seed=block_size + dim)
     q, k_pool, v_pool, table, rows, keys, starts = args
@@ -233,6 +234,8 @@ def test_attention_in_16_lane_vectors_gives_the_8_lane_bits(dtype, block_size, d
     8-lane code's bits, or a result would depend on which CPU computed it."""
     lengths, news = [1, 130, 600, 1100, 300], [1, 1, 3, 2, 25]
     args, reference = paged_case(dtype, block_size, dim, lengths, news, seed=dim)
+    if dtype == torch.bfloat16 and kernels.dot_attention(dim):
+        pytest.skip("bf16 attention takes the bf16 dot-product kernel here (one width)")
     if not kernels.wide_attention(False):
         kernels.wide_attention(True)
         pytest.skip("this CPU has no AVX-512: the 8-lane code is the only one")
@@ -251,6 +254,34 @@ def test_attention_in_16_lane_vectors_gives_the_8_lane_bits(dtype, block_size, d
     else:
         key.view(torch.int32)[5] += 1 << 13
     assert not torch.equal(kernels.paged_attention(*args), wide)
+
+
+def test_bf16_attention_keys_are_channel_pairs_where_the_cpu_has_bf16_dot_products():
+    """The pool's key panels hold what the attention kernel multiplies: channel pairs
+    [dim/2, 16, 2] for the bf16 dot-product kernel, slots j and 8 + j per word for the widening
+    one; KVPool.keys() reads either back in slot order."""
+    from microturn.engine.kv_pool import KVPool
+    from microturn.model.config import ModelConfig
+
+    config = ModelConfig(vocab_size=8, hidden_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=64, intermediate_size=8, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, rope_layout="half", max_position=64,
+                         tie_word_embeddings=True)
+    pool = KVPool(config, 1 << 20, 32, 1, 4, torch.bfloat16)
+    assert pool.pair_channels == kernels.dot_attention(64) == kernels.cpu_has_bf16_dot()
+    generator = torch.Generator().manual_seed(0)
+    k = torch.randn(40, 1, 64, generator=generator).bfloat16()
+    v = torch.randn(40, 1, 64, generator=generator).bfloat16()
+    slots = torch.arange(40)
+    blocks, offsets = torch.tensor([2, 0])[slots // 32], slots % 32
+    pool.write(0, blocks, offsets, k, v)
+    panel = pool.k[0, 2, 0, 1]  # block 2 (slots 0..31): its slots 16..31, as [dim, 16]
+    if pool.pair_channels:  # slot 16 + 3, channels 10 and 11: word 5 * 16 + 3
+        assert torch.equal(panel.flatten()[2 * (5 * 16 + 3):][:2], k[16 + 3, 0, 10:12])
+    else:  # slot 16 + 3 sits in column 2 * 3 of every channel row
+        assert torch.equal(panel[:, 6], k[16 + 3, 0])
+    keys = pool.keys(0, torch.tensor([2, 0]))
+    assert torch.equal(keys[0, 0], k[:32, 0]) and torch.equal(keys[1, 0, :8], k[32:, 0])
 
 
 def test_bf16_linear_takes_the_cpus_bf16_dot_product_where_there_is_one():

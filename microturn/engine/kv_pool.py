@@ -8,7 +8,9 @@ slots). Keys are the same, except where the CPU kernels run and block_size is a 
 then each block stores its keys as 16-slot panels, [.., block_size / 16, head_dim, 16], the
 layout the attention kernel's score tile reads straight from the pool (no gather, no transpose
 per forward). In bf16 a panel row keeps slots j and 8 + j in one 32-bit word (the kernel's
-widening trick), so slot c sits at column 2 (c % 8) + c // 8.
+widening trick), so slot c sits at column 2 (c % 8) + c // 8; where the CPU has bf16 dot
+products (and head_dim is a multiple of 16) a panel instead holds channel pairs,
+[head_dim / 2, 16, 2], which vdpbf16ps multiplies two channels at a time.
 """
 
 import torch
@@ -35,8 +37,10 @@ class KVPool:
                                  f"block of {self.block_bytes / 2**20:.2f} MiB")
         shape = (config.num_layers, self.num_blocks, config.num_kv_heads, block_size,
                  config.head_dim)
-        probe = torch.empty(0, device=device)
-        self.panel_keys = block_size % PANEL == 0 and ops.kernels_for(probe) is not None
+        kernels = ops.kernels_for(torch.empty(0, device=device))
+        self.panel_keys = block_size % PANEL == 0 and kernels is not None
+        self.pair_channels = (self.panel_keys and dtype == torch.bfloat16
+                              and kernels.dot_attention(config.head_dim))
         key_shape = shape[:3] + (block_size // PANEL, config.head_dim, PANEL) \
             if self.panel_keys else shape
         self.k = torch.zeros(key_shape, dtype=dtype, device=device)
@@ -58,6 +62,8 @@ class KVPool:
             kernels.paged_write_(self.k[layer], self.v[layer], k, v, blocks, offsets)
             return
         self.v[layer, blocks, :, offsets] = v
+        if self.pair_channels:
+            raise MicroturnError("kv pool: channel-pair key panels are written by the kernels")
         if self.panel_keys:
             self.k[layer, blocks, :, offsets // PANEL, :, self._column[offsets % PANEL]] = k
         else:
@@ -68,6 +74,10 @@ class KVPool:
         k = self.k[layer, blocks]
         if not self.panel_keys:
             return k
+        if self.pair_channels:  # [n, heads, panels, dim / 2, 16, 2] -> slot order
+            n, heads, panels, dim, _ = k.shape
+            k = k.view(n, heads, panels, dim // 2, PANEL, 2).permute(0, 1, 2, 4, 3, 5)
+            return k.reshape(n, heads, panels * PANEL, dim)
         k = k[..., self._column]  # [n, heads, panels, dim, 16] in slot order
         return k.transpose(-1, -2).flatten(2, 3)
 

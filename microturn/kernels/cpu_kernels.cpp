@@ -638,10 +638,235 @@ MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float 
   return lanes;
 }
 
+
+// The online softmax's running maximum: when a chunk raises it, the row's sum and accumulators
+// so far are scaled by exp(old - new).
+inline void raise_row_max(float top, float& row_max, float& row_sum, float* acc, int64_t d) {
+  if (top <= row_max) return;
+  if (row_max != -INFINITY) {
+    const float alpha = std::exp(row_max - top);
+    row_sum *= alpha;
+    for (int64_t j = 0; j < d; ++j) acc[j] *= alpha;
+  }
+  row_max = top;
+}
+
+// ---- attention with bf16 arithmetic (CPUs with AVX512-BF16) ----
+//
+// Where the CPU multiplies bf16 directly, a bf16 model's attention takes both products with
+// vdpbf16ps, as flash attention does on GPUs: twice the multiply-adds per instruction, and no
+// widening of K/V, so every row count reads the pool in place. A score adds two channels'
+// products per instruction: keys are stored as 16-slot panels of channel pairs, [d/2][16][2],
+// and the query is rounded to bf16 (exact for d = 64, whose 1/8 scale is a power of two). An
+// output channel adds two slots' p * v per instruction: the probabilities are rounded to bf16
+// (the row's sum keeps them in fp32) and value rows (v[s], v[s+1]) are paired in registers.
+// Each score is ONE fp32 accumulator over channel pairs in order, each output channel ONE
+// accumulator over the slot pairs (2i, 2i+1) of the fixed slot grid in order, whatever rows
+// share the tile: batch invariant like the kernels above, with bits of its own, so a machine
+// uses it for every bf16 attention (MICROTURN_BF16_DOT=0 picks the fp32 kernels).
+
+inline bool dot_attention(int64_t d) { return cpu_has_bf16_dot() && d % PANEL == 0; }
+
+// scores out [MR][P x 16] (row stride ldo) = q rows [MR][d/2] (bf16 pairs, row stride ldq
+// words) . P key panels [d/2][16][2], in slot order
+template <int MR, int P>
+MICROTURN_DOT_TARGET inline void key_tile_dot(const uint32_t* q, int64_t ldq,
+                                              const uint16_t* const* panels, int64_t pairs,
+                                              float* out, int64_t ldo, StreamAhead* stream) {
+  __m512 acc[MR][P];
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < P; ++p) acc[m][p] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < pairs; ++c) {
+    if (stream) stream->ahead(P * PANEL * 4);
+    __m512i k[P];
+    for (int p = 0; p < P; ++p) k[p] = _mm512_loadu_si512(panels[p] + c * 2 * PANEL);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i qv = _mm512_set1_epi32(static_cast<int32_t>(q[m * ldq + c]));
+      for (int p = 0; p < P; ++p) acc[m][p] = _mm512_dpbf16_ps(acc[m][p], (__m512bh)qv, (__m512bh)k[p]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + m * ldo + p * PANEL, acc[m][p]);
+}
+
+template <int MR, typename PanelAt>
+MICROTURN_DOT_TARGET void key_rows_dot(const uint32_t* q, int64_t ldq, int64_t pairs,
+                                       PanelAt panel_at, int64_t panels, float* out, int64_t ldo,
+                                       StreamAhead* stream) {
+  for (int64_t p = 0; p < panels;) {
+    const uint16_t* at[4];
+    const int64_t take = std::min<int64_t>(4, panels - p);
+    for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
+    switch (take) {
+      case 4: key_tile_dot<MR, 4>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
+      case 3: key_tile_dot<MR, 3>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
+      case 2: key_tile_dot<MR, 2>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
+      default: key_tile_dot<MR, 1>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
+    }
+    p += take;
+  }
+}
+
+// word i of the result = (x[c0 + i], y[c0 + i]) for 16-bit lanes: two value rows paired
+alignas(64) constexpr uint16_t PAIR_LOW[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38,
+                                               7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13,
+                                               45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t PAIR_HIGH[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53,
+                                                22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59,
+                                                28, 60, 29, 61, 30, 62, 31, 63};
+
+// a[m][..] += p[m][word] . (x, y) for channels j0 .. j0 + 16C of two value rows (y null: zeros)
+template <int MR, int C>
+MICROTURN_DOT_TARGET inline void value_pair_dot(__m512 (&a)[MR][C], const uint16_t* x,
+                                                const uint16_t* y, const uint32_t* p,
+                                                int64_t ldp, int64_t word, int64_t j0) {
+  const __m512i low = _mm512_load_si512(PAIR_LOW), high = _mm512_load_si512(PAIR_HIGH);
+  __m512i vv[C];
+  if constexpr (C == 4) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i xs = _mm512_loadu_si512(x + j0 + 32 * h);
+      const __m512i ys = y ? _mm512_loadu_si512(y + j0 + 32 * h) : _mm512_setzero_si512();
+      vv[2 * h] = _mm512_permutex2var_epi16(xs, low, ys);
+      vv[2 * h + 1] = _mm512_permutex2var_epi16(xs, high, ys);
+    }
+  } else {
+    static_assert(C == 1, "64 or 16 channels at a time");
+    const __m512i xs = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j0)));
+    const __m512i ys = y ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + j0)))
+                         : _mm512_setzero_si512();
+    vv[0] = _mm512_permutex2var_epi16(xs, low, ys);
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512i pv = _mm512_set1_epi32(static_cast<int32_t>(p[m * ldp + word]));
+    for (int c = 0; c < C; ++c) a[m][c] = _mm512_dpbf16_ps(a[m][c], (__m512bh)pv, (__m512bh)vv[c]);
+  }
+}
+
+// acc[m][j0 : j0 + 16C] += p[m][s] v[s][..] + p[m][s+1] v[s+1][..] over the slot pairs from
+// `from` (even) to `to` (an odd `to` pairs its last slot with zero); rows[s] is slot s's value
+// row, p holds bf16 probabilities (row stride ldp words, word i = slots 2i, 2i + 1)
+template <int MR, int C>
+MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
+                                                 const uint16_t* const* rows, int64_t j0,
+                                                 float* acc, int64_t d, int64_t from, int64_t to,
+                                                 StreamAhead* stream) {
+  __m512 a[MR][C];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
+  int64_t s = from;
+  for (; s + 1 < to; s += 2) {
+    if (stream) stream->ahead(2 * C * 16 * 2);
+    value_pair_dot<MR, C>(a, rows[s], rows[s + 1], p, ldp, s / 2, j0);
+  }
+  if (s < to) value_pair_dot<MR, C>(a, rows[s], nullptr, p, ldp, s / 2, j0);
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + m * d + j0 + 16 * c, a[m][c]);
+}
+
+template <int MR>
+MICROTURN_DOT_TARGET inline void value_rows_dot(const uint32_t* p, int64_t ldp,
+                                                const uint16_t* const* rows, float* acc,
+                                                int64_t d, int64_t from, int64_t to,
+                                                StreamAhead* stream) {
+  int64_t j = 0;  // d is a multiple of 16
+  for (; j + 64 <= d; j += 64) value_block_dot<MR, 4>(p, ldp, rows, j, acc, d, from, to, stream);
+  for (; j < d; j += 16) value_block_dot<MR, 1>(p, ldp, rows, j, acc, d, from, to, stream);
+}
+
+// fp32 -> bf16, nearest even (what static_cast<at::BFloat16> gives for finite values)
+MICROTURN_DOT_TARGET inline void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+  for (; j < n; ++j) {
+    const at::BFloat16 b = static_cast<at::BFloat16>(x[j]);
+    std::memcpy(out + j, &b, sizeof(b));
+  }
+}
+
 struct AttentionScratch {
   std::vector<float> keys, values, scores;
+  std::vector<uint16_t> query_pairs, probs, key_panels;  // the bf16 dot-product kernel's
   StreamAhead stream;
 };
+
+// attend_split (below) with bf16 dot products: the same online softmax over the same chunks
+MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const float* q,
+                                           const int64_t* n_keys, int64_t rows, int64_t s_begin,
+                                           int64_t s_end, float* acc, float* row_max,
+                                           float* row_sum, AttentionScratch& w) {
+  const int64_t d = h.d, pairs = d / 2;
+  w.scores.resize(rows * CHUNK);
+  w.probs.resize(rows * CHUNK);
+  w.query_pairs.resize(rows * d);
+  if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
+  std::fill(acc, acc + rows * d, 0.0f);
+  std::fill(row_max, row_max + rows, -INFINITY);
+  std::fill(row_sum, row_sum + rows, 0.0f);
+  round_to_bf16(q, w.query_pairs.data(), rows * d);
+  const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
+  const auto* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
+  const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
+  const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
+  float* sc = w.scores.data();
+  // every row count reads panel keys in place: stream them (the first tile drives it)
+  StreamAhead* stream = h.panel_keys ? &w.stream : nullptr;
+  if (stream) {
+    stream->start(h, s_begin, s_end, CHUNK);
+  } else {
+    prefetch_slots(h, s_begin, s_end - s_begin);
+  }
+  const uint16_t* value_row[CHUNK];
+  int64_t first = 0;  // rows before `first` see none of the current chunk
+  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
+    while (n_keys[first] <= c0) ++first;
+    for (int64_t i = 0, block = c0 / h.bs, row = c0 % h.bs; i < n; ++i) {  // any block size
+      const int64_t base = h.blocks ? static_cast<int64_t>(h.blocks[block]) * h.block_elems : 0;
+      value_row[i] = v_pool + base + row * d;
+      if (!h.panel_keys) {  // key rows -> panels of channel pairs
+        const uint16_t* key = k_pool + base + row * d;
+        uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
+        for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
+      }
+      if (++row == h.bs) row = 0, ++block;
+    }
+    if (!h.panel_keys)  // the last panel's unused slots: zeros, never garbage
+      for (int64_t i = n; i < panels * PANEL; ++i)
+        for (int64_t c = 0; c < pairs; ++c)
+          std::memset(w.key_panels.data() + (i / PANEL) * d * PANEL + c * 2 * PANEL + (i % PANEL) * 2, 0, 4);
+    auto panel_at = [&](int64_t p) -> const uint16_t* {
+      if (h.panel_keys) return k_pool + h.offset(c0 + p * PANEL);
+      return w.key_panels.data() + p * d * PANEL;
+    };
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, panels, sc + r * CHUNK, CHUNK,
+                       r == first ? stream : nullptr);
+    });
+    for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
+      float* s = sc + r * CHUNK;
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
+      row_sum[r] += horizontal_sum(exp_sum_wide(s, valid, row_max[r]));
+      round_to_bf16(s, w.probs.data() + r * CHUNK, (valid + PANEL - 1) / PANEL * PANEL);
+    }
+    // all active rows over the slot pairs they all see, then each row's own remainder: pairs
+    // stay on the fixed grid, so no row's sums depend on the rows beside it
+    const int64_t common = std::min(n_keys[first] - c0, n) / 2 * 2;
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      value_rows_dot<MR>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, 0, common,
+                         r == first ? stream : nullptr);
+    });
+    for (int64_t r = first; r < rows; ++r) {
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      if (valid > common)
+        value_rows_dot<1>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, common, valid, nullptr);
+    }
+  }
+}
 
 // One split of one row group: rows [0, rows) (queries q [rows][d], pre-scaled, fp32; n_keys
 // non-decreasing, each > s_begin) over slots [s_begin, s_end). Writes each row's partial:
@@ -650,6 +875,11 @@ template <typename T>
 void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int64_t rows,
                   int64_t s_begin, int64_t s_end, float* acc, float* row_max, float* row_sum,
                   AttentionScratch& w) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (dot_attention(h.d)) {
+      return attend_split_dot(h, q, n_keys, rows, s_begin, s_end, acc, row_max, row_sum, w);
+    }
+  }
   const int64_t d = h.d;
   w.scores.resize(rows * CHUNK);
   std::fill(acc, acc + rows * d, 0.0f);
@@ -704,15 +934,7 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
     for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
       float* s = sc + r * CHUNK;
       const int64_t valid = std::min(n_keys[r] - c0, n);
-      const float top = max_of(s, valid);
-      if (top > row_max[r]) {
-        if (row_max[r] != -INFINITY) {
-          const float alpha = std::exp(row_max[r] - top);
-          row_sum[r] *= alpha;
-          for (int64_t j = 0; j < d; ++j) acc[r * d + j] *= alpha;
-        }
-        row_max[r] = top;
-      }
+      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
       if (wide) {  // the same bits, 16 exponentials at a time
         row_sum[r] += horizontal_sum(exp_sum_wide(s, valid, row_max[r]));
         continue;
@@ -1040,7 +1262,13 @@ void write_rows(T* k_pool, T* v_pool, bool panel_keys, const T* k, const T* v,
       const T* k_row = k + i * row_stride + h * d;
       const T* v_row = v + i * row_stride + h * d;
       std::copy(v_row, v_row + d, v_pool + base + off * d);
-      if (panel_keys) {
+      if (panel_keys && paired && dot_attention(d)) {  // [d/2][16][2]: channel pairs
+        T* panel = k_pool + base + (off / PANEL) * d * PANEL + (off % PANEL) * 2;
+        for (int64_t c = 0; c < d / 2; ++c) {
+          panel[c * 2 * PANEL] = k_row[2 * c];
+          panel[c * 2 * PANEL + 1] = k_row[2 * c + 1];
+        }
+      } else if (panel_keys) {
         const int64_t c = off % PANEL, column = paired ? 2 * (c % 8) + c / 8 : c;
         T* panel = k_pool + base + (off / PANEL) * d * PANEL + column;
         for (int64_t j = 0; j < d; ++j) panel[j * PANEL] = k_row[j];
@@ -1463,6 +1691,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight for packed_linear");
   m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "bf16 linears use the CPU's bf16 dot product");
+  m.def("dot_attention", &dot_attention,
+        "bf16 attention of this head size takes the bf16 dot-product kernel (its key layout)");
   m.def("wide_attention", [](bool on) { return g_wide_attention.exchange(on) && cpu_has_avx512(); },
         "decode attention in 16-lane vectors where the CPU has them (same bits); returns the old");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
