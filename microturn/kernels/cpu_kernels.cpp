@@ -666,7 +666,7 @@ MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float 
 // The online softmax's running maximum: when a chunk raises it, the row's sum and accumulators
 // so far are scaled by exp(old - new).
 inline void raise_row_max(float top, float& row_max, float& row_sum, float* acc, int64_t d) {
-  if (top <= row_max) return;
+  if (!(top > row_max)) return;  // (a NaN maximum changes nothing, as before)
   if (row_max != -INFINITY) {
     const float alpha = std::exp(row_max - top);
     row_sum *= alpha;
