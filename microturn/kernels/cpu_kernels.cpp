@@ -580,25 +580,34 @@ MICROTURN_WIDE_TARGET inline void key_tile_wide(const float* q, int64_t ldq, con
                            ? acc[m][p] : _mm512_permutexvar_ps(order, acc[m][p]));
 }
 
+// Calls tile(std::integral_constant<int, P>, at, p) over key panels [0, panels) in tiles of
+// up to four, at[i] = panel_at(p + i): the score kernels' walk over a chunk's panels.
+template <typename PanelAt, typename Tile>
+inline void panel_tiles(int64_t panels, PanelAt panel_at, Tile&& tile) {
+  using W = std::remove_pointer_t<decltype(panel_at(0))>;  // const element type
+  for (int64_t p = 0; p < panels;) {
+    W* at[4];
+    const int64_t take = std::min<int64_t>(4, panels - p);
+    for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
+    switch (take) {
+      case 4: tile(std::integral_constant<int, 4>{}, at, p); break;
+      case 3: tile(std::integral_constant<int, 3>{}, at, p); break;
+      case 2: tile(std::integral_constant<int, 2>{}, at, p); break;
+      default: tile(std::integral_constant<int, 1>{}, at, p); break;
+    }
+    p += take;
+  }
+}
+
 // scores out [MR][ldo] of MR rows against `panels` key panels, panel p at panel_at(p); a
 // stream, where given, is told of every byte read
 template <int MR, typename PanelAt>
 MICROTURN_WIDE_TARGET void key_rows_wide(const float* q, int64_t d, PanelAt panel_at,
                                          int64_t panels, float* out, int64_t ldo,
                                          StreamAhead* stream = nullptr) {
-  using W = std::remove_const_t<std::remove_pointer_t<decltype(panel_at(0))>>;
-  for (int64_t p = 0; p < panels;) {
-    const W* at[4];
-    const int64_t take = std::min<int64_t>(4, panels - p);
-    for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
-    switch (take) {
-      case 4: key_tile_wide<MR, 4>(q, d, at, d, out + p * PANEL, ldo, stream); break;
-      case 3: key_tile_wide<MR, 3>(q, d, at, d, out + p * PANEL, ldo, stream); break;
-      case 2: key_tile_wide<MR, 2>(q, d, at, d, out + p * PANEL, ldo, stream); break;
-      default: key_tile_wide<MR, 1>(q, d, at, d, out + p * PANEL, ldo, stream); break;
-    }
-    p += take;
-  }
+  panel_tiles(panels, panel_at, [&](auto take, const auto* const* at, int64_t p) {
+    key_tile_wide<MR, decltype(take)::value>(q, d, at, d, out + p * PANEL, ldo, stream);
+  });
 }
 
 // acc[m][j0 : j0 + 16C] += sum_{s < n} p[m][s] v[s][j0 : ...] for MR rows, slots in order
@@ -662,7 +671,6 @@ MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float 
   return lanes;
 }
 
-
 // The online softmax's running maximum: when a chunk raises it, the row's sum and accumulators
 // so far are scaled by exp(old - new).
 inline void raise_row_max(float top, float& row_max, float& row_sum, float* acc, int64_t d) {
@@ -717,18 +725,9 @@ template <int MR, typename PanelAt>
 MICROTURN_DOT_TARGET void key_rows_dot(const uint32_t* q, int64_t ldq, int64_t pairs,
                                        PanelAt panel_at, int64_t panels, float* out, int64_t ldo,
                                        StreamAhead* stream) {
-  for (int64_t p = 0; p < panels;) {
-    const uint16_t* at[4];
-    const int64_t take = std::min<int64_t>(4, panels - p);
-    for (int64_t i = 0; i < take; ++i) at[i] = panel_at(p + i);
-    switch (take) {
-      case 4: key_tile_dot<MR, 4>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
-      case 3: key_tile_dot<MR, 3>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
-      case 2: key_tile_dot<MR, 2>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
-      default: key_tile_dot<MR, 1>(q, ldq, at, pairs, out + p * PANEL, ldo, stream); break;
-    }
-    p += take;
-  }
+  panel_tiles(panels, panel_at, [&](auto take, const uint16_t* const* at, int64_t p) {
+    key_tile_dot<MR, decltype(take)::value>(q, ldq, at, pairs, out + p * PANEL, ldo, stream);
+  });
 }
 
 // word i of the result = (x[c0 + i], y[c0 + i]) for 16-bit lanes: two value rows paired
@@ -739,12 +738,13 @@ alignas(64) constexpr uint16_t PAIR_HIGH[32] = {16, 48, 17, 49, 18, 50, 19, 51, 
                                                 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59,
                                                 28, 60, 29, 61, 30, 62, 31, 63};
 
-// a[m][..] += p[m][word] . (x, y) for channels j0 .. j0 + 16C of two value rows (y null: zeros)
+// a[m][..] += p[m][word] . (x, y) for channels j0 .. j0 + 16C of two value rows (y null:
+// zeros); low / high are PAIR_LOW / PAIR_HIGH
 template <int MR, int C>
 MICROTURN_DOT_TARGET inline void value_pair_dot(__m512 (&a)[MR][C], const uint16_t* x,
                                                 const uint16_t* y, const uint32_t* p,
-                                                int64_t ldp, int64_t word, int64_t j0) {
-  const __m512i low = _mm512_load_si512(PAIR_LOW), high = _mm512_load_si512(PAIR_HIGH);
+                                                int64_t ldp, int64_t word, int64_t j0,
+                                                __m512i low, __m512i high) {
   __m512i vv[C];
   if constexpr (C == 4) {
     for (int h = 0; h < 2; ++h) {
@@ -777,12 +777,13 @@ MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
   __m512 a[MR][C];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
+  const __m512i low = _mm512_load_si512(PAIR_LOW), high = _mm512_load_si512(PAIR_HIGH);
   int64_t s = from;
   for (; s + 1 < to; s += 2) {
     if (stream) stream->ahead(2 * C * 16 * 2);
-    value_pair_dot<MR, C>(a, rows[s], rows[s + 1], p, ldp, s / 2, j0);
+    value_pair_dot<MR, C>(a, rows[s], rows[s + 1], p, ldp, s / 2, j0, low, high);
   }
-  if (s < to) value_pair_dot<MR, C>(a, rows[s], nullptr, p, ldp, s / 2, j0);
+  if (s < to) value_pair_dot<MR, C>(a, rows[s], nullptr, p, ldp, s / 2, j0, low, high);
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + m * d + j0 + 16 * c, a[m][c]);
 }
