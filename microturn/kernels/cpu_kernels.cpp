@@ -1482,6 +1482,18 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // reference computes it, then cos/sin are evaluated in double and rounded once. torch's own
 // vectorised cos takes a scalar path for a tensor's tail elements, so its result for a
 // position could depend on how many positions share the call; this one cannot.
+// cos and sin [n][half] of position(t) * inv_freq[i], the product rounded to fp32 first
+template <typename PositionOf>
+void angles_into(int64_t n, PositionOf position, const float* inv_freq, int64_t half, float* cos,
+                 float* sin) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(position(t) * inv_freq[i]);
+      cos[t * half + i] = static_cast<float>(std::cos(angle));
+      sin[t * half + i] = static_cast<float>(std::sin(angle));
+    }
+}
+
 std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq) {
   TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.dim() == 1,
               "rotary_angles: inv_freq must be 1-D fp32");
@@ -1492,15 +1504,8 @@ std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor 
   shape.push_back(half);
   auto cos = torch::empty(shape, torch::kFloat32), sin = torch::empty(shape, torch::kFloat32);
   const float* pp = pos.data_ptr<float>();
-  const float* fp = f.data_ptr<float>();
-  float* cp = cos.data_ptr<float>();
-  float* sp = sin.data_ptr<float>();
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(pp[t] * fp[i]);
-      cp[t * half + i] = static_cast<float>(std::cos(angle));
-      sp[t * half + i] = static_cast<float>(std::sin(angle));
-    }
+  angles_into(n, [&](int64_t t) { return pp[t]; }, f.data_ptr<float>(), half,
+              cos.data_ptr<float>(), sin.data_ptr<float>());
   return {cos, sin};
 }
 
@@ -1551,6 +1556,22 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
 // at decode sizes their dispatch, views and copies cost more than the arithmetic (~1,500 per
 // step, ~2 ms). weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
 // post-attention norm, gate/up panels, down panels] (first 7 x layers entries); x [N, hidden].
+// y [m, n] = x [m, k] times a packed weight, as packed_linear computes it: bf16 pairs straight
+// into the dot-product kernel, anything else widened into `wide` (m * k floats) first
+template <typename T>
+void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, const float* bias,
+                 T* y, int64_t n, float* wide) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (dot_packed(panels)) {
+      dot_rows(reinterpret_cast<const uint16_t*>(x),
+               reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, y, m, n, k);
+      return;
+    }
+  }
+  widen(x, wide, m * k);
+  packed_rows(wide, panels.data_ptr<T>(), bias, y, m, n, k);
+}
+
 template <typename T>
 void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t layers, float eps,
                     const float* cos, const float* sin, int64_t n, int64_t hidden, int64_t hq, int64_t hkv,
@@ -1566,17 +1587,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       att32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
-                    T* out, int64_t cols) {
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (dot_packed(panels)) {  // bf16 arithmetic: no widening
-        dot_rows(reinterpret_cast<const uint16_t*>(in),
-                 reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, out, n, cols, k);
-        return;
-      }
-    }
-    widen(in, wide.data(), n * k);
-    packed_rows(wide.data(), panels.data_ptr<T>(), bias, out, n, cols, k);
-  };
+                    T* out, int64_t cols) { linear_rows(in, n, k, panels, bias, out, cols, wide.data()); };
   auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = weights.data() + 7 * l;
@@ -1653,14 +1664,23 @@ LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Te
   return {std::move(weights), std::move(sources), std::move(seen), dtype, layers, vocab};
 }
 
-torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, double eps,
-                                   torch::Tensor cos, torch::Tensor sin,
-                                   int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
-                                   bool interleaved, torch::Tensor k_pools, torch::Tensor v_pools,
-                                   torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
-                                   torch::Tensor starts, torch::Tensor write_blocks,
-                                   torch::Tensor write_offsets) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == stack.dtype, "paged_decoder_layers: x [N, hidden] of the weights' dtype");
+// A contiguous int64 view of t: t itself when it is one already (no op dispatched)
+torch::Tensor as_int64(const torch::Tensor& t) {
+  if (t.scalar_type() == torch::kInt64 && t.is_contiguous()) return t;
+  return t.to(torch::kInt64).contiguous();
+}
+
+// Every layer over x [N, hidden] (contiguous, the weights' dtype), in place.
+void paged_decoder_layers_(torch::Tensor& x, const LayerStack& stack, double eps,
+                           const float* cos, const float* sin,
+                           int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
+                           bool interleaved, const torch::Tensor& k_pools,
+                           const torch::Tensor& v_pools, const torch::Tensor& table,
+                           const torch::Tensor& rows, const torch::Tensor& keys,
+                           const torch::Tensor& starts, const torch::Tensor& write_blocks,
+                           const torch::Tensor& write_offsets) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == stack.dtype && x.is_contiguous(),
+              "paged_decoder_layers: x [N, hidden] of the weights' dtype");
   const int64_t layers = stack.layers, n = x.size(0);
   const bool panel_keys = k_pools.dim() == 6;
   TORCH_CHECK(k_pools.is_contiguous() && v_pools.is_contiguous() && v_pools.dim() == 5 &&
@@ -1669,27 +1689,24 @@ torch::Tensor paged_decoder_layers(torch::Tensor x, const LayerStack& stack, dou
   for (const auto& t : {table, rows, keys, starts})
     TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(),
                 "paged_decoder_layers: contiguous int32 metadata expected");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && sin.is_contiguous() &&
-              cos.numel() == n * d / 2, "paged_decoder_layers: fp32 cos/sin, one row per token");
-  auto out = x.contiguous().clone();
-  auto blocks = write_blocks.to(torch::kInt64).contiguous();
-  auto offsets = write_offsets.to(torch::kInt64).contiguous();
+  TORCH_CHECK(write_blocks.numel() == n && write_offsets.numel() == n,
+              "paged_decoder_layers: one write slot per token");
+  auto blocks = as_int64(write_blocks);
+  auto offsets = as_int64(write_offsets);
   const int64_t pool_layer_elems = v_pools.numel() / layers;
   auto run = [&](auto* xp, auto* kp, auto* vp) {
-    decoder_layers(xp, stack.weights, layers, static_cast<float>(eps), cos.data_ptr<float>(),
-                   sin.data_ptr<float>(), n, x.size(1), hq, hkv, d, intermediate, interleaved, kp,
-                   vp, pool_layer_elems, panel_keys, v_pools.size(3), table.data_ptr<int32_t>(),
-                   table.size(1), rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
-                   starts.data_ptr<int32_t>(), starts.numel() - 1, blocks.data_ptr<int64_t>(),
-                   offsets.data_ptr<int64_t>());
+    decoder_layers(xp, stack.weights, layers, static_cast<float>(eps), cos, sin, n, x.size(1), hq,
+                   hkv, d, intermediate, interleaved, kp, vp, pool_layer_elems, panel_keys,
+                   v_pools.size(3), table.data_ptr<int32_t>(), table.size(1),
+                   rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
+                   starts.numel() - 1, blocks.data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
   };
   TORCH_CHECK(k_pools.scalar_type() == x.scalar_type(), "paged_decoder_layers: pool dtype mismatch");
   if (x.scalar_type() == torch::kBFloat16) {
-    run(out.data_ptr<at::BFloat16>(), k_pools.data_ptr<at::BFloat16>(), v_pools.data_ptr<at::BFloat16>());
+    run(x.data_ptr<at::BFloat16>(), k_pools.data_ptr<at::BFloat16>(), v_pools.data_ptr<at::BFloat16>());
   } else {
-    run(out.data_ptr<float>(), k_pools.data_ptr<float>(), v_pools.data_ptr<float>());
+    run(x.data_ptr<float>(), k_pools.data_ptr<float>(), v_pools.data_ptr<float>());
   }
-  return out;
 }
 
 // A whole forward pass through the paged pool in one call: token embedding (or the given
@@ -1706,39 +1723,78 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token
                                     torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
                                     torch::Tensor starts, torch::Tensor write_blocks,
                                     torch::Tensor write_offsets) {
+  // After a pass over the weights every ATen op meets cold caches (~10 µs each): the pass reads
+  // its small inputs through pointers and allocates only its hidden rows and its logits.
   const auto& embedding = stack.embedding();
   const int64_t hidden = embedding.size(1);
-  auto ids = token_ids.reshape({-1}).to(torch::kInt64).contiguous();
+  const auto ids = as_int64(token_ids);
   const int64_t n = ids.numel();
+  TORCH_CHECK(positions.numel() == n, "paged_decoder_forward: one position per token");
   torch::Tensor x;
   if (embeds.has_value()) {
     TORCH_CHECK(embeds->numel() == n * hidden && embeds->scalar_type() == stack.dtype,
                 "paged_decoder_forward: embeds [N, hidden] of the weights' dtype expected");
-    x = embeds->reshape({n, hidden}).contiguous();
+    x = embeds->reshape({n, hidden}).clone(at::MemoryFormat::Contiguous);
   } else {
     const int64_t* ip = ids.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i)
       TORCH_CHECK(ip[i] >= 0 && ip[i] < stack.vocab, "paged_decoder_forward: token id ", ip[i],
                   " outside [0, ", stack.vocab, ")");
-    x = embedding.index_select(0, ids);
+    x = torch::empty({n, hidden}, embedding.options());
+    const int64_t row_bytes = hidden * static_cast<int64_t>(embedding.element_size());
+    const char* table = static_cast<const char*>(embedding.data_ptr());
+    char* xp = static_cast<char*>(x.data_ptr());
+    for (int64_t i = 0; i < n; ++i) std::memcpy(xp + i * row_bytes, table + ip[i] * row_bytes, row_bytes);
   }
-  auto angles = rotary_angles(positions.reshape({-1}), inv_freq);
-  auto h = paged_decoder_layers(x, stack, eps, angles[0], angles[1], hq, hkv, d, intermediate,
-                                interleaved, k_pools, v_pools, table, rows, keys, starts,
-                                write_blocks, write_offsets);
-  if (logits_at.has_value()) {  // indices as Python's: negative ones count from the end
-    auto at = logits_at->reshape({-1}).to(torch::kInt64).clone();
-    int64_t* ap = at.data_ptr<int64_t>();
+  TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.dim() == 1 && inv_freq.is_contiguous() &&
+              inv_freq.numel() == d / 2, "paged_decoder_forward: inv_freq [head_dim / 2] fp32 expected");
+  const int64_t half = d / 2;
+  std::vector<float> cos(n * half), sin(n * half);
+  if (positions.scalar_type() == torch::kInt64 && positions.is_contiguous()) {  // as .to(fp32)
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    angles_into(n, [&](int64_t t) { return static_cast<float>(pp[t]); }, inv_freq.data_ptr<float>(),
+                half, cos.data(), sin.data());
+  } else {
+    const auto pos = positions.to(torch::kFloat32).contiguous();
+    const float* pp = pos.data_ptr<float>();
+    angles_into(n, [&](int64_t t) { return pp[t]; }, inv_freq.data_ptr<float>(), half, cos.data(),
+                sin.data());
+  }
+  paged_decoder_layers_(x, stack, eps, cos.data(), sin.data(), hq, hkv, d, intermediate,
+                        interleaved, k_pools, v_pools, table, rows, keys, starts, write_blocks,
+                        write_offsets);
+  std::vector<int64_t> picked;  // the rows whose logits are asked for, Python's negative indices too
+  if (logits_at.has_value()) {
+    const auto at = as_int64(*logits_at);
+    const int64_t* ap = at.data_ptr<int64_t>();
     for (int64_t i = 0; i < at.numel(); ++i) {
-      if (ap[i] < 0) ap[i] += n;
-      TORCH_CHECK(ap[i] >= 0 && ap[i] < n, "paged_decoder_forward: logits_at outside the pass's ",
-                  n, " tokens");
+      const int64_t r = ap[i] < 0 ? ap[i] + n : ap[i];
+      TORCH_CHECK(r >= 0 && r < n, "paged_decoder_forward: logits_at outside the pass's ", n,
+                  " tokens");
+      picked.push_back(r);
     }
-    h = h.index_select(0, at);
+  } else {
+    for (int64_t r = 0; r < n; ++r) picked.push_back(r);
   }
-  // [1, M, vocab]: the batch dim added here, not by a (cold) Python op
-  return packed_linear(rms_norm(h, stack.final_norm(), eps).unsqueeze(0), stack.head(), stack.vocab,
-                       c10::nullopt);
+  const int64_t m = static_cast<int64_t>(picked.size());
+  auto logits = torch::empty({1, m, stack.vocab}, x.options());  // the batch dim of [1, M, vocab]
+  auto head = [&](auto* xp) {
+    using T = std::remove_pointer_t<decltype(xp)>;
+    std::vector<T> normed(m * hidden);
+    std::vector<float> wide(m * hidden);
+    const T* w = stack.final_norm().data_ptr<T>();
+    for (int64_t i = 0; i < m; ++i)
+      rms_norm_rows(xp + picked[i] * hidden, w, normed.data() + i * hidden, 1, hidden,
+                    static_cast<float>(eps));
+    linear_rows(normed.data(), m, hidden, stack.head(), nullptr, logits.data_ptr<T>(), stack.vocab,
+                wide.data());
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    head(x.data_ptr<at::BFloat16>());
+  } else {
+    head(x.data_ptr<float>());
+  }
+  return logits;
 }
 
 // The long calls release the GIL, so a server's event loop keeps running during a tick.
