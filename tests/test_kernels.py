@@ -1,5 +1,7 @@
 """CPU kernels against float64 references; bitwise batch invariance; the torch fallback."""
 
+import math
+
 import pytest
 import torch
 
@@ -179,8 +181,11 @@ def paged_case(dtype, block_size, dim, lengths, news, seed):
         blocks.append(table[i, slots // block_size].long())
         offsets.append(slots % block_size)
     panel = block_size % 16 == 0
+    # channel-pair panels span gcd(block, 64) slots (KVPool.key_width), the others 16
+    width = math.gcd(block_size, 64) if dtype == torch.bfloat16 and kernels.dot_attention(dim) \
+        else 16
     v_pool = torch.zeros(used, kv_heads, block_size, dim, dtype=dtype)
-    k_pool = (torch.zeros(used, kv_heads, block_size // 16, dim, 16, dtype=dtype) if panel
+    k_pool = (torch.zeros(used, kv_heads, block_size // width, dim, width, dtype=dtype) if panel
               else torch.zeros_like(v_pool))
     kernels.paged_write_(k_pool, v_pool, torch.cat(k_rows).to(dtype), torch.cat(v_rows).to(dtype),
                          torch.cat(blocks), torch.cat(offsets))
@@ -200,7 +205,7 @@ def paged_case(dtype, block_size, dim, lengths, news, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size,dim", [(16, 64), (32, 16), (7, 8), (7, 16)])
+@pytest.mark.parametrize("block_size,dim", [(16, 64), (32, 16), (256, 16), (7, 8), (7, 16)])
 def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
     """Histories crossing the kernel's 128-slot chunks and 512-slot splits, a 25-token segment
     (75 query rows: two row groups), ragged lengths: against float64, and every token's row
@@ -222,7 +227,7 @@ def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
                                                                     dtype=torch.int32))
     assert torch.equal(segment, out[first:end])
     # negative control: one visible value changed moves the result past the tolerance
-    v_pool[table[3, 5]] += 3.0
+    v_pool[table[3, 1]] += 3.0
     assert rel_error(kernels.paged_attention(*args), reference) > 1e-3
 
 
@@ -258,8 +263,8 @@ def test_attention_in_16_lane_vectors_gives_the_8_lane_bits(dtype, block_size, d
 
 def test_bf16_attention_keys_are_channel_pairs_where_the_cpu_has_bf16_dot_products():
     """The pool's key panels hold what the attention kernel multiplies: channel pairs
-    [dim/2, 16, 2] for the bf16 dot-product kernel, slots j and 8 + j per word for the widening
-    one; KVPool.keys() reads either back in slot order."""
+    [dim/2, W, 2] (W = gcd(block, 64) slots) for the bf16 dot-product kernel, slots j and
+    8 + j per word for the widening one; KVPool.keys() reads either back in slot order."""
     from microturn.engine.kv_pool import KVPool
     from microturn.model.config import ModelConfig
 
@@ -275,10 +280,12 @@ def test_bf16_attention_keys_are_channel_pairs_where_the_cpu_has_bf16_dot_produc
     slots = torch.arange(40)
     blocks, offsets = torch.tensor([2, 0])[slots // 32], slots % 32
     pool.write(0, blocks, offsets, k, v)
-    panel = pool.k[0, 2, 0, 1]  # block 2 (slots 0..31): its slots 16..31, as [dim, 16]
-    if pool.pair_channels:  # slot 16 + 3, channels 10 and 11: word 5 * 16 + 3
-        assert torch.equal(panel.flatten()[2 * (5 * 16 + 3):][:2], k[16 + 3, 0, 10:12])
-    else:  # slot 16 + 3 sits in column 2 * 3 of every channel row
+    if pool.pair_channels:  # one 32-slot panel: slot 19, channels 10 and 11 are word 5 * 32 + 19
+        assert pool.key_width == 32 and pool.k.shape[3:] == (1, 64, 32)
+        panel = pool.k[0, 2, 0, 0]
+        assert torch.equal(panel.flatten()[2 * (5 * 32 + 19):][:2], k[19, 0, 10:12])
+    else:  # block 2's slots 16..31 as [dim, 16]: slot 16 + 3 in column 2 * 3 of every row
+        panel = pool.k[0, 2, 0, 1]
         assert torch.equal(panel[:, 6], k[16 + 3, 0])
     keys = pool.keys(0, torch.tensor([2, 0]))
     assert torch.equal(keys[0, 0], k[:32, 0]) and torch.equal(keys[1, 0, :8], k[32:, 0])

@@ -10,8 +10,11 @@ layout the attention kernel's score tile reads straight from the pool (no gather
 per forward). In bf16 a panel row keeps slots j and 8 + j in one 32-bit word (the kernel's
 widening trick), so slot c sits at column 2 (c % 8) + c // 8; where the CPU has bf16 dot
 products (and head_dim is a multiple of 16) a panel instead holds channel pairs,
-[head_dim / 2, 16, 2], which vdpbf16ps multiplies two channels at a time.
+[head_dim / 2, W, 2] for W = gcd(block_size, 64) slots, which vdpbf16ps multiplies two channels
+at a time: the score tile's four 16-slot panels are then one contiguous row per channel pair.
 """
+
+import math
 
 import torch
 
@@ -41,7 +44,8 @@ class KVPool:
         self.panel_keys = block_size % PANEL == 0 and kernels is not None
         self.pair_channels = (self.panel_keys and dtype == torch.bfloat16
                               and kernels.dot_attention(config.head_dim))
-        key_shape = shape[:3] + (block_size // PANEL, config.head_dim, PANEL) \
+        self.key_width = math.gcd(block_size, 4 * PANEL) if self.pair_channels else PANEL
+        key_shape = shape[:3] + (block_size // self.key_width, config.head_dim, self.key_width) \
             if self.panel_keys else shape
         self.k = torch.zeros(key_shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -74,10 +78,10 @@ class KVPool:
         k = self.k[layer, blocks]
         if not self.panel_keys:
             return k
-        if self.pair_channels:  # [n, heads, panels, dim / 2, 16, 2] -> slot order
-            n, heads, panels, dim, _ = k.shape
-            k = k.view(n, heads, panels, dim // 2, PANEL, 2).permute(0, 1, 2, 4, 3, 5)
-            return k.reshape(n, heads, panels * PANEL, dim)
+        if self.pair_channels:  # [n, heads, panels, dim / 2, width, 2] -> slot order
+            n, heads, panels, dim, width = k.shape
+            k = k.view(n, heads, panels, dim // 2, width, 2).permute(0, 1, 2, 4, 3, 5)
+            return k.reshape(n, heads, panels * width, dim)
         k = k[..., self._column]  # [n, heads, panels, dim, 16] in slot order
         return k.transpose(-1, -2).flatten(2, 3)
 
