@@ -50,7 +50,10 @@ class BandwidthSampler:
         return max(self.sample() for _ in range(repeats))
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 12) -> float:
+    """FLOP/s of the best of `repeats` square matmuls (~5 ms each here): a peak, so the best; a
+    shared VM halves a few of them now and then, and a low peak would lower every floor's
+    ratio below what the machine can do (one run sampled three and reported 0.85x a floor)."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     seconds = best_seconds(lambda: a @ b, repeats, warmup=1)
