@@ -447,7 +447,8 @@ struct StreamAhead {
         for (int64_t s = c0; s < c1;) {
           const int64_t run = std::min(h.bs - s % h.bs, c1 - s);
           // a key panel is read whole, also when the history ends inside it
-          const int64_t slots = base == h.k ? (run + h.key_width - 1) / h.key_width * h.key_width : run;
+          const int64_t width = base == h.k ? h.key_width : 1;
+          const int64_t slots = (run + width - 1) / width * width;
           const char* p = reinterpret_cast<const char*>(base + h.offset(s));
           runs.emplace_back(p, p + slots * row);
           s += run;
@@ -1509,10 +1510,6 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// cos/sin of the rotary angles, [*positions, D/2] fp32: the angle is rounded to fp32 as the
-// reference computes it, then cos/sin are evaluated in double and rounded once. torch's own
-// vectorised cos takes a scalar path for a tensor's tail elements, so its result for a
-// position could depend on how many positions share the call; this one cannot.
 // cos and sin [n][half] of position(t) * inv_freq[i], the product rounded to fp32 first
 template <typename PositionOf>
 void angles_into(int64_t n, PositionOf position, const float* inv_freq, int64_t half, float* cos,
@@ -1525,6 +1522,10 @@ void angles_into(int64_t n, PositionOf position, const float* inv_freq, int64_t 
     }
 }
 
+// cos/sin of the rotary angles, [*positions, D/2] fp32: the angle is rounded to fp32 as the
+// reference computes it, then cos/sin are evaluated in double and rounded once. torch's own
+// vectorised cos takes a scalar path for a tensor's tail elements, so its result for a
+// position could depend on how many positions share the call; this one cannot.
 std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq) {
   TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.dim() == 1,
               "rotary_angles: inv_freq must be 1-D fp32");
@@ -1581,12 +1582,6 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
   return out;
 }
 
-// All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
-// the same order as the Python layer loop, rounding to the model's dtype at the same points
-// (so the same bits), on buffers allocated once per pass. No torch op runs inside the loop:
-// at decode sizes their dispatch, views and copies cost more than the arithmetic (~1,500 per
-// step, ~2 ms). weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
-// post-attention norm, gate/up panels, down panels] (first 7 x layers entries); x [N, hidden].
 // y [m, n] = x [m, k] times a packed weight, as packed_linear computes it: bf16 pairs straight
 // into the dot-product kernel, anything else widened into `wide` (m * k floats) first
 template <typename T>
@@ -1603,6 +1598,12 @@ void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, 
   packed_rows(wide, panels.data_ptr<T>(), bias, y, m, n, k);
 }
 
+// All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
+// the same order as the Python layer loop, rounding to the model's dtype at the same points
+// (so the same bits), on buffers allocated once per pass. No torch op runs inside the loop:
+// at decode sizes their dispatch, views and copies cost more than the arithmetic (~1,500 per
+// step, ~2 ms). weights: per layer [input norm, qkv panels, qkv bias or empty, o panels,
+// post-attention norm, gate/up panels, down panels] (first 7 x layers entries); x [N, hidden].
 template <typename T>
 void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t layers, float eps,
                     const float* cos, const float* sin, int64_t n, int64_t hidden, int64_t hq, int64_t hkv,
@@ -1618,7 +1619,9 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       att32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
-                    T* out, int64_t cols) { linear_rows(in, n, k, panels, bias, out, cols, wide.data()); };
+                    T* out, int64_t cols) {
+    linear_rows(in, n, k, panels, bias, out, cols, wide.data());
+  };
   auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = weights.data() + 7 * l;
