@@ -897,16 +897,18 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
     const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
     while (n_keys[first] <= c0) ++first;
-    for (int64_t i = 0, block = c0 / h.bs, row = c0 % h.bs; i < n; ++i) {  // any block size
-      const int64_t base = h.blocks ? static_cast<int64_t>(h.blocks[block]) * h.block_elems : 0;
-      value_row[i] = v_pool + base + row * d;
-      if (!h.panel_keys) {  // key rows -> panels of channel pairs
-        const uint16_t* key = k_pool + base + row * d;
+    for (int64_t s = c0; s < c0 + n;) {  // the chunk's value rows, a block's run at a time
+      const int64_t run = std::min(h.bs - s % h.bs, c0 + n - s);
+      const uint16_t* first_row = v_pool + h.offset(s);
+      for (int64_t j = 0; j < run; ++j) value_row[s - c0 + j] = first_row + j * d;
+      s += run;
+    }
+    if (!h.panel_keys)  // key rows -> panels of channel pairs
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
         uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
         for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
       }
-      if (++row == h.bs) row = 0, ++block;
-    }
     if (!h.panel_keys)  // the last panel's unused slots: zeros, never garbage
       for (int64_t i = n; i < panels * PANEL; ++i)
         for (int64_t c = 0; c < pairs; ++c)
