@@ -1,7 +1,5 @@
 """CPU kernels against float64 references; bitwise batch invariance; the torch fallback."""
 
-import math
-
 import pytest
 import torch
 
@@ -182,8 +180,8 @@ def paged_case(dtype, block_size, dim, lengths, news, seed):
         offsets.append(slots % block_size)
     panel = block_size % 16 == 0
     # channel-pair panels span gcd(block, 64) slots (KVPool.key_width), the others 16
-    width = math.gcd(block_size, 64) if dtype == torch.bfloat16 and kernels.dot_attention(dim) \
-        else 16
+    width = kernels.key_panel_slots(block_size, dtype == torch.bfloat16
+                                    and kernels.dot_attention(dim))
     v_pool = torch.zeros(used, kv_heads, block_size, dim, dtype=dtype)
     k_pool = (torch.zeros(used, kv_heads, block_size // width, dim, width, dtype=dtype) if panel
               else torch.zeros_like(v_pool))

@@ -14,8 +14,6 @@ products (and head_dim is a multiple of 16) a panel instead holds channel pairs,
 at a time: the score tile's four 16-slot panels are then one contiguous row per channel pair.
 """
 
-import math
-
 import torch
 
 from microturn.errors import MicroturnError
@@ -44,7 +42,8 @@ class KVPool:
         self.panel_keys = block_size % PANEL == 0 and kernels is not None
         self.pair_channels = (self.panel_keys and dtype == torch.bfloat16
                               and kernels.dot_attention(config.head_dim))
-        self.key_width = math.gcd(block_size, 4 * PANEL) if self.pair_channels else PANEL
+        self.key_width = kernels.key_panel_slots(block_size, True) if self.pair_channels \
+            else PANEL
         key_shape = shape[:3] + (block_size // self.key_width, config.head_dim, self.key_width) \
             if self.panel_keys else shape
         self.k = torch.zeros(key_shape, dtype=dtype, device=device)

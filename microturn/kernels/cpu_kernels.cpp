@@ -717,8 +717,17 @@ inline int64_t key_panel_slots(int64_t bs, bool channel_pairs) {
   return channel_pairs ? std::gcd(bs, int64_t{4 * PANEL}) : PANEL;
 }
 
+// A panel key pool [..., bs / width, d, width] must have the width this CPU's kernel reads
+inline void check_key_panels(const torch::Tensor& k_pool, int64_t bs, bool bf16, int64_t d,
+                             const char* who) {
+  const int64_t width = key_panel_slots(bs, bf16 && dot_attention(d));
+  TORCH_CHECK(k_pool.size(-3) * width == bs && k_pool.size(-1) == width, who, ": key panels of ",
+              width, " slots expected (KVPool's layout) for blocks of ", bs);
+}
+
 // scores out [MR][P x 16] (row stride ldo) = q rows [MR][d/2] (bf16 pairs, row stride ldq
-// words) . P key panels [d/2][16][2], in slot order
+// words) . P key panels of 16 slots [d/2][16][2], in slot order; a panel's pair rows lie
+// pair_stride elements apart (32, or more where several panels share each row)
 template <int MR, int P>
 MICROTURN_DOT_TARGET inline void key_tile_dot(const uint32_t* q, int64_t ldq,
                                               const uint16_t* const* panels, int64_t pairs,
@@ -1308,11 +1317,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type(), "paged_attention: dtype mismatch");
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t hkv = v_pool.size(1), bs = v_pool.size(2), segments = starts.numel() - 1;
-  const int64_t key_width =
-      key_panel_slots(bs, q.scalar_type() == torch::kBFloat16 && dot_attention(d));
-  TORCH_CHECK(!panel_keys || (k_pool.size(2) * key_width == bs && k_pool.size(4) == key_width),
-              "paged_attention: key panels of ", key_width, " slots expected (kv_pool.py's "
-              "layout) for blocks of ", bs);
+  if (panel_keys)
+    check_key_panels(k_pool, bs, q.scalar_type() == torch::kBFloat16, d, "paged_attention");
   TORCH_CHECK(segments >= 0 && (segments == 0 || starts.data_ptr<int32_t>()[segments] == n),
               "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
@@ -1375,10 +1381,7 @@ void paged_write_(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor k, t
   TORCH_CHECK(kc.numel() == n * hkv * d && vc.numel() == n * hkv * d && b.numel() == n &&
               o.numel() == n, "paged_write_: k/v [N, Hkv, D] and N slots expected");
   const bool panel_keys = k_pool.dim() == 5;
-  const int64_t key_width =
-      key_panel_slots(bs, k.scalar_type() == torch::kBFloat16 && dot_attention(d));
-  TORCH_CHECK(!panel_keys || (k_pool.size(2) * key_width == bs && k_pool.size(4) == key_width),
-              "paged_write_: key panels of ", key_width, " slots expected for blocks of ", bs);
+  if (panel_keys) check_key_panels(k_pool, bs, k.scalar_type() == torch::kBFloat16, d, "paged_write_");
   if (k.scalar_type() == torch::kBFloat16) {
     write_rows(k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), panel_keys,
                kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), b.data_ptr<int64_t>(),
@@ -1585,10 +1588,10 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
 }
 
 // y [m, n] = x [m, k] times a packed weight, as packed_linear computes it: bf16 pairs straight
-// into the dot-product kernel, anything else widened into `wide` (m * k floats) first
+// into the dot-product kernel, anything else widened into `wide` first (grown only then)
 template <typename T>
 void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, const float* bias,
-                 T* y, int64_t n, float* wide) {
+                 T* y, int64_t n, std::vector<float>& wide) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (dot_packed(panels)) {
       dot_rows(reinterpret_cast<const uint16_t*>(x),
@@ -1596,8 +1599,9 @@ void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, 
       return;
     }
   }
-  widen(x, wide, m * k);
-  packed_rows(wide, panels.data_ptr<T>(), bias, y, m, n, k);
+  if (static_cast<int64_t>(wide.size()) < m * k) wide.resize(m * k);
+  widen(x, wide.data(), m * k);
+  packed_rows(wide.data(), panels.data_ptr<T>(), bias, y, m, n, k);
 }
 
 // All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
@@ -1617,12 +1621,11 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
   std::vector<T> normed(n * hidden), qkv(n * width), att(n * q_size), proj(n * hidden);
   std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
-  std::vector<float> wide(n * std::max({hidden, q_size, intermediate})), q32(n * q_size),
-      att32(n * q_size);
+  std::vector<float> wide, q32(n * q_size), att32(n * q_size);  // wide: sized by the widening linears
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                     T* out, int64_t cols) {
-    linear_rows(in, n, k, panels, bias, out, cols, wide.data());
+    linear_rows(in, n, k, panels, bias, out, cols, wide);
   };
   auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
   for (int64_t l = 0; l < layers; ++l) {
@@ -1727,11 +1730,9 @@ void paged_decoder_layers_(torch::Tensor& x, const LayerStack& stack, double eps
                 "paged_decoder_layers: contiguous int32 metadata expected");
   TORCH_CHECK(write_blocks.numel() == n && write_offsets.numel() == n,
               "paged_decoder_layers: one write slot per token");
-  const int64_t bs = v_pools.size(3), key_width = key_panel_slots(
-      bs, x.scalar_type() == torch::kBFloat16 && dot_attention(d));
-  TORCH_CHECK(!panel_keys || (k_pools.size(3) * key_width == bs && k_pools.size(5) == key_width),
-              "paged_decoder_layers: key panels of ", key_width, " slots expected for blocks of ",
-              bs);
+  if (panel_keys)
+    check_key_panels(k_pools, v_pools.size(3), x.scalar_type() == torch::kBFloat16, d,
+                     "paged_decoder_layers");
   auto blocks = as_int64(write_blocks);
   auto offsets = as_int64(write_offsets);
   const int64_t pool_layer_elems = v_pools.numel() / layers;
@@ -1822,13 +1823,13 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token
   auto head = [&](auto* xp) {
     using T = std::remove_pointer_t<decltype(xp)>;
     std::vector<T> normed(m * hidden);
-    std::vector<float> wide(m * hidden);
+    std::vector<float> wide;
     const T* w = stack.final_norm().data_ptr<T>();
     for (int64_t i = 0; i < m; ++i)
       rms_norm_rows(xp + picked[i] * hidden, w, normed.data() + i * hidden, 1, hidden,
                     static_cast<float>(eps));
     linear_rows(normed.data(), m, hidden, stack.head(), nullptr, logits.data_ptr<T>(), stack.vocab,
-                wide.data());
+                wide);
   };
   if (x.scalar_type() == torch::kBFloat16) {
     head(x.data_ptr<at::BFloat16>());
@@ -1843,6 +1844,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight for packed_linear");
   m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "bf16 linears use the CPU's bf16 dot product");
+  m.def("key_panel_slots", &key_panel_slots,
+        "slots per key panel of a pool with blocks of the given size (KVPool's key layout)");
   m.def("dot_attention", &dot_attention,
         "bf16 attention of this head size takes the bf16 dot-product kernel (its key layout)");
   m.def("wide_attention", [](bool on) { return g_wide_attention.exchange(on) && cpu_has_avx512(); },
