@@ -342,6 +342,7 @@ constexpr int64_t SPLIT = 512;     // slots per partial: the unit of work spread
 constexpr int64_t CHUNK = 128;     // slots per online-softmax step
 constexpr int64_t ROW_GROUP = 60;  // query rows of one kv head that share the widened K/V
 constexpr int64_t WIDEN_ROWS = 12; // fewer active rows read the pool in place
+constexpr int64_t KEYS_FIRST_ROWS = 6;  // up to this many rows read a split's keys, then its values
 
 // Where one kv head of one sequence keeps its history: slot s lives in block blocks[s / bs]
 // (or the single block 0 when blocks is null) at row s % bs; k and v point at this head's
@@ -881,7 +882,14 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
                                            int64_t s_end, float* acc, float* row_max,
                                            float* row_sum, AttentionScratch& w) {
   const int64_t d = h.d, pairs = d / 2;
-  w.scores.resize(rows * CHUNK);
+  // A few rows (decode) take every chunk's scores first, then the softmax and values chunk by
+  // chunk: the same arithmetic in the same order, but the split's keys and then its values are
+  // each one stream the hardware prefetcher follows (cold decode attention -7 %, and no
+  // prefetch instructions: -20 % hot). More rows reuse each chunk's K/V for many products and
+  // keep the chunk-by-chunk order, with the K/V requested ahead of the reads.
+  const bool keys_first = rows <= KEYS_FIRST_ROWS;
+  const int64_t ld = keys_first ? (s_end - s_begin + CHUNK - 1) / CHUNK * CHUNK : CHUNK;
+  w.scores.resize(rows * ld);
   w.probs.resize(rows * CHUNK);
   w.query_pairs.resize(rows * d);
   if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
@@ -894,24 +902,52 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
   const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
   const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
   float* sc = w.scores.data();
-  // every row count reads panel keys in place: stream them (the first tile drives it)
-  StreamAhead* stream = h.panel_keys ? &w.stream : nullptr;
+  // chunk by chunk, panel keys are read in place and streamed (the first tile drives it)
+  StreamAhead* stream = h.panel_keys && !keys_first ? &w.stream : nullptr;
   if (stream) {
     stream->start(h, s_begin, s_end, CHUNK);
-  } else {
+  } else if (!h.panel_keys) {
     prefetch_slots(h, s_begin, s_end - s_begin);
   }
   const uint16_t* value_row[CHUNK];
-  int64_t first = 0;  // rows before `first` see none of the current chunk
-  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
-    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
-    while (n_keys[first] <= c0) ++first;
-    for (int64_t s = c0; s < c0 + n;) {  // the chunk's value rows, a block's run at a time
+  // the chunk's value rows, a block's run at a time
+  auto find_value_rows = [&](int64_t c0, int64_t n) {
+    for (int64_t s = c0; s < c0 + n;) {
       const int64_t run = std::min(h.bs - s % h.bs, c0 + n - s);
       const uint16_t* first_row = v_pool + h.offset(s);
       for (int64_t j = 0; j < run; ++j) value_row[s - c0 + j] = first_row + j * d;
       s += run;
     }
+  };
+  // softmax and values of the chunk at c0 for rows [first, rows), its scores at sc + (c0 - s_begin) % ld
+  auto finish_chunk = [&](int64_t c0, int64_t first) {
+    const int64_t n = std::min(CHUNK, s_end - c0);
+    find_value_rows(c0, n);
+    for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
+      const float* s = sc + r * ld + (c0 - s_begin) % ld;
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
+      row_sum[r] += softmax_chunk_dot(s, valid, row_max[r], w.probs.data() + r * CHUNK);
+    }
+    // all active rows over the slot pairs they all see, then each row's own remainder: pairs
+    // stay on the fixed grid, so no row's sums depend on the rows beside it
+    const int64_t common = std::min(n_keys[first] - c0, n) / 2 * 2;
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      value_rows_dot<MR>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, 0, common,
+                         r == first ? stream : nullptr);
+    });
+    for (int64_t r = first; r < rows; ++r) {
+      const int64_t valid = std::min(n_keys[r] - c0, n);
+      if (valid > common)
+        value_rows_dot<1>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, common, valid, nullptr);
+    }
+  };
+  int64_t first = 0;  // rows before `first` see none of the current chunk
+  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
+    while (n_keys[first] <= c0) ++first;
+    if (!h.panel_keys) find_value_rows(c0, n);
     if (!h.panel_keys)  // key rows -> panels of channel pairs
       for (int64_t i = 0; i < n; ++i) {
         const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
@@ -930,27 +966,15 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
     row_tiles(first, rows, [&](auto mr, int64_t r) {
       constexpr int MR = decltype(mr)::value;
       key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, pair_stride, panels,
-                       sc + r * CHUNK, CHUNK, r == first ? stream : nullptr);
+                       sc + r * ld + (c0 - s_begin) % ld, ld, r == first ? stream : nullptr);
     });
-    for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
-      float* s = sc + r * CHUNK;
-      const int64_t valid = std::min(n_keys[r] - c0, n);
-      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
-      row_sum[r] += softmax_chunk_dot(s, valid, row_max[r], w.probs.data() + r * CHUNK);
-    }
-    // all active rows over the slot pairs they all see, then each row's own remainder: pairs
-    // stay on the fixed grid, so no row's sums depend on the rows beside it
-    const int64_t common = std::min(n_keys[first] - c0, n) / 2 * 2;
-    row_tiles(first, rows, [&](auto mr, int64_t r) {
-      constexpr int MR = decltype(mr)::value;
-      value_rows_dot<MR>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, 0, common,
-                         r == first ? stream : nullptr);
-    });
-    for (int64_t r = first; r < rows; ++r) {
-      const int64_t valid = std::min(n_keys[r] - c0, n);
-      if (valid > common)
-        value_rows_dot<1>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, common, valid, nullptr);
-    }
+    if (!keys_first) finish_chunk(c0, first);
+  }
+  if (!keys_first) return;
+  first = 0;
+  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
+    while (n_keys[first] <= c0) ++first;
+    finish_chunk(c0, first);
   }
 }
 
