@@ -34,6 +34,11 @@ class Linear(nn.Linear):
             self._panels_of, self._panels_ptr, self._panels_version = id(w), ptr, version
         return self._panels
 
+    def keep_panels(self, panels: torch.Tensor) -> None:
+        """Use `panels`, an exact copy of the current packed weight (moved to other memory)."""
+        assert panels.shape == self.panels().shape and panels.dtype == self._panels.dtype
+        self._panels = panels
+
 
 class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:

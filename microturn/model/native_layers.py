@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from microturn.kernels import ops, policy
+from microturn.kernels.huge_pages import copies_on_huge_pages
 
 
 def applies(model, x: torch.Tensor, backend) -> bool:
@@ -49,6 +50,13 @@ def layer_stack(model, kernels):
         return cached[1]
     generation = _generation
     empty = torch.empty(0, dtype=model.dtype, device=model.device)
+    # every packed weight moves to one huge-page allocation: the step streams them all
+    linears = [lin for layer in model.layers for lin in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+        layer.mlp.down_proj)] + [model.lm_head]
+    moved = copies_on_huge_pages([lin.panels() for lin in linears])
+    for lin, panels in zip(linears, moved, strict=True):
+        lin.keep_panels(panels)
     weights, sources = [], []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
