@@ -1,4 +1,4 @@
-"""The packed weights and the KV pool live on transparent huge pages where Linux offers them."""
+"""The packed weights live on transparent huge pages where Linux offers them."""
 
 import pathlib
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from microturn.engine.paged_attention import PagedSequence
-from microturn.kernels.huge_pages import HUGE_PAGE, copies_on_huge_pages, zeros_on_huge_pages
+from microturn.kernels.huge_pages import HUGE_PAGE, copies_on_huge_pages, huge_page_bytes
 from microturn.model import native_layers
 from microturn.model.config import ModelConfig
 from microturn.model.decoder import Decoder, init_random_weights
@@ -37,13 +37,13 @@ def test_copies_are_exact_aligned_and_independent():
         assert copy.data_ptr() % 64 == 0 and copy.data_ptr() != source.data_ptr()
     copies[1].zero_()
     assert torch.equal(copies[0], sources[0]) and torch.equal(copies[2], sources[2])
-    zeros = zeros_on_huge_pages((4, 3, HUGE_PAGE // 8), torch.float32)
-    assert zeros.shape == (4, 3, HUGE_PAGE // 8) and not zeros.any()
+    region = huge_page_bytes(3 * HUGE_PAGE + 5)
+    assert region.numel() == 3 * HUGE_PAGE + 5 and not region.any()
 
 
 @needs_thp
 def test_large_allocations_are_backed_by_huge_pages():
-    pool = zeros_on_huge_pages((8 * HUGE_PAGE // 2,), torch.bfloat16)
+    pool = huge_page_bytes(8 * HUGE_PAGE).view(torch.bfloat16)
     pool.fill_(1.0)  # pages are mapped on first touch
     assert pool.data_ptr() % HUGE_PAGE == 0
     assert huge_kib_at(pool.data_ptr()) >= 4 * HUGE_PAGE // 1024
@@ -53,7 +53,7 @@ def test_large_allocations_are_backed_by_huge_pages():
 
 
 @needs_thp
-def test_the_native_stack_streams_weights_and_kv_from_huge_pages():
+def test_the_native_stack_streams_weights_from_huge_pages():
     config = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=64, intermediate_size=768, rms_norm_eps=1e-6,
                          rope_theta=10000.0, rope_layout="half", max_position=4096,
@@ -65,7 +65,6 @@ def test_the_native_stack_streams_weights_and_kv_from_huge_pages():
         before = model(ids, torch.arange(40).unsqueeze(0), cache, logits_at=torch.tensor([39]))
         panels = model.layers[0].mlp.gate_up_proj.panels()
         assert huge_kib_at(panels.data_ptr()) > 0  # the stack moved the packed weights
-        assert huge_kib_at(cache.pool.k.data_ptr()) > 0 and huge_kib_at(cache.pool.v.data_ptr()) > 0
         native_layers._stacks.clear()  # built again: the same bits from the moved weights
         cache.length = 0
         again = model(ids, torch.arange(40).unsqueeze(0), cache, logits_at=torch.tensor([39]))

@@ -18,7 +18,6 @@ import torch
 
 from microturn.errors import MicroturnError
 from microturn.kernels import ops
-from microturn.kernels.huge_pages import zeros_on_huge_pages
 from microturn.model.config import ModelConfig
 
 PANEL = 16
@@ -47,12 +46,8 @@ class KVPool:
             else PANEL
         key_shape = shape[:3] + (block_size // self.key_width, config.head_dim, self.key_width) \
             if self.panel_keys else shape
-        if torch.device(device).type == "cpu":  # a decode step streams every layer's history
-            self.k = zeros_on_huge_pages(key_shape, dtype)
-            self.v = zeros_on_huge_pages(shape, dtype)
-        else:
-            self.k = torch.zeros(key_shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(key_shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         column = torch.arange(PANEL)
         self._column = (2 * (column % 8) + column // 8) if dtype == torch.bfloat16 else column
         # row r lists session r's blocks in order; -1 marks unused entries
