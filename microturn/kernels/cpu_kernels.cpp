@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -68,6 +69,59 @@ inline void add_rows(T* x, const T* y, int64_t n) {
   for (; i < n; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
+// The threads of one decode-sized pass, kept in one parallel region for all its layers: a
+// region per op (~150 in a decode step) costs ~1-2 µs to open and join, a spinning barrier
+// ~0.1 µs. Inside a team the op helpers below split their units over the team and end with a
+// barrier; serial steps run on rank 0 (lead_then_wait). Each unit computes what it computes
+// without a team, so the bits are the same.
+struct Team {
+  alignas(64) std::atomic<int> arrived{0};
+  alignas(64) std::atomic<int> generation{0};
+  alignas(64) std::atomic<int64_t> next[2] = {0, 0};  // share_units' counters, used in turn
+  std::vector<float> partials;                        // attention's, shared by the team
+};
+
+struct TeamSeat {
+  Team* team = nullptr;
+  int rank = 0, size = 1;
+  int64_t shares = 0;  // share_units calls so far: picks the counter
+};
+thread_local TeamSeat seat;
+
+inline void team_barrier() {
+  Team& t = *seat.team;
+  const int gen = t.generation.load(std::memory_order_relaxed);
+  if (t.arrived.fetch_add(1, std::memory_order_acq_rel) == seat.size - 1) {
+    t.arrived.store(0, std::memory_order_relaxed);
+    t.generation.store(gen + 1, std::memory_order_release);
+  } else {
+    while (t.generation.load(std::memory_order_acquire) == gen) _mm_pause();
+  }
+}
+
+// f() once: on rank 0 of a team, which then waits for it; alone, right here
+template <typename F>
+void lead_then_wait(F&& f) {
+  if (!seat.team) return f();
+  if (seat.rank == 0) f();
+  team_barrier();
+}
+
+// body() on every thread of a team of `threads` (one region for the whole body), or here alone
+template <typename Body>
+void as_team(int threads, Body&& body) {
+  if (threads < 2 || seat.team) return body();
+  Team team;
+#pragma omp parallel num_threads(threads)
+  {
+    seat = {&team, omp_get_thread_num(), omp_get_num_threads(), 0};
+    body();
+    seat = {};
+  }
+}
+
+constexpr int64_t TEAM_ROWS = 4;  // passes of at most this many tokens run as one team
+
 // Runs body(take) once on each intra-op thread (at most n of them), where take() hands out the
 // units 0, 1, 2, ... (n and past it: done) to whichever thread asks next. On a shared machine
 // one core often runs slower than the other for a while (static halves left it 15-30 % behind
@@ -75,6 +129,14 @@ inline void add_rows(T* x, const T* y, int64_t n) {
 // the thread that runs it, so neither do the results.
 template <typename Body>
 void share_units(int64_t n, Body&& body) {
+  if (seat.team) {
+    const int64_t turn = seat.shares++ & 1;
+    std::atomic<int64_t>& next = seat.team->next[turn];
+    if (seat.rank == 0) seat.team->next[turn ^ 1].store(0, std::memory_order_relaxed);  // the next call's
+    body([&next] { return next.fetch_add(1, std::memory_order_relaxed); });
+    team_barrier();
+    return;
+  }
   std::atomic<int64_t> next{0};
   auto take = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1,
@@ -87,6 +149,12 @@ void share_units(int64_t n, Body&& body) {
 // cost ~2 % of a decode step); larger steps are compute-bound and share units as they go.
 template <typename F>
 void for_units(int64_t n, bool stream, F&& f) {
+  if (stream && seat.team) {  // at::parallel_for's split: contiguous runs of ceil(n / size)
+    const int64_t run = (n + seat.size - 1) / seat.size;
+    for (int64_t u = seat.rank * run; u < std::min(n, (seat.rank + 1) * run); ++u) f(u);
+    team_barrier();
+    return;
+  }
   if (stream) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) f(u);
@@ -1123,7 +1191,12 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
       ++g1;
     }
     const int64_t slots = partials / (d + 2);
-    std::vector<float> acc(slots * d), row_max(slots), row_sum(slots);
+    std::vector<float> own;
+    std::vector<float>& shared = seat.team ? seat.team->partials : own;
+    lead_then_wait([&] { shared.resize(slots * (d + 2)); });
+    float* acc = shared.data();
+    float* row_max = acc + slots * d;
+    float* row_sum = row_max + slots;
     const int64_t n_units = static_cast<int64_t>(units.size());
     share_units(n_units, [&](auto take) {
       AttentionScratch w;
@@ -1144,11 +1217,12 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
         }
         const int64_t base = grp.partial_base + k * grp.rows + first;
         attend_split(head(grp.head), q.data(), keys.data() + first, rows, s_begin,
-                     std::min(s_begin + SPLIT, keys[grp.rows - 1]), acc.data() + base * d,
-                     row_max.data() + base, row_sum.data() + base, w);
+                     std::min(s_begin + SPLIT, keys[grp.rows - 1]), acc + base * d,
+                     row_max + base, row_sum + base, w);
       }
     });
     // folding is a few multiply-adds per partial: small calls (decode) fold on this thread
+    lead_then_wait([&] {
     at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), 16, [&](int64_t begin, int64_t end) {
       std::vector<float> total(d);
       for (int64_t gi = begin; gi < end; ++gi) {
@@ -1157,7 +1231,7 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
           const int64_t splits = (n_keys(grp.head, grp.first_row + r) + SPLIT - 1) / SPLIT;
           int64_t at = grp.partial_base + r;
           float top = row_max[at], sum = row_sum[at];
-          std::copy(acc.data() + at * d, acc.data() + (at + 1) * d, total.data());
+          std::copy(acc + at * d, acc + (at + 1) * d, total.data());
           for (int64_t k = 1; k < splits; ++k) {
             at += grp.rows;
             const float next = std::max(top, row_max[at]);
@@ -1171,6 +1245,7 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
           for (int64_t j = 0; j < d; ++j) out[j] = total[j] * inv;
         }
       }
+    });
     });
     g0 = g1;
   }
@@ -1645,35 +1720,47 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
   std::vector<T> normed(n * hidden), qkv(n * width), att(n * q_size), proj(n * hidden);
   std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
-  std::vector<float> wide, q32(n * q_size), att32(n * q_size);  // wide: sized by the widening linears
+  std::vector<float> q32(n * q_size), att32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
-                    T* out, int64_t cols) {
-    linear_rows(in, n, k, panels, bias, out, cols, wide);
+  auto all_layers = [&] {
+    std::vector<float> wide;  // each thread's: sized by the widening linears
+    auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
+                      T* out, int64_t cols) {
+      linear_rows(in, n, k, panels, bias, out, cols, wide);
+    };
+    auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
+    for (int64_t l = 0; l < layers; ++l) {
+      const torch::Tensor* w = weights.data() + 7 * l;
+      const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
+      T* k_pool = k_pools + l * pool_layer_elems;
+      T* v_pool = v_pools + l * pool_layer_elems;
+      lead_then_wait([&] { rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps); });
+      linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
+      lead_then_wait([&] {
+        rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
+        write_rows(k_pool, v_pool, panel_keys, qkv.data() + q_size, qkv.data() + q_size + kv_size,
+                   write_blocks, write_offsets, n, hkv, bs, d, width);
+        for (int64_t t = 0; t < n; ++t) scale_rows(qkv.data() + t * width, q_scale, q32.data() + t * q_size, q_size);
+      });
+      paged_segments(q32.data(), k_pool, panel_keys, v_pool, table, table_width, rows, keys,
+                     starts, segments, att32.data(), hq, hkv, bs, d);
+      lead_then_wait([&] { scale_rows(att32.data(), 1.0f, att.data(), n * q_size); });
+      linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
+      lead_then_wait([&] {
+        add_into_x(proj.data());
+        rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
+      });
+      linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate);
+      lead_then_wait([&] { silu_mul_rows(gate_up.data(), act.data(), n, intermediate); });
+      linear(act.data(), intermediate, w[6], nullptr, proj.data(), hidden);
+      lead_then_wait([&] { add_into_x(proj.data()); });
+    }
   };
-  auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
-  for (int64_t l = 0; l < layers; ++l) {
-    const torch::Tensor* w = weights.data() + 7 * l;
-    const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
-    T* k_pool = k_pools + l * pool_layer_elems;
-    T* v_pool = v_pools + l * pool_layer_elems;
-    rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
-    linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
-    rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
-    write_rows(k_pool, v_pool, panel_keys, qkv.data() + q_size, qkv.data() + q_size + kv_size,
-               write_blocks, write_offsets, n, hkv, bs, d, width);
-    for (int64_t t = 0; t < n; ++t) scale_rows(qkv.data() + t * width, q_scale, q32.data() + t * q_size, q_size);
-    paged_segments(q32.data(), k_pool, panel_keys, v_pool, table, table_width, rows, keys,
-                   starts, segments, att32.data(), hq, hkv, bs, d);
-    scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
-    linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
-    add_into_x(proj.data());
-    rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
-    linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate);
-    silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
-    linear(act.data(), intermediate, w[6], nullptr, proj.data(), hidden);
-    add_into_x(proj.data());
-  }
+  // Decode-sized passes run as one team: their element-wise steps are one thread's work anyway
+  // (rows under every op's grain) and their ~5 parallel ops a layer then cost a barrier each
+  // instead of opening and joining a region. Larger passes keep a region per op.
+  const bool team = n <= TEAM_ROWS && segments * hkv <= 16;
+  as_team(team ? at::get_num_threads() : 1, all_layers);
 }
 
 // The weights of a decoder, checked and arranged once (biases widened to fp32, as packed_linear
