@@ -208,3 +208,36 @@ def test_native_layer_stack_follows_in_place_weight_updates(kernel_choice):
     changed = paged_logits()
     assert relative_error(changed, before) > 1e-3
     assert relative_error(changed, full_logits(model, tokens)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_team_gives_the_bits_of_a_prefill(dtype):
+    """Passes of up to 4 tokens run all layers as one thread team (units split over the team,
+    barriers between ops); a prefill opens a region per op. Over two attention splits and
+    9-group linears, with 1, 2 and 3 threads, the team's decode rows must be the prefill's bits."""
+    from microturn.engine.paged_attention import PagedSequence
+    from microturn.kernels import build
+
+    if build.load() is None:
+        pytest.skip("CPU kernels unavailable here")
+    config = tiny_config(vocab_size=500, hidden_size=576, num_heads=9, num_kv_heads=3,
+                         head_dim=64, intermediate_size=576, max_position=2048)
+    model = init_random_weights(Decoder(config), seed=3).to(dtype).eval()
+    tokens = torch.randint(0, 500, (1, 700))
+    positions = torch.arange(700).unsqueeze(0)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        prefill = model(tokens, positions, PagedSequence(config, 700, dtype))[0, -4:]
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                cache = PagedSequence(config, 700, dtype)
+                model(tokens[:, :696], positions[:, :696], cache, logits_at=torch.tensor([695]))
+                decode = model(tokens[:, 696:], positions[:, 696:], cache)[0]
+                assert torch.equal(decode, prefill), f"{n} threads"
+                # negative control: the same comparison catches rows one position off
+                cache.length = 696
+                shifted = model(tokens[:, 696:], positions[:, 696:] + 1, cache)[0]
+                assert not torch.equal(shifted, prefill)
+        finally:
+            torch.set_num_threads(threads)

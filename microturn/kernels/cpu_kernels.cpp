@@ -120,7 +120,8 @@ void as_team(int threads, Body&& body) {
   }
 }
 
-constexpr int64_t TEAM_ROWS = 4;  // passes of at most this many tokens run as one team
+constexpr int64_t TEAM_ROWS = 4;     // passes of at most this many tokens run as one team
+constexpr int64_t FOLD_GRAIN = 16;   // attention row groups folded per thread
 
 // Runs body(take) once on each intra-op thread (at most n of them), where take() hands out the
 // units 0, 1, 2, ... (n and past it: done) to whichever thread asks next. On a shared machine
@@ -1223,7 +1224,7 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
     });
     // folding is a few multiply-adds per partial: small calls (decode) fold on this thread
     lead_then_wait([&] {
-    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), FOLD_GRAIN, [&](int64_t begin, int64_t end) {
       std::vector<float> total(d);
       for (int64_t gi = begin; gi < end; ++gi) {
         const RowGroup& grp = groups[gi];
@@ -1759,7 +1760,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   // Decode-sized passes run as one team: their element-wise steps are one thread's work anyway
   // (rows under every op's grain) and their ~5 parallel ops a layer then cost a barrier each
   // instead of opening and joining a region. Larger passes keep a region per op.
-  const bool team = n <= TEAM_ROWS && segments * hkv <= 16;
+  const bool team = n <= TEAM_ROWS && segments * hkv <= FOLD_GRAIN;  // folds on rank 0
   as_team(team ? at::get_num_threads() : 1, all_layers);
 }
 
