@@ -945,106 +945,157 @@ struct AttentionScratch {
   StreamAhead stream;
 };
 
-// attend_split (below) with bf16 dot products: the same online softmax over the same chunks
-MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const float* q,
-                                           const int64_t* n_keys, int64_t rows, int64_t s_begin,
-                                           int64_t s_end, float* acc, float* row_max,
-                                           float* row_sum, AttentionScratch& w) {
-  const int64_t d = h.d, pairs = d / 2;
+// One split's partial (attend_split, below) with bf16 dot products, in steps: a chunk's scores,
+// then its softmax and values; each chunk's steps in chunk order, whatever runs in between.
+struct DotSplit {
+  const KvHead<at::BFloat16>& h;
+  const int64_t* n_keys;
+  int64_t rows, s_begin, s_end;
+  float *acc, *row_max, *row_sum;
+  AttentionScratch& w;
+  int64_t ld = 0;                  // scores row stride: the split (keys first) or one chunk
+  StreamAhead* stream = nullptr;
+
   // A few rows (decode) take every chunk's scores first, then the softmax and values chunk by
   // chunk: the same arithmetic in the same order, but the split's keys and then its values are
   // each one stream the hardware prefetcher follows (cold decode attention -7 %, and no
   // prefetch instructions: -20 % hot). More rows reuse each chunk's K/V for many products and
   // keep the chunk-by-chunk order, with the K/V requested ahead of the reads.
-  const bool keys_first = rows <= KEYS_FIRST_ROWS;
-  const int64_t ld = keys_first ? (s_end - s_begin + CHUNK - 1) / CHUNK * CHUNK : CHUNK;
-  w.scores.resize(rows * ld);
-  w.probs.resize(rows * CHUNK);
-  w.query_pairs.resize(rows * d);
-  if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
-  std::fill(acc, acc + rows * d, 0.0f);
-  std::fill(row_max, row_max + rows, -INFINITY);
-  std::fill(row_sum, row_sum + rows, 0.0f);
-  round_to_bf16(q, w.query_pairs.data(), rows * d);
-  const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
-  const auto* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
-  const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
-  const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
-  float* sc = w.scores.data();
-  // chunk by chunk, panel keys are read in place and streamed (the first tile drives it)
-  StreamAhead* stream = h.panel_keys && !keys_first ? &w.stream : nullptr;
-  if (stream) {
-    stream->start(h, s_begin, s_end, CHUNK);
-  } else if (!h.panel_keys) {
-    prefetch_slots(h, s_begin, s_end - s_begin);
+  bool keys_first() const { return rows <= KEYS_FIRST_ROWS; }
+
+  MICROTURN_DOT_TARGET void start(const float* q) {
+    const int64_t d = h.d;
+    ld = keys_first() ? (s_end - s_begin + CHUNK - 1) / CHUNK * CHUNK : CHUNK;
+    w.scores.resize(rows * ld);
+    w.probs.resize(rows * CHUNK);
+    w.query_pairs.resize(rows * d);
+    if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
+    std::fill(acc, acc + rows * d, 0.0f);
+    std::fill(row_max, row_max + rows, -INFINITY);
+    std::fill(row_sum, row_sum + rows, 0.0f);
+    round_to_bf16(q, w.query_pairs.data(), rows * d);
+    // chunk by chunk, panel keys are read in place and streamed (the first tile drives it)
+    stream = h.panel_keys && !keys_first() ? &w.stream : nullptr;
+    if (stream) {
+      stream->start(h, s_begin, s_end, CHUNK);
+    } else if (!h.panel_keys) {
+      prefetch_slots(h, s_begin, s_end - s_begin);
+    }
   }
-  const uint16_t* value_row[CHUNK];
-  // the chunk's value rows, a block's run at a time
-  auto find_value_rows = [&](int64_t c0, int64_t n) {
+
+  int64_t first_row(int64_t c0) const {  // rows before it see none of the chunk at c0
+    int64_t first = 0;
+    while (n_keys[first] <= c0) ++first;
+    return first;
+  }
+
+  // the value rows of slots [c0, c0 + n), a block's run at a time
+  void find_value_rows(int64_t c0, int64_t n, const uint16_t** value_row) const {
+    const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
     for (int64_t s = c0; s < c0 + n;) {
       const int64_t run = std::min(h.bs - s % h.bs, c0 + n - s);
       const uint16_t* first_row = v_pool + h.offset(s);
-      for (int64_t j = 0; j < run; ++j) value_row[s - c0 + j] = first_row + j * d;
+      for (int64_t j = 0; j < run; ++j) value_row[s - c0 + j] = first_row + j * h.d;
       s += run;
     }
-  };
-  // softmax and values of the chunk at c0 for rows [first, rows), its scores at sc + (c0 - s_begin) % ld
-  auto finish_chunk = [&](int64_t c0, int64_t first) {
+  }
+
+  // the scores of the chunk at c0, into scores + (c0 - s_begin) % ld
+  MICROTURN_DOT_TARGET void scores(int64_t c0) {
+    const int64_t d = h.d, pairs = d / 2;
+    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
+    const int64_t first = first_row(c0);
+    const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
+    if (!h.panel_keys) {  // key rows -> panels of channel pairs
+      const uint16_t* value_row[CHUNK];
+      find_value_rows(c0, n, value_row);
+      const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
+        uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
+        for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
+      }
+      for (int64_t i = n; i < panels * PANEL; ++i)  // the last panel's unused slots: zeros
+        for (int64_t c = 0; c < pairs; ++c)
+          std::memset(w.key_panels.data() + (i / PANEL) * d * PANEL + c * 2 * PANEL + (i % PANEL) * 2, 0, 4);
+    }
+    auto panel_at = [&](int64_t p) -> const uint16_t* {
+      if (h.panel_keys) return k_pool + h.key_panel(c0 + p * PANEL);
+      return w.key_panels.data() + p * d * PANEL;
+    };
+    const int64_t pair_stride = 2 * (h.panel_keys ? h.key_width : PANEL);
+    const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
+    float* sc = w.scores.data() + (c0 - s_begin) % ld;
+    StreamAhead* lead = stream;
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, pair_stride, panels, sc + r * ld,
+                       ld, r == first ? lead : nullptr);
+    });
+  }
+
+  // the softmax and values of the chunk at c0 (its scores taken)
+  MICROTURN_DOT_TARGET void finish(int64_t c0) {
+    const int64_t d = h.d;
     const int64_t n = std::min(CHUNK, s_end - c0);
-    find_value_rows(c0, n);
+    const int64_t first = first_row(c0);
+    const uint16_t* value_row[CHUNK];
+    find_value_rows(c0, n, value_row);
+    const float* sc = w.scores.data() + (c0 - s_begin) % ld;
     for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
-      const float* s = sc + r * ld + (c0 - s_begin) % ld;
       const int64_t valid = std::min(n_keys[r] - c0, n);
-      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
-      row_sum[r] += softmax_chunk_dot(s, valid, row_max[r], w.probs.data() + r * CHUNK);
+      raise_row_max(max_of(sc + r * ld, valid), row_max[r], row_sum[r], acc + r * d, d);
+      row_sum[r] += softmax_chunk_dot(sc + r * ld, valid, row_max[r], w.probs.data() + r * CHUNK);
     }
     // all active rows over the slot pairs they all see, then each row's own remainder: pairs
     // stay on the fixed grid, so no row's sums depend on the rows beside it
+    const auto* pp = reinterpret_cast<const uint32_t*>(w.probs.data());
     const int64_t common = std::min(n_keys[first] - c0, n) / 2 * 2;
+    StreamAhead* lead = stream;
     row_tiles(first, rows, [&](auto mr, int64_t r) {
       constexpr int MR = decltype(mr)::value;
       value_rows_dot<MR>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, 0, common,
-                         r == first ? stream : nullptr);
+                         r == first ? lead : nullptr);
     });
     for (int64_t r = first; r < rows; ++r) {
       const int64_t valid = std::min(n_keys[r] - c0, n);
       if (valid > common)
         value_rows_dot<1>(pp + r * CHUNK / 2, CHUNK / 2, value_row, acc + r * d, d, common, valid, nullptr);
     }
-  };
-  int64_t first = 0;  // rows before `first` see none of the current chunk
-  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
-    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
-    while (n_keys[first] <= c0) ++first;
-    if (!h.panel_keys) find_value_rows(c0, n);
-    if (!h.panel_keys)  // key rows -> panels of channel pairs
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
-        uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
-        for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
-      }
-    if (!h.panel_keys)  // the last panel's unused slots: zeros, never garbage
-      for (int64_t i = n; i < panels * PANEL; ++i)
-        for (int64_t c = 0; c < pairs; ++c)
-          std::memset(w.key_panels.data() + (i / PANEL) * d * PANEL + c * 2 * PANEL + (i % PANEL) * 2, 0, 4);
-    auto panel_at = [&](int64_t p) -> const uint16_t* {
-      if (h.panel_keys) return k_pool + h.key_panel(c0 + p * PANEL);
-      return w.key_panels.data() + p * d * PANEL;
-    };
-    const int64_t pair_stride = 2 * (h.panel_keys ? h.key_width : PANEL);
-    row_tiles(first, rows, [&](auto mr, int64_t r) {
-      constexpr int MR = decltype(mr)::value;
-      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, pair_stride, panels,
-                       sc + r * ld + (c0 - s_begin) % ld, ld, r == first ? stream : nullptr);
-    });
-    if (!keys_first) finish_chunk(c0, first);
   }
-  if (!keys_first) return;
-  first = 0;
+};
+
+// attend_split (below) with bf16 dot products: the same online softmax over the same chunks
+MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const float* q,
+                                           const int64_t* n_keys, int64_t rows, int64_t s_begin,
+                                           int64_t s_end, float* acc, float* row_max,
+                                           float* row_sum, AttentionScratch& w) {
+  DotSplit split{h, n_keys, rows, s_begin, s_end, acc, row_max, row_sum, w};
+  split.start(q);
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
-    while (n_keys[first] <= c0) ++first;
-    finish_chunk(c0, first);
+    split.scores(c0);
+    if (!split.keys_first()) split.finish(c0);
   }
+  if (split.keys_first())
+    for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) split.finish(c0);
+}
+
+// The same split of several kv heads of one sequence whose blocks hold them side by side, keys
+// first (a decode): each block's keys of all heads, then each block's values of all heads, so
+// a thread reads a block's K (and then its V) as one run instead of a short run per head; each
+// head's chunks still go in order, so its bits are attend_split_dot's.
+MICROTURN_DOT_TARGET void attend_heads_dot(DotSplit* splits, int64_t heads, const float* const* q) {
+  for (int64_t i = 0; i < heads; ++i) splits[i].start(q[i]);
+  const DotSplit& lead = splits[0];
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t c0 = lead.s_begin; c0 < lead.s_end;) {
+      // the chunks that start in c0's block
+      const int64_t block_end = std::min(lead.s_end, (c0 / lead.h.bs + 1) * lead.h.bs);
+      const int64_t c1 = std::min(lead.s_end, c0 + (block_end - c0 + CHUNK - 1) / CHUNK * CHUNK);
+      for (int64_t i = 0; i < heads; ++i)
+        for (int64_t c = c0; c < c1; c += CHUNK) pass ? splits[i].finish(c) : splits[i].scores(c);
+      c0 = c1;
+    }
 }
 
 // One split of one row group: rows [0, rows) (queries q [rows][d], pre-scaled, fp32; n_keys
@@ -1176,6 +1227,55 @@ struct RowGroup {
 
 constexpr int64_t PARTIAL_FLOATS = int64_t{1} << 22;  // per pass (16 MiB)
 
+struct AttentionUnit {
+  int64_t group, heads, split;  // groups [group, group + heads), one split of each
+};
+
+constexpr int64_t MAX_LOCKSTEP_HEADS = 16;
+
+// The units of groups [g0, g1): a split of one group each, or, for decode-sized groups of one
+// sequence's kv heads that sit side by side in its blocks (bf16 dot products), a split of all
+// of them at once (attend_heads_dot): a thread then reads each block's keys, and then its
+// values, as one run (the per-head runs are 32 KiB; cold decode attention read at ~half the
+// machine's rate). Per-group units where the lockstep ones would leave a thread idle.
+template <typename T, typename HeadOf>
+std::vector<AttentionUnit> attention_units(const std::vector<RowGroup>& groups, size_t g0,
+                                           size_t g1, int64_t d, HeadOf head) {
+  std::vector<AttentionUnit> units;
+  auto one_by_one = [&] {
+    units.clear();
+    for (size_t g = g0; g < g1; ++g)
+      for (int64_t k = 0; k < groups[g].splits; ++k) units.push_back({static_cast<int64_t>(g), 1, k});
+    return units;
+  };
+  if constexpr (!std::is_same_v<T, at::BFloat16>) {
+    return one_by_one();
+  } else {
+    if (!dot_attention(d)) return one_by_one();
+    for (size_t g = g0; g < g1;) {
+      const RowGroup& grp = groups[g];
+      const KvHead<T> first = head(grp.head);
+      int64_t heads = 1;
+      if (grp.rows <= KEYS_FIRST_ROWS && first.panel_keys)
+        while (g + heads < g1 && heads < MAX_LOCKSTEP_HEADS) {
+          const RowGroup& next = groups[g + heads];
+          const KvHead<T> h = head(next.head);
+          const int64_t step = heads * first.bs * d;  // the next head's part of a block
+          if (next.rows != grp.rows || next.first_row != grp.first_row ||
+              next.splits != grp.splits || h.blocks != first.blocks || h.bs != first.bs ||
+              h.k != first.k + step || h.v != first.v + step || !h.panel_keys)
+            break;
+          ++heads;
+        }
+      for (int64_t k = 0; k < grp.splits; ++k) units.push_back({static_cast<int64_t>(g), heads, k});
+      g += heads;
+    }
+    const int64_t threads = seat.team ? seat.size : at::get_num_threads();
+    if (static_cast<int64_t>(units.size()) < threads) return one_by_one();
+    return units;
+  }
+}
+
 // For a head id h (one kv head of one sequence) and its query row r: head(h) -> KvHead<T>,
 // query(h, r) / output(h, r) -> the row's fp32 query / output, n_keys(h, r) -> slots it sees.
 template <typename T, typename HeadOf, typename QueryOf, typename OutputOf, typename KeysOf>
@@ -1184,13 +1284,12 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
   for (size_t g0 = 0; g0 < groups.size();) {
     size_t g1 = g0;
     int64_t partials = 0;
-    std::vector<std::array<int64_t, 2>> units;  // group, split
     while (g1 < groups.size() && (g1 == g0 || partials + groups[g1].rows * groups[g1].splits * (d + 2) <= PARTIAL_FLOATS)) {
       groups[g1].partial_base = partials / (d + 2);
       partials += groups[g1].rows * groups[g1].splits * (d + 2);
-      for (int64_t k = 0; k < groups[g1].splits; ++k) units.push_back({static_cast<int64_t>(g1), k});
       ++g1;
     }
+    const auto units = attention_units<T>(groups, g0, g1, d, head);
     const int64_t slots = partials / (d + 2);
     std::vector<float> own;
     std::vector<float>& shared = seat.team ? seat.team->partials : own;
@@ -1203,9 +1302,40 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
       AttentionScratch w;
       std::vector<float> q;
       std::vector<int64_t> keys;
+      std::vector<AttentionScratch> lockstep;  // a scratch per head of a lockstep unit
       for (int64_t u; (u = take()) < n_units;) {
-        const RowGroup& grp = groups[units[u][0]];
-        const int64_t k = units[u][1], s_begin = k * SPLIT;
+        const RowGroup& grp = groups[units[u].group];
+        const int64_t k = units[u].split, s_begin = k * SPLIT;
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (units[u].heads > 1) {  // the groups share their rows' positions
+            const int64_t heads = units[u].heads;
+            keys.resize(grp.rows);
+            int64_t first = 0;
+            for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
+            while (keys[first] <= s_begin) ++first;
+            const int64_t rows = grp.rows - first, s_end = std::min(s_begin + SPLIT, keys[grp.rows - 1]);
+            lockstep.resize(std::max<size_t>(lockstep.size(), heads));
+            KvHead<T> kv[MAX_LOCKSTEP_HEADS];
+            const float* qs[MAX_LOCKSTEP_HEADS];
+            std::vector<DotSplit> splits;
+            splits.reserve(heads);
+            q.resize(heads * rows * d);
+            for (int64_t i = 0; i < heads; ++i) {
+              const RowGroup& gi = groups[units[u].group + i];
+              kv[i] = head(gi.head);
+              qs[i] = q.data() + i * rows * d;
+              for (int64_t r = 0; r < rows; ++r) {
+                const float* src = query(gi.head, gi.first_row + first + r);
+                std::copy(src, src + d, q.data() + (i * rows + r) * d);
+              }
+              const int64_t base = gi.partial_base + k * gi.rows + first;
+              splits.push_back({kv[i], keys.data() + first, rows, s_begin, s_end, acc + base * d,
+                                row_max + base, row_sum + base, lockstep[i]});
+            }
+            attend_heads_dot(splits.data(), heads, qs);
+            continue;
+          }
+        }
         keys.resize(grp.rows);
         int64_t first = 0;
         for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
