@@ -69,3 +69,15 @@ def test_the_native_stack_streams_weights_from_huge_pages():
         cache.length = 0
         again = model(ids, torch.arange(40).unsqueeze(0), cache, logits_at=torch.tensor([39]))
     assert torch.equal(before, again)
+
+
+@needs_thp
+def test_the_kv_pool_sits_on_huge_pages_and_starts_zeroed():
+    config = ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=32, intermediate_size=256, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, rope_layout="half", max_position=8192,
+                         tie_word_embeddings=True)
+    pool = PagedSequence(config, 8192, torch.bfloat16).pool  # 4 MiB each for keys and values
+    for part in (pool.k, pool.v):
+        assert part.data_ptr() % HUGE_PAGE == 0 and not part.any()
+        assert huge_kib_at(part.data_ptr()) >= HUGE_PAGE // 1024

@@ -14,13 +14,27 @@ products (and head_dim is a multiple of 16) a panel instead holds channel pairs,
 at a time: the score tile's four 16-slot panels are then one contiguous row per channel pair.
 """
 
+import math
+
 import torch
 
 from microturn.errors import MicroturnError
 from microturn.kernels import ops
+from microturn.kernels.huge_pages import huge_page_bytes
 from microturn.model.config import ModelConfig
 
 PANEL = 16
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeroed KV memory. On the CPU it sits on huge pages: a decode step reads each block's keys
+    and values in runs of ~100 KiB (all kv heads side by side), which on 4 KiB pages cost a TLB
+    miss and a restart of the prefetcher every page (cold decode attention -17 %, decode step
+    -4 % at ~55 GB/s, in-process A/B). Written once here, as torch.zeros would: mapping a huge
+    page when a session first reaches it stalled engine ticks (p99 +20-70 %)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return huge_page_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
 
 
 class KVPool:
@@ -46,8 +60,8 @@ class KVPool:
             else PANEL
         key_shape = shape[:3] + (block_size // self.key_width, config.head_dim, self.key_width) \
             if self.panel_keys else shape
-        self.k = torch.zeros(key_shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(key_shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         column = torch.arange(PANEL)
         self._column = (2 * (column % 8) + column // 8) if dtype == torch.bfloat16 else column
         # row r lists session r's blocks in order; -1 marks unused entries

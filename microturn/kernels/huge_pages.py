@@ -1,12 +1,12 @@
-"""CPU memory on transparent huge pages, for what every forward pass streams: packed weights.
+"""CPU memory on transparent huge pages, for what every forward pass streams: packed weights
+and the KV pool.
 
 A decode step reads ~270 MB of packed weights once. On 4 KiB pages each page costs a TLB miss
 (its page-table entry is as cold as the data) and restarts the hardware prefetcher, which stops
 at page boundaries. On 2 MiB pages the same step, same bits, ran 8 % faster at ~30 GB/s and
-13 % faster at ~45 GB/s. The KV pool stays on ordinary pages: there huge pages measured no gain
-for a decode step (−1 %, noise) and slower multi-session engine ticks, and ordinary pages are
-only mapped as sessions fill them. Linux backs anonymous memory marked MADV_HUGEPAGE with huge pages
-under its default `transparent_hugepage=madvise`; elsewhere this is ordinary memory.
+13 % faster at ~45 GB/s. The KV pool (engine/kv_pool.py) is here too since decode attention
+reads each block's heads as one run. Linux backs anonymous memory marked MADV_HUGEPAGE with
+huge pages under its default `transparent_hugepage=madvise`; elsewhere this is ordinary memory.
 """
 
 import mmap
