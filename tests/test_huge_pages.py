@@ -52,15 +52,17 @@ def test_large_allocations_are_backed_by_huge_pages():
         assert huge_kib_at(plain.data_ptr()) == 0
 
 
+# big enough that its packed weights and a 4,096-slot KV pool span whole huge pages
+CONFIG = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                     head_dim=64, intermediate_size=768, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     rope_layout="half", max_position=4096, tie_word_embeddings=True)
+
+
 @needs_thp
 def test_the_native_stack_streams_weights_from_huge_pages():
-    config = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
-                         num_kv_heads=2, head_dim=64, intermediate_size=768, rms_norm_eps=1e-6,
-                         rope_theta=10000.0, rope_layout="half", max_position=4096,
-                         tie_word_embeddings=True)
-    model = init_random_weights(Decoder(config), seed=0).to(torch.bfloat16).eval()
-    cache = PagedSequence(config, 4096, model.dtype)  # 4 MiB per pool
-    ids = torch.randint(0, config.vocab_size, (1, 40))
+    model = init_random_weights(Decoder(CONFIG), seed=0).to(torch.bfloat16).eval()
+    cache = PagedSequence(CONFIG, 4096, model.dtype)  # 4 MiB per pool
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 40))
     with torch.inference_mode():
         before = model(ids, torch.arange(40).unsqueeze(0), cache, logits_at=torch.tensor([39]))
         panels = model.layers[0].mlp.gate_up_proj.panels()
@@ -73,11 +75,7 @@ def test_the_native_stack_streams_weights_from_huge_pages():
 
 @needs_thp
 def test_the_kv_pool_sits_on_huge_pages_and_starts_zeroed():
-    config = ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=32, intermediate_size=256, rms_norm_eps=1e-6,
-                         rope_theta=10000.0, rope_layout="half", max_position=8192,
-                         tie_word_embeddings=True)
-    pool = PagedSequence(config, 8192, torch.bfloat16).pool  # 4 MiB each for keys and values
+    pool = PagedSequence(CONFIG, 4096, torch.bfloat16).pool  # 4 MiB each for keys and values
     for part in (pool.k, pool.v):
         assert part.data_ptr() % HUGE_PAGE == 0 and not part.any()
         assert huge_kib_at(part.data_ptr()) >= HUGE_PAGE // 1024

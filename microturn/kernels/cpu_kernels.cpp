@@ -948,7 +948,7 @@ struct AttentionScratch {
 // One split's partial (attend_split, below) with bf16 dot products, in steps: a chunk's scores,
 // then its softmax and values; each chunk's steps in chunk order, whatever runs in between.
 struct DotSplit {
-  const KvHead<at::BFloat16>& h;
+  KvHead<at::BFloat16> h;
   const int64_t* n_keys;
   int64_t rows, s_begin, s_end;
   float *acc, *row_max, *row_sum;
@@ -1081,11 +1081,10 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
 }
 
 // The same split of several kv heads of one sequence whose blocks hold them side by side, keys
-// first (a decode): each block's keys of all heads, then each block's values of all heads, so
-// a thread reads a block's K (and then its V) as one run instead of a short run per head; each
-// head's chunks still go in order, so its bits are attend_split_dot's.
-MICROTURN_DOT_TARGET void attend_heads_dot(DotSplit* splits, int64_t heads, const float* const* q) {
-  for (int64_t i = 0; i < heads; ++i) splits[i].start(q[i]);
+// first (a decode; the splits started): each block's keys of all heads, then each block's
+// values of all heads, so a thread reads a block's K (and then its V) as one run instead of a
+// short run per head; each head's chunks still go in order, so its bits are attend_split_dot's.
+MICROTURN_DOT_TARGET void attend_heads_dot(DotSplit* splits, int64_t heads) {
   const DotSplit& lead = splits[0];
   for (int pass = 0; pass < 2; ++pass)
     for (int64_t c0 = lead.s_begin; c0 < lead.s_end;) {
@@ -1231,8 +1230,6 @@ struct AttentionUnit {
   int64_t group, heads, split;  // groups [group, group + heads), one split of each
 };
 
-constexpr int64_t MAX_LOCKSTEP_HEADS = 16;
-
 // The units of groups [g0, g1): a split of one group each, or, for decode-sized groups of one
 // sequence's kv heads that sit side by side in its blocks (bf16 dot products), a split of all
 // of them at once (attend_heads_dot): a thread then reads each block's keys, and then its
@@ -1257,7 +1254,7 @@ std::vector<AttentionUnit> attention_units(const std::vector<RowGroup>& groups, 
       const KvHead<T> first = head(grp.head);
       int64_t heads = 1;
       if (grp.rows <= KEYS_FIRST_ROWS && first.panel_keys)
-        while (g + heads < g1 && heads < MAX_LOCKSTEP_HEADS) {
+        while (g + heads < g1) {
           const RowGroup& next = groups[g + heads];
           const KvHead<T> h = head(next.head);
           const int64_t step = heads * first.bs * d;  // the next head's part of a block
@@ -1299,57 +1296,47 @@ void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryO
     float* row_sum = row_max + slots;
     const int64_t n_units = static_cast<int64_t>(units.size());
     share_units(n_units, [&](auto take) {
-      AttentionScratch w;
       std::vector<float> q;
       std::vector<int64_t> keys;
-      std::vector<AttentionScratch> lockstep;  // a scratch per head of a lockstep unit
+      std::vector<AttentionScratch> scratch;  // one per kv head of a unit
+      std::vector<DotSplit> splits;
       for (int64_t u; (u = take()) < n_units;) {
-        const RowGroup& grp = groups[units[u].group];
-        const int64_t k = units[u].split, s_begin = k * SPLIT;
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (units[u].heads > 1) {  // the groups share their rows' positions
-            const int64_t heads = units[u].heads;
-            keys.resize(grp.rows);
-            int64_t first = 0;
-            for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
-            while (keys[first] <= s_begin) ++first;
-            const int64_t rows = grp.rows - first, s_end = std::min(s_begin + SPLIT, keys[grp.rows - 1]);
-            lockstep.resize(std::max<size_t>(lockstep.size(), heads));
-            KvHead<T> kv[MAX_LOCKSTEP_HEADS];
-            const float* qs[MAX_LOCKSTEP_HEADS];
-            std::vector<DotSplit> splits;
-            splits.reserve(heads);
-            q.resize(heads * rows * d);
-            for (int64_t i = 0; i < heads; ++i) {
-              const RowGroup& gi = groups[units[u].group + i];
-              kv[i] = head(gi.head);
-              qs[i] = q.data() + i * rows * d;
-              for (int64_t r = 0; r < rows; ++r) {
-                const float* src = query(gi.head, gi.first_row + first + r);
-                std::copy(src, src + d, q.data() + (i * rows + r) * d);
-              }
-              const int64_t base = gi.partial_base + k * gi.rows + first;
-              splits.push_back({kv[i], keys.data() + first, rows, s_begin, s_end, acc + base * d,
-                                row_max + base, row_sum + base, lockstep[i]});
-            }
-            attend_heads_dot(splits.data(), heads, qs);
-            continue;
-          }
-        }
+        const AttentionUnit& unit = units[u];
+        const RowGroup& grp = groups[unit.group];  // its heads' groups share the rows' positions
+        const int64_t k = unit.split, s_begin = k * SPLIT;
         keys.resize(grp.rows);
         int64_t first = 0;
         for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
         while (keys[first] <= s_begin) ++first;  // the last row sees the most: some row is active
-        const int64_t rows = grp.rows - first;
-        q.resize(rows * d);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* src = query(grp.head, grp.first_row + first + r);
-          std::copy(src, src + d, q.data() + r * d);
+        const int64_t rows = grp.rows - first, s_end = std::min(s_begin + SPLIT, keys[grp.rows - 1]);
+        if (static_cast<int64_t>(scratch.size()) < unit.heads) scratch.resize(unit.heads);
+        q.resize(unit.heads * rows * d);
+        for (int64_t i = 0; i < unit.heads; ++i)
+          for (int64_t r = 0; r < rows; ++r) {
+            const RowGroup& gi = groups[unit.group + i];
+            const float* src = query(gi.head, gi.first_row + first + r);
+            std::copy(src, src + d, q.data() + (i * rows + r) * d);
+          }
+        auto base = [&](int64_t i) {  // the first active row's partial slot
+          const RowGroup& gi = groups[unit.group + i];
+          return gi.partial_base + k * gi.rows + first;
+        };
+        if (unit.heads == 1) {
+          attend_split(head(grp.head), q.data(), keys.data() + first, rows, s_begin, s_end,
+                       acc + base(0) * d, row_max + base(0), row_sum + base(0), scratch[0]);
+          continue;
         }
-        const int64_t base = grp.partial_base + k * grp.rows + first;
-        attend_split(head(grp.head), q.data(), keys.data() + first, rows, s_begin,
-                     std::min(s_begin + SPLIT, keys[grp.rows - 1]), acc + base * d,
-                     row_max + base, row_sum + base, w);
+        if constexpr (std::is_same_v<T, at::BFloat16>) {  // attention_units' lockstep units
+          splits.clear();
+          splits.reserve(unit.heads);
+          for (int64_t i = 0; i < unit.heads; ++i) {
+            splits.push_back({head(groups[unit.group + i].head), keys.data() + first, rows, s_begin,
+                              s_end, acc + base(i) * d, row_max + base(i), row_sum + base(i),
+                              scratch[i]});
+            splits.back().start(q.data() + i * rows * d);
+          }
+          attend_heads_dot(splits.data(), unit.heads);
+        }
       }
     });
     // folding is a few multiply-adds per partial: small calls (decode) fold on this thread
