@@ -74,12 +74,9 @@ inline void add_rows(T* x, const T* y, int64_t n) {
 // ~0.1 µs. Inside a team the op helpers below split their units over the team and end with a
 // barrier; serial steps run on rank 0 (lead_then_wait). Each unit computes what it computes
 // without a team, so the bits are the same.
-struct alignas(64) Arrival {
-  std::atomic<int64_t> barriers{0};  // how many barriers its thread has reached
-};
-
 struct Team {
-  std::vector<Arrival> arrivals;  // one per thread, each on its own cache line
+  alignas(64) std::atomic<int> arrived{0};
+  alignas(64) std::atomic<int> generation{0};
   alignas(64) std::atomic<int64_t> next[2] = {0, 0};  // share_units' counters, used in turn
   std::vector<float> partials;                        // attention's, shared by the team
 };
@@ -87,21 +84,19 @@ struct Team {
 struct TeamSeat {
   Team* team = nullptr;
   int rank = 0, size = 1;
-  int64_t shares = 0;    // share_units calls so far: picks the counter
-  int64_t barriers = 0;  // team_barrier calls so far
+  int64_t shares = 0;  // share_units calls so far: picks the counter
 };
 thread_local TeamSeat seat;
 
-// Each thread raises its own counter and waits until every other has raised theirs as far: a
-// barrier then costs one cache-line handoff each way (a shared arrival counter, then a shared
-// generation, took three in turn).
 inline void team_barrier() {
   Team& t = *seat.team;
-  const int64_t reached = ++seat.barriers;
-  t.arrivals[seat.rank].barriers.store(reached, std::memory_order_release);
-  for (int r = 0; r < seat.size; ++r)
-    if (r != seat.rank)
-      while (t.arrivals[r].barriers.load(std::memory_order_acquire) < reached) _mm_pause();
+  const int gen = t.generation.load(std::memory_order_relaxed);
+  if (t.arrived.fetch_add(1, std::memory_order_acq_rel) == seat.size - 1) {
+    t.arrived.store(0, std::memory_order_relaxed);
+    t.generation.store(gen + 1, std::memory_order_release);
+  } else {
+    while (t.generation.load(std::memory_order_acquire) == gen) _mm_pause();
+  }
 }
 
 // f() once: on rank 0 of a team, which then waits for it; alone, right here
@@ -117,10 +112,9 @@ template <typename Body>
 void as_team(int threads, Body&& body) {
   if (threads < 2 || seat.team) return body();
   Team team;
-  team.arrivals = std::vector<Arrival>(threads);
 #pragma omp parallel num_threads(threads)
   {
-    seat = {&team, omp_get_thread_num(), omp_get_num_threads(), 0, 0};
+    seat = {&team, omp_get_thread_num(), omp_get_num_threads(), 0};
     body();
     seat = {};
   }
