@@ -78,7 +78,6 @@ struct Team {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> generation{0};
   alignas(64) std::atomic<int64_t> next[2] = {0, 0};  // share_units' counters, used in turn
-  std::vector<float> partials;                        // attention's, shared by the team
 };
 
 struct TeamSeat {
@@ -1273,99 +1272,150 @@ std::vector<AttentionUnit> attention_units(const std::vector<RowGroup>& groups, 
   }
 }
 
-// For a head id h (one kv head of one sequence) and its query row r: head(h) -> KvHead<T>,
-// query(h, r) / output(h, r) -> the row's fp32 query / output, n_keys(h, r) -> slots it sees.
-template <typename T, typename HeadOf, typename QueryOf, typename OutputOf, typename KeysOf>
-void attend_groups(std::vector<RowGroup>& groups, int64_t d, HeadOf head, QueryOf query,
-                   OutputOf output, KeysOf n_keys) {
-  for (size_t g0 = 0; g0 < groups.size();) {
+// An attention call's work: its row groups, run in passes whose partials fit PARTIAL_FLOATS,
+// and each pass's units. It depends on the rows' key counts and on where the kv heads sit
+// relative to each other in their pool, which every layer of a forward pass shares: a pass
+// over all layers plans once (per layer, the planning, its allocations and a barrier to size
+// the partials cost a decode step ~3 %, with the attention itself over 16 slots near nothing).
+struct AttentionPlan {
+  struct Pass {
+    size_t g0, g1;  // groups [g0, g1)
+    int64_t slots;  // partial slots (rows x splits) of these groups
+    std::vector<AttentionUnit> units;
+  };
+  std::vector<RowGroup> groups;
+  std::vector<Pass> passes;
+  int64_t partial_floats = 0;  // the largest pass's partials: acc [slots][d], max, sum
+};
+
+template <typename T, typename HeadOf>
+AttentionPlan plan_attention(std::vector<RowGroup> groups, int64_t d, HeadOf head) {
+  AttentionPlan plan{std::move(groups), {}, 0};
+  std::vector<RowGroup>& gs = plan.groups;
+  for (size_t g0 = 0; g0 < gs.size();) {
     size_t g1 = g0;
     int64_t partials = 0;
-    while (g1 < groups.size() && (g1 == g0 || partials + groups[g1].rows * groups[g1].splits * (d + 2) <= PARTIAL_FLOATS)) {
-      groups[g1].partial_base = partials / (d + 2);
-      partials += groups[g1].rows * groups[g1].splits * (d + 2);
+    while (g1 < gs.size() && (g1 == g0 || partials + gs[g1].rows * gs[g1].splits * (d + 2) <= PARTIAL_FLOATS)) {
+      gs[g1].partial_base = partials / (d + 2);
+      partials += gs[g1].rows * gs[g1].splits * (d + 2);
       ++g1;
     }
-    const auto units = attention_units<T>(groups, g0, g1, d, head);
-    const int64_t slots = partials / (d + 2);
-    std::vector<float> own;
-    std::vector<float>& shared = seat.team ? seat.team->partials : own;
-    lead_then_wait([&] { shared.resize(slots * (d + 2)); });
-    float* acc = shared.data();
-    float* row_max = acc + slots * d;
-    float* row_sum = row_max + slots;
-    const int64_t n_units = static_cast<int64_t>(units.size());
-    share_units(n_units, [&](auto take) {
-      std::vector<float> q;
-      std::vector<int64_t> keys;
-      std::vector<AttentionScratch> scratch;  // one per kv head of a unit
-      std::vector<DotSplit> splits;
-      for (int64_t u; (u = take()) < n_units;) {
-        const AttentionUnit& unit = units[u];
-        const RowGroup& grp = groups[unit.group];  // its heads' groups share the rows' positions
-        const int64_t k = unit.split, s_begin = k * SPLIT;
-        keys.resize(grp.rows);
-        int64_t first = 0;
-        for (int64_t r = 0; r < grp.rows; ++r) keys[r] = n_keys(grp.head, grp.first_row + r);
-        while (keys[first] <= s_begin) ++first;  // the last row sees the most: some row is active
-        const int64_t rows = grp.rows - first, s_end = std::min(s_begin + SPLIT, keys[grp.rows - 1]);
-        if (static_cast<int64_t>(scratch.size()) < unit.heads) scratch.resize(unit.heads);
-        q.resize(unit.heads * rows * d);
-        for (int64_t i = 0; i < unit.heads; ++i)
-          for (int64_t r = 0; r < rows; ++r) {
-            const RowGroup& gi = groups[unit.group + i];
-            const float* src = query(gi.head, gi.first_row + first + r);
-            std::copy(src, src + d, q.data() + (i * rows + r) * d);
-          }
-        auto base = [&](int64_t i) {  // the first active row's partial slot
-          const RowGroup& gi = groups[unit.group + i];
-          return gi.partial_base + k * gi.rows + first;
-        };
-        if (unit.heads == 1) {
-          attend_split(head(grp.head), q.data(), keys.data() + first, rows, s_begin, s_end,
-                       acc + base(0) * d, row_max + base(0), row_sum + base(0), scratch[0]);
-          continue;
-        }
-        if constexpr (std::is_same_v<T, at::BFloat16>) {  // attention_units' lockstep units
-          splits.clear();
-          splits.reserve(unit.heads);
-          for (int64_t i = 0; i < unit.heads; ++i) {
-            splits.push_back({head(groups[unit.group + i].head), keys.data() + first, rows, s_begin,
-                              s_end, acc + base(i) * d, row_max + base(i), row_sum + base(i),
-                              scratch[i]});
-            splits.back().start(q.data() + i * rows * d);
-          }
-          attend_heads_dot(splits.data(), unit.heads);
-        }
-      }
-    });
-    // folding is a few multiply-adds per partial: small calls (decode) fold on this thread
-    lead_then_wait([&] {
-    at::parallel_for(static_cast<int64_t>(g0), static_cast<int64_t>(g1), FOLD_GRAIN, [&](int64_t begin, int64_t end) {
-      std::vector<float> total(d);
-      for (int64_t gi = begin; gi < end; ++gi) {
-        const RowGroup& grp = groups[gi];
-        for (int64_t r = 0; r < grp.rows; ++r) {
-          const int64_t splits = (n_keys(grp.head, grp.first_row + r) + SPLIT - 1) / SPLIT;
-          int64_t at = grp.partial_base + r;
-          float top = row_max[at], sum = row_sum[at];
-          std::copy(acc + at * d, acc + (at + 1) * d, total.data());
-          for (int64_t k = 1; k < splits; ++k) {
-            at += grp.rows;
-            const float next = std::max(top, row_max[at]);
-            const float a = std::exp(top - next), b = std::exp(row_max[at] - next);
-            sum = sum * a + row_sum[at] * b;
-            for (int64_t j = 0; j < d; ++j) total[j] = std::fma(acc[at * d + j], b, total[j] * a);
-            top = next;
-          }
-          float* out = output(grp.head, grp.first_row + r);
-          const float inv = 1.0f / sum;
-          for (int64_t j = 0; j < d; ++j) out[j] = total[j] * inv;
-        }
-      }
-    });
-    });
+    plan.passes.push_back({g0, g1, partials / (d + 2), attention_units<T>(gs, g0, g1, d, head)});
+    plan.partial_floats = std::max(plan.partial_floats, partials);
     g0 = g1;
+  }
+  return plan;
+}
+
+// One thread's working memory for attention units; a team thread keeps its own across layers
+struct AttentionWorkspace {
+  std::vector<float> q, total;
+  std::vector<int64_t> keys;
+  std::vector<AttentionScratch> scratch;  // one per kv head of a unit
+  std::vector<DotSplit> splits;
+};
+
+// For a head id h (one kv head of one sequence) and its query row r: head(h) -> KvHead<T>,
+// query(h, r) / output(h, r) -> the row's fp32 query / output, n_keys(h, r) -> slots it sees.
+// The units of one pass, spread over the threads (each thread's partials at `partials`, laid
+// out as the plan says); a thread works in `kept` where given, else in memory of its own.
+template <typename T, typename HeadOf, typename QueryOf, typename KeysOf>
+void attend_units(const AttentionPlan& plan, const AttentionPlan::Pass& pass, int64_t d,
+                  HeadOf head, QueryOf query, KeysOf n_keys, float* partials,
+                  AttentionWorkspace* kept) {
+  const std::vector<RowGroup>& groups = plan.groups;
+  float* acc = partials;
+  float* row_max = acc + pass.slots * d;
+  float* row_sum = row_max + pass.slots;
+  const int64_t n_units = static_cast<int64_t>(pass.units.size());
+  share_units(n_units, [&](auto take) {
+    AttentionWorkspace own;
+    AttentionWorkspace& w = kept ? *kept : own;
+    for (int64_t u; (u = take()) < n_units;) {
+      const AttentionUnit& unit = pass.units[u];
+      const RowGroup& grp = groups[unit.group];  // its heads' groups share the rows' positions
+      const int64_t k = unit.split, s_begin = k * SPLIT;
+      w.keys.resize(grp.rows);
+      int64_t first = 0;
+      for (int64_t r = 0; r < grp.rows; ++r) w.keys[r] = n_keys(grp.head, grp.first_row + r);
+      while (w.keys[first] <= s_begin) ++first;  // the last row sees the most: some row is active
+      const int64_t rows = grp.rows - first, s_end = std::min(s_begin + SPLIT, w.keys[grp.rows - 1]);
+      if (static_cast<int64_t>(w.scratch.size()) < unit.heads) w.scratch.resize(unit.heads);
+      w.q.resize(unit.heads * rows * d);
+      for (int64_t i = 0; i < unit.heads; ++i)
+        for (int64_t r = 0; r < rows; ++r) {
+          const RowGroup& gi = groups[unit.group + i];
+          const float* src = query(gi.head, gi.first_row + first + r);
+          std::copy(src, src + d, w.q.data() + (i * rows + r) * d);
+        }
+      auto base = [&](int64_t i) {  // the first active row's partial slot
+        const RowGroup& gi = groups[unit.group + i];
+        return gi.partial_base + k * gi.rows + first;
+      };
+      if (unit.heads == 1) {
+        attend_split(head(grp.head), w.q.data(), w.keys.data() + first, rows, s_begin, s_end,
+                     acc + base(0) * d, row_max + base(0), row_sum + base(0), w.scratch[0]);
+        continue;
+      }
+      if constexpr (std::is_same_v<T, at::BFloat16>) {  // attention_units' lockstep units
+        w.splits.clear();
+        w.splits.reserve(unit.heads);
+        for (int64_t i = 0; i < unit.heads; ++i) {
+          w.splits.push_back({head(groups[unit.group + i].head), w.keys.data() + first, rows,
+                              s_begin, s_end, acc + base(i) * d, row_max + base(i),
+                              row_sum + base(i), w.scratch[i]});
+          w.splits.back().start(w.q.data() + i * rows * d);
+        }
+        attend_heads_dot(w.splits.data(), unit.heads);
+      }
+    }
+  });
+}
+
+// Folds the partials of groups [g_begin, g_end) of a pass into each row's output, in split
+// order (a few multiply-adds per partial); total holds d floats
+template <typename OutputOf, typename KeysOf>
+void fold_partials(const AttentionPlan& plan, const AttentionPlan::Pass& pass, int64_t d,
+                   OutputOf output, KeysOf n_keys, const float* partials, int64_t g_begin,
+                   int64_t g_end, std::vector<float>& total) {
+  total.resize(d);
+  const float* acc = partials;
+  const float* row_max = acc + pass.slots * d;
+  const float* row_sum = row_max + pass.slots;
+  for (int64_t gi = g_begin; gi < g_end; ++gi) {
+    const RowGroup& grp = plan.groups[gi];
+    for (int64_t r = 0; r < grp.rows; ++r) {
+      const int64_t splits = (n_keys(grp.head, grp.first_row + r) + SPLIT - 1) / SPLIT;
+      int64_t at = grp.partial_base + r;
+      float top = row_max[at], sum = row_sum[at];
+      std::copy(acc + at * d, acc + (at + 1) * d, total.data());
+      for (int64_t k = 1; k < splits; ++k) {
+        at += grp.rows;
+        const float next = std::max(top, row_max[at]);
+        const float a = std::exp(top - next), b = std::exp(row_max[at] - next);
+        sum = sum * a + row_sum[at] * b;
+        for (int64_t j = 0; j < d; ++j) total[j] = std::fma(acc[at * d + j], b, total[j] * a);
+        top = next;
+      }
+      float* out = output(grp.head, grp.first_row + r);
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < d; ++j) out[j] = total[j] * inv;
+    }
+  }
+}
+
+// A planned call outside a team: each pass's units in parallel, then its folds in parallel
+template <typename T, typename HeadOf, typename QueryOf, typename OutputOf, typename KeysOf>
+void attend_planned(const AttentionPlan& plan, int64_t d, HeadOf head, QueryOf query,
+                    OutputOf output, KeysOf n_keys) {
+  std::vector<float> partials(plan.partial_floats);
+  for (const AttentionPlan::Pass& pass : plan.passes) {
+    attend_units<T>(plan, pass, d, head, query, n_keys, partials.data(), nullptr);
+    at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1), FOLD_GRAIN,
+                     [&](int64_t begin, int64_t end) {
+      std::vector<float> total;
+      fold_partials(plan, pass, d, output, n_keys, partials.data(), begin, end, total);
+    });
   }
 }
 
@@ -1413,8 +1463,9 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
       const int64_t offset = (h / hkv) * sb + (h % hkv) * sh;
       return KvHead<T>{kp + offset, vp + offset, nullptr, 0, capacity, d, false};
     };
-    attend_groups<T>(groups, d, head, [&](int64_t h, int64_t r) { return qp + row_offset(h, r); },
-                     [&](int64_t h, int64_t r) { return op + row_offset(h, r); }, n_keys);
+    attend_planned<T>(plan_attention<T>(groups, d, head), d, head,
+                      [&](int64_t h, int64_t r) { return qp + row_offset(h, r); },
+                      [&](int64_t h, int64_t r) { return op + row_offset(h, r); }, n_keys);
   };
   if (q.scalar_type() == torch::kBFloat16) {
     body(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
@@ -1429,31 +1480,65 @@ namespace {
 
 // Ragged attention through block tables. The batch holds segments: segment g is tokens
 // [starts[g], starts[g+1]) of one session, at consecutive slots; token i sees that session's
-// first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs).
-template <typename T>
-void paged_segments(const float* q, const T* k_pool, bool panel_keys, const T* v_pool,
-                    const int32_t* table, int64_t table_width, const int32_t* rows,
-                    const int32_t* keys, const int32_t* starts, int64_t segments, float* out,
-                    int64_t hq, int64_t hkv, int64_t bs, int64_t d) {
-  const int64_t group = hq / hkv;
-  // head id = segment * hkv + kv head; its row r = (token starts[g] + r / group, head r % group)
-  auto row_offset = [&](int64_t h, int64_t r) {
-    return ((starts[h / hkv] + r / group) * hq + (h % hkv) * group + r % group) * d;
-  };
-  auto n_keys = [&](int64_t h, int64_t r) {
-    return static_cast<int64_t>(keys[starts[h / hkv] + r / group]);
-  };
-  auto tokens = [&](int64_t h) { return static_cast<int64_t>(starts[h / hkv + 1] - starts[h / hkv]); };
-  auto groups = row_groups(segments * hkv, group, tokens, n_keys);
-  const int64_t key_width =
-      key_panel_slots(bs, panel_keys && std::is_same_v<T, at::BFloat16> && dot_attention(d));
-  auto head = [&](int64_t h) {
+// first keys[i] slots (slot s lives in block table[row][s / bs] at offset s % bs). Head id
+// h = segment * hkv + kv head; its row r is (token starts[g] + r / group, query head r % group).
+struct PagedRows {
+  const int32_t *table, *rows, *keys, *starts;
+  int64_t table_width, segments, hq, hkv, bs, d;
+  bool panel_keys;
+  int64_t key_width;  // slots per key panel: key_panel_slots(bs, the dot kernel reads the pool)
+
+  int64_t group() const { return hq / hkv; }
+  int64_t row_offset(int64_t h, int64_t r) const {  // of its query / output row [N, hq, d]
+    return ((starts[h / hkv] + r / group()) * hq + (h % hkv) * group() + r % group()) * d;
+  }
+  int64_t n_keys(int64_t h, int64_t r) const { return keys[starts[h / hkv] + r / group()]; }
+  int64_t tokens(int64_t h) const { return starts[h / hkv + 1] - starts[h / hkv]; }
+
+  template <typename T>
+  KvHead<T> head(int64_t h, const T* k_pool, const T* v_pool) const {
     return KvHead<T>{k_pool + (h % hkv) * bs * d, v_pool + (h % hkv) * bs * d,
                      table + rows[starts[h / hkv]] * table_width, hkv * bs * d, bs, d, panel_keys,
                      key_width};
-  };
-  attend_groups<T>(groups, d, head, [&](int64_t h, int64_t r) { return q + row_offset(h, r); },
-                   [&](int64_t h, int64_t r) { return out + row_offset(h, r); }, n_keys);
+  }
+
+  // the plan of every call over these rows (any layer's pool: they share one layout)
+  template <typename T>
+  AttentionPlan plan(const T* k_pool, const T* v_pool) const {
+    auto groups = row_groups(segments * hkv, group(), [&](int64_t h) { return tokens(h); },
+                             [&](int64_t h, int64_t r) { return n_keys(h, r); });
+    return plan_attention<T>(std::move(groups), d,
+                             [&](int64_t h) { return head(h, k_pool, v_pool); });
+  }
+};
+
+// One pass's units over a layer's pool, q [N, hq, d] fp32 (pre-scaled) (see attend_units)
+template <typename T>
+void paged_units(const PagedRows& paged, const AttentionPlan& plan,
+                 const AttentionPlan::Pass& pass, const float* q, const T* k_pool,
+                 const T* v_pool, float* partials, AttentionWorkspace* kept) {
+  attend_units<T>(plan, pass, paged.d, [&](int64_t h) { return paged.head(h, k_pool, v_pool); },
+                  [&](int64_t h, int64_t r) { return q + paged.row_offset(h, r); },
+                  [&](int64_t h, int64_t r) { return paged.n_keys(h, r); }, partials, kept);
+}
+
+// groups [g_begin, g_end) of a pass folded into out [N, hq, d] fp32 (see fold_partials)
+inline void paged_fold(const PagedRows& paged, const AttentionPlan& plan,
+                       const AttentionPlan::Pass& pass, const float* partials, float* out,
+                       int64_t g_begin, int64_t g_end, std::vector<float>& total) {
+  fold_partials(plan, pass, paged.d, [&](int64_t h, int64_t r) { return out + paged.row_offset(h, r); },
+                [&](int64_t h, int64_t r) { return paged.n_keys(h, r); }, partials, g_begin, g_end,
+                total);
+}
+
+template <typename T>
+void paged_segments(const PagedRows& paged, const float* q, const T* k_pool, const T* v_pool,
+                    float* out) {
+  attend_planned<T>(paged.plan(k_pool, v_pool), paged.d,
+                    [&](int64_t h) { return paged.head(h, k_pool, v_pool); },
+                    [&](int64_t h, int64_t r) { return q + paged.row_offset(h, r); },
+                    [&](int64_t h, int64_t r) { return out + paged.row_offset(h, r); },
+                    [&](int64_t h, int64_t r) { return paged.n_keys(h, r); });
 }
 }  // namespace
 
@@ -1540,18 +1625,18 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
               "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({n, hq, d}, torch::kFloat32);
+  const PagedRows paged{table.data_ptr<int32_t>(), rows.data_ptr<int32_t>(),
+                        keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), table.size(1),
+                        segments, hq, hkv, bs, d, panel_keys,
+                        key_panel_slots(bs, panel_keys && q.scalar_type() == torch::kBFloat16 &&
+                                                dot_attention(d))};
   if (q.scalar_type() == torch::kBFloat16) {
-    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), panel_keys,
-                   v_pool.data_ptr<at::BFloat16>(), table.data_ptr<int32_t>(), table.size(1),
-                   rows.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
-                   segments, out.data_ptr<float>(), hq, hkv, bs, d);
+    paged_segments(paged, q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(),
+                   v_pool.data_ptr<at::BFloat16>(), out.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_attention: fp32 or bf16 only");
-    paged_segments(q32.data_ptr<float>(), k_pool.data_ptr<float>(), panel_keys,
-                   v_pool.data_ptr<float>(),
-                   table.data_ptr<int32_t>(), table.size(1), rows.data_ptr<int32_t>(),
-                   keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), segments,
-                   out.data_ptr<float>(), hq, hkv, bs, d);
+    paged_segments(paged, q32.data_ptr<float>(), k_pool.data_ptr<float>(),
+                   v_pool.data_ptr<float>(), out.data_ptr<float>());
   }
   return out.to(q.scalar_type());
 }
@@ -1840,8 +1925,15 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
   std::vector<float> q32(n * q_size), att32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const PagedRows paged{table, rows, keys, starts, table_width, segments, hq, hkv, bs, d,
+                        panel_keys,
+                        key_panel_slots(bs, panel_keys && std::is_same_v<T, at::BFloat16> &&
+                                                dot_attention(d))};
+  const AttentionPlan plan = paged.plan(k_pools, v_pools);  // every layer's
+  std::vector<float> partials(plan.partial_floats);
   auto all_layers = [&] {
     std::vector<float> wide;  // each thread's: sized by the widening linears
+    AttentionWorkspace attention;  // each team thread's, kept across the layers
     auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                       T* out, int64_t cols) {
       linear_rows(in, n, k, panels, bias, out, cols, wide);
@@ -1860,9 +1952,20 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                    write_blocks, write_offsets, n, hkv, bs, d, width);
         for (int64_t t = 0; t < n; ++t) scale_rows(qkv.data() + t * width, q_scale, q32.data() + t * q_size, q_size);
       });
-      paged_segments(q32.data(), k_pool, panel_keys, v_pool, table, table_width, rows, keys,
-                     starts, segments, att32.data(), hq, hkv, bs, d);
-      lead_then_wait([&] { scale_rows(att32.data(), 1.0f, att.data(), n * q_size); });
+      for (const AttentionPlan::Pass& pass : plan.passes) {
+        paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
+                    seat.team ? &attention : nullptr);
+        // folding is a few multiply-adds per partial: small passes fold on rank 0
+        lead_then_wait([&] {
+          at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1),
+                           FOLD_GRAIN, [&](int64_t begin, int64_t end) {
+            std::vector<float> own;
+            paged_fold(paged, plan, pass, partials.data(), att32.data(), begin, end,
+                       seat.team ? attention.total : own);
+          });
+          if (&pass == &plan.passes.back()) scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
+        });
+      }
       linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
       lead_then_wait([&] {
         add_into_x(proj.data());
