@@ -62,13 +62,6 @@ inline void scale_rows(const T* a, float scale, U* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<U>(static_cast<float>(a[i]) * scale);
 }
 
-template <typename T>
-inline void add_rows(T* x, const T* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(x + i, _mm256_add_ps(load8(x + i), load8(y + i)));
-  for (; i < n; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
-}
-
 // The threads of one decode-sized pass, kept in one parallel region for all its layers: a
 // region per op (~150 in a decode step) costs ~1-2 µs to open and join, a spinning barrier
 // ~0.1 µs. Inside a team the op helpers below split their units over the team and end with a
@@ -220,26 +213,35 @@ inline void panel_tile(const float* x, int64_t ldx, const W* panel, int64_t pane
   for (int a = 0; a < ACC; ++a) _mm256_storeu_ps(tile + 8 * a, acc[a]);
 }
 
+// A linear's output element: y = round(v), or with `residual` y = round(y + round(v)), the
+// residual add done where its column is computed: the output rounded, then the sum rounded,
+// as the modules' `x + proj` rounds it (same bits)
+template <typename Out>
+inline void store_output(Out& y, float v, bool residual) {
+  y = residual ? static_cast<Out>(static_cast<float>(y) + static_cast<float>(static_cast<Out>(v)))
+               : static_cast<Out>(v);
+}
+
 template <int MR, int P, typename W, typename Out>
 inline void panel_block(const float* x, int64_t k, const W* panels, int64_t first_panel,
-                        const float* bias, Out* y, int64_t n) {
+                        const float* bias, Out* y, int64_t n, bool residual) {
   float tile[MR * P * PANEL];
   const W* first = panels + (first_panel / GROUP) * k * GROUP_COLS + (first_panel % GROUP) * PANEL;
   panel_tile<MR, P>(x, k, first, PANEL, GROUP_COLS, k, tile);
   for (int m = 0; m < MR; ++m)
     for (int64_t j = 0; j < P * PANEL; ++j) {
       const int64_t col = first_panel * PANEL + j;
-      if (col < n) y[m * n + col] = static_cast<Out>(tile[m * P * PANEL + j] + (bias ? bias[col] : 0.0f));
+      if (col < n) store_output(y[m * n + col], tile[m * P * PANEL + j] + (bias ? bias[col] : 0.0f), residual);
     }
 }
 
 template <typename W, typename Out>
 void packed_rows(const float* x, const W* panels, const float* bias, Out* y, int64_t m,
-                 int64_t n, int64_t k) {
+                 int64_t n, int64_t k, bool residual = false) {
   const int64_t num_panels = (n + PANEL - 1) / PANEL;
   if (m == 1) {  // groups are zero-padded to 4 panels: a padded column is computed, not stored
     const int64_t groups = (num_panels + GROUP - 1) / GROUP;
-    for_units(groups, true, [&](int64_t g) { panel_block<1, GROUP>(x, k, panels, GROUP * g, bias, y, n); });
+    for_units(groups, true, [&](int64_t g) { panel_block<1, GROUP>(x, k, panels, GROUP * g, bias, y, n, residual); });
     return;
   }
   for (int64_t m0 = 0; m0 < m; m0 += ROW_CHUNK) {
@@ -247,15 +249,15 @@ void packed_rows(const float* x, const W* panels, const float* bias, Out* y, int
     for_units(num_panels, false, [&](int64_t p) {
         int64_t r = 0;
         for (; r + 6 <= rows; r += 6)
-          panel_block<6, 1>(x + (m0 + r) * k, k, panels, p, bias, y + (m0 + r) * n, n);
+          panel_block<6, 1>(x + (m0 + r) * k, k, panels, p, bias, y + (m0 + r) * n, n, residual);
         const float* xr = x + (m0 + r) * k;
         Out* yr = y + (m0 + r) * n;
         switch (rows - r) {
-          case 5: panel_block<5, 1>(xr, k, panels, p, bias, yr, n); break;
-          case 4: panel_block<4, 1>(xr, k, panels, p, bias, yr, n); break;
-          case 3: panel_block<3, 1>(xr, k, panels, p, bias, yr, n); break;
-          case 2: panel_block<2, 1>(xr, k, panels, p, bias, yr, n); break;
-          case 1: panel_block<1, 1>(xr, k, panels, p, bias, yr, n); break;
+          case 5: panel_block<5, 1>(xr, k, panels, p, bias, yr, n, residual); break;
+          case 4: panel_block<4, 1>(xr, k, panels, p, bias, yr, n, residual); break;
+          case 3: panel_block<3, 1>(xr, k, panels, p, bias, yr, n, residual); break;
+          case 2: panel_block<2, 1>(xr, k, panels, p, bias, yr, n, residual); break;
+          case 1: panel_block<1, 1>(xr, k, panels, p, bias, yr, n, residual); break;
           default: break;
         }
     });
@@ -321,34 +323,36 @@ MICROTURN_DOT_TARGET inline void dot_tile(const uint16_t* x, int64_t ldx, int64_
 
 template <int MR, typename Out>
 MICROTURN_DOT_TARGET void dot_block(const uint16_t* x, int64_t k, const uint16_t* packed,
-                                    int64_t g, const float* bias, Out* y, int64_t n) {
+                                    int64_t g, const float* bias, Out* y, int64_t n,
+                                    bool residual) {
   float tile[MR * DOT_COLS];
   dot_tile<MR>(x, k, k, packed + g * ((k + 1) / 2) * 2 * DOT_COLS, tile);
   for (int m = 0; m < MR; ++m)
     for (int64_t j = 0; j < DOT_COLS; ++j) {
       const int64_t col = g * DOT_COLS + j;
-      if (col < n) y[m * n + col] = static_cast<Out>(tile[m * DOT_COLS + j] + (bias ? bias[col] : 0.0f));
+      if (col < n) store_output(y[m * n + col], tile[m * DOT_COLS + j] + (bias ? bias[col] : 0.0f), residual);
     }
 }
 
 template <typename Out>
 MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, const float* bias,
-                                   Out* y, int64_t m, int64_t n, int64_t k) {
+                                   Out* y, int64_t m, int64_t n, int64_t k,
+                                   bool residual = false) {
   const int64_t groups = (n + DOT_COLS - 1) / DOT_COLS;
   const int64_t blocks = (m + DOT_ROWS - 1) / DOT_ROWS;
   // units walk the groups of one row block, then the next: a thread's rows stay in cache
   for_units(groups * blocks, blocks == 1, [&](int64_t u) {
       const int64_t g = u % groups, r0 = (u / groups) * DOT_ROWS, r1 = std::min(m, r0 + DOT_ROWS);
       int64_t r = r0;
-      for (; r + 6 <= r1; r += 6) dot_block<6>(x + r * k, k, packed, g, bias, y + r * n, n);
+      for (; r + 6 <= r1; r += 6) dot_block<6>(x + r * k, k, packed, g, bias, y + r * n, n, residual);
       const uint16_t* xr = x + r * k;
       Out* yr = y + r * n;
       switch (r1 - r) {
-        case 5: dot_block<5>(xr, k, packed, g, bias, yr, n); break;
-        case 4: dot_block<4>(xr, k, packed, g, bias, yr, n); break;
-        case 3: dot_block<3>(xr, k, packed, g, bias, yr, n); break;
-        case 2: dot_block<2>(xr, k, packed, g, bias, yr, n); break;
-        case 1: dot_block<1>(xr, k, packed, g, bias, yr, n); break;
+        case 5: dot_block<5>(xr, k, packed, g, bias, yr, n, residual); break;
+        case 4: dot_block<4>(xr, k, packed, g, bias, yr, n, residual); break;
+        case 3: dot_block<3>(xr, k, packed, g, bias, yr, n, residual); break;
+        case 2: dot_block<2>(xr, k, packed, g, bias, yr, n, residual); break;
+        case 1: dot_block<1>(xr, k, packed, g, bias, yr, n, residual); break;
         default: break;
       }
   });
@@ -1890,20 +1894,21 @@ torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets) {
 }
 
 // y [m, n] = x [m, k] times a packed weight, as packed_linear computes it: bf16 pairs straight
-// into the dot-product kernel, anything else widened into `wide` first (grown only then)
+// into the dot-product kernel, anything else widened into `wide` first (grown only then). With
+// `residual` the result is added into y (see store_output).
 template <typename T>
 void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, const float* bias,
-                 T* y, int64_t n, std::vector<float>& wide) {
+                 T* y, int64_t n, std::vector<float>& wide, bool residual = false) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (dot_packed(panels)) {
       dot_rows(reinterpret_cast<const uint16_t*>(x),
-               reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, y, m, n, k);
+               reinterpret_cast<const uint16_t*>(panels.data_ptr<T>()), bias, y, m, n, k, residual);
       return;
     }
   }
   if (static_cast<int64_t>(wide.size()) < m * k) wide.resize(m * k);
   widen(x, wide.data(), m * k);
-  packed_rows(wide.data(), panels.data_ptr<T>(), bias, y, m, n, k);
+  packed_rows(wide.data(), panels.data_ptr<T>(), bias, y, m, n, k, residual);
 }
 
 // All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
@@ -1921,7 +1926,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                     const int32_t* starts, int64_t segments, const int64_t* write_blocks,
                     const int64_t* write_offsets) {
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
-  std::vector<T> normed(n * hidden), qkv(n * width), att(n * q_size), proj(n * hidden);
+  std::vector<T> qkv(n * width), att(n * q_size);
   std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
   std::vector<float> q32(n * q_size), att32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
@@ -1934,17 +1939,19 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   auto all_layers = [&] {
     std::vector<float> wide;  // each thread's: sized by the widening linears
     AttentionWorkspace attention;  // each team thread's, kept across the layers
+    // Each team thread norms x into its own copy: the same bits on both, and no thread waits
+    // for another's (a barrier and a rank-0 step fewer twice a layer)
+    std::vector<T> normed(n * hidden);
     auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
-                      T* out, int64_t cols) {
-      linear_rows(in, n, k, panels, bias, out, cols, wide);
+                      T* out, int64_t cols, bool residual = false) {
+      linear_rows(in, n, k, panels, bias, out, cols, wide, residual);
     };
-    auto add_into_x = [&](const T* y) { add_rows(x, y, n * hidden); };  // rounded once (torch's add)
     for (int64_t l = 0; l < layers; ++l) {
       const torch::Tensor* w = weights.data() + 7 * l;
       const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
       T* k_pool = k_pools + l * pool_layer_elems;
       T* v_pool = v_pools + l * pool_layer_elems;
-      lead_then_wait([&] { rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps); });
+      rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
       linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
       lead_then_wait([&] {
         rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
@@ -1966,15 +1973,11 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
           if (&pass == &plan.passes.back()) scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
         });
       }
-      linear(att.data(), q_size, w[3], nullptr, proj.data(), hidden);
-      lead_then_wait([&] {
-        add_into_x(proj.data());
-        rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
-      });
+      linear(att.data(), q_size, w[3], nullptr, x, hidden, /*residual=*/true);
+      rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
       linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate);
       lead_then_wait([&] { silu_mul_rows(gate_up.data(), act.data(), n, intermediate); });
-      linear(act.data(), intermediate, w[6], nullptr, proj.data(), hidden);
-      lead_then_wait([&] { add_into_x(proj.data()); });
+      linear(act.data(), intermediate, w[6], nullptr, x, hidden, /*residual=*/true);
     }
   };
   // Decode-sized passes run as one team: their element-wise steps are one thread's work anyway
