@@ -1926,9 +1926,8 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                     const int32_t* starts, int64_t segments, const int64_t* write_blocks,
                     const int64_t* write_offsets) {
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
-  std::vector<T> qkv(n * width), att(n * q_size);
-  std::vector<T> gate_up(n * 2 * intermediate), act(n * intermediate);
-  std::vector<float> q32(n * q_size), att32(n * q_size);
+  std::vector<T> qkv(n * width), gate_up(n * 2 * intermediate);
+  std::vector<float> q32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const PagedRows paged{table, rows, keys, starts, table_width, segments, hq, hkv, bs, d,
                         panel_keys,
@@ -1939,9 +1938,11 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   auto all_layers = [&] {
     std::vector<float> wide;  // each thread's: sized by the widening linears
     AttentionWorkspace attention;  // each team thread's, kept across the layers
-    // Each team thread norms x into its own copy: the same bits on both, and no thread waits
-    // for another's (a barrier and a rank-0 step fewer twice a layer)
-    std::vector<T> normed(n * hidden);
+    // The element-wise steps between two linears (norm, attention's fold, silu) run on every
+    // team thread, each into its own copy: the same bits on each, and no thread waits for
+    // another's (a decode step's are a few hundred values; a rank-0 step cost a barrier each)
+    std::vector<T> normed(n * hidden), att(n * q_size), act(n * intermediate);
+    std::vector<float> att32(n * q_size);
     auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                       T* out, int64_t cols, bool residual = false) {
       linear_rows(in, n, k, panels, bias, out, cols, wide, residual);
@@ -1962,21 +1963,23 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       for (const AttentionPlan::Pass& pass : plan.passes) {
         paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
                     seat.team ? &attention : nullptr);
-        // folding is a few multiply-adds per partial: small passes fold on rank 0
-        lead_then_wait([&] {
+        if (seat.team) {  // a few multiply-adds per partial: every thread folds them all
+          paged_fold(paged, plan, pass, partials.data(), att32.data(), pass.g0, pass.g1,
+                     attention.total);
+          if (plan.passes.size() > 1) team_barrier();  // the next pass reuses the partials
+        } else {
           at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1),
                            FOLD_GRAIN, [&](int64_t begin, int64_t end) {
-            std::vector<float> own;
-            paged_fold(paged, plan, pass, partials.data(), att32.data(), begin, end,
-                       seat.team ? attention.total : own);
+            std::vector<float> total;
+            paged_fold(paged, plan, pass, partials.data(), att32.data(), begin, end, total);
           });
-          if (&pass == &plan.passes.back()) scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
-        });
+        }
       }
+      scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
       linear(att.data(), q_size, w[3], nullptr, x, hidden, /*residual=*/true);
       rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
       linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate);
-      lead_then_wait([&] { silu_mul_rows(gate_up.data(), act.data(), n, intermediate); });
+      silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
       linear(act.data(), intermediate, w[6], nullptr, x, hidden, /*residual=*/true);
     }
   };
