@@ -800,8 +800,9 @@ inline void check_key_panels(const torch::Tensor& k_pool, int64_t bs, bool bf16,
 
 // scores out [MR][P x 16] (row stride ldo) = q rows [MR][d/2] (bf16 pairs, row stride ldq
 // words) . P key panels of 16 slots [d/2][16][2], in slot order; a panel's pair rows lie
-// pair_stride elements apart (32, or more where several panels share each row)
-template <int MR, int P>
+// pair_stride elements apart (32, or more where several panels share each row). Stream is a
+// template argument: a call in the loop would spill the accumulators (decode reads unstreamed).
+template <int MR, int P, bool Stream>
 MICROTURN_DOT_TARGET inline void key_tile_dot(const uint32_t* q, int64_t ldq,
                                               const uint16_t* const* panels, int64_t pairs,
                                               int64_t pair_stride, float* out, int64_t ldo,
@@ -810,9 +811,12 @@ MICROTURN_DOT_TARGET inline void key_tile_dot(const uint32_t* q, int64_t ldq,
   for (int m = 0; m < MR; ++m)
     for (int p = 0; p < P; ++p) acc[m][p] = _mm512_setzero_ps();
   for (int64_t c = 0; c < pairs; ++c) {
-    if (stream) stream->ahead(P * PANEL * 4);
+    if constexpr (Stream) stream->ahead(P * PANEL * 4);
     __m512i k[P];
-    for (int p = 0; p < P; ++p) k[p] = _mm512_loadu_si512(panels[p] + c * pair_stride);
+    for (int p = 0; p < P; ++p) {
+      k[p] = _mm512_loadu_si512(panels[p] + c * pair_stride);
+      asm("" : "+v"(k[p]));  // held in a register: GCC would load it again for every row
+    }
     for (int m = 0; m < MR; ++m) {
       const __m512i qv = _mm512_set1_epi32(static_cast<int32_t>(q[m * ldq + c]));
       for (int p = 0; p < P; ++p) acc[m][p] = _mm512_dpbf16_ps(acc[m][p], (__m512bh)qv, (__m512bh)k[p]);
@@ -827,8 +831,12 @@ MICROTURN_DOT_TARGET void key_rows_dot(const uint32_t* q, int64_t ldq, int64_t p
                                        PanelAt panel_at, int64_t pair_stride, int64_t panels,
                                        float* out, int64_t ldo, StreamAhead* stream) {
   panel_tiles(panels, panel_at, [&](auto take, const uint16_t* const* at, int64_t p) {
-    key_tile_dot<MR, decltype(take)::value>(q, ldq, at, pairs, pair_stride, out + p * PANEL, ldo,
-                                            stream);
+    constexpr int P = decltype(take)::value;
+    if (stream) {
+      key_tile_dot<MR, P, true>(q, ldq, at, pairs, pair_stride, out + p * PANEL, ldo, stream);
+    } else {
+      key_tile_dot<MR, P, false>(q, ldq, at, pairs, pair_stride, out + p * PANEL, ldo, nullptr);
+    }
   });
 }
 
@@ -871,7 +879,7 @@ MICROTURN_DOT_TARGET inline void value_pair_dot(__m512 (&a)[MR][C], const uint16
 // acc[m][j0 : j0 + 16C] += p[m][s] v[s][..] + p[m][s+1] v[s+1][..] over the slot pairs from
 // `from` (even) to `to` (an odd `to` pairs its last slot with zero); rows[s] is slot s's value
 // row, p holds bf16 probabilities (row stride ldp words, word i = slots 2i, 2i + 1)
-template <int MR, int C>
+template <int MR, int C, bool Stream>
 MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
                                                  const uint16_t* const* rows, int64_t j0,
                                                  float* acc, int64_t d, int64_t from, int64_t to,
@@ -882,7 +890,7 @@ MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
   const __m512i low = _mm512_load_si512(PAIR_LOW), high = _mm512_load_si512(PAIR_HIGH);
   int64_t s = from;
   for (; s + 1 < to; s += 2) {
-    if (stream) stream->ahead(2 * C * 16 * 2);
+    if constexpr (Stream) stream->ahead(2 * C * 16 * 2);
     value_pair_dot<MR, C>(a, rows[s], rows[s + 1], p, ldp, s / 2, j0, low, high);
   }
   if (s < to) value_pair_dot<MR, C>(a, rows[s], nullptr, p, ldp, s / 2, j0, low, high);
@@ -895,9 +903,17 @@ MICROTURN_DOT_TARGET inline void value_rows_dot(const uint32_t* p, int64_t ldp,
                                                 const uint16_t* const* rows, float* acc,
                                                 int64_t d, int64_t from, int64_t to,
                                                 StreamAhead* stream) {
-  int64_t j = 0;  // d is a multiple of 16
-  for (; j + 64 <= d; j += 64) value_block_dot<MR, 4>(p, ldp, rows, j, acc, d, from, to, stream);
-  for (; j < d; j += 16) value_block_dot<MR, 1>(p, ldp, rows, j, acc, d, from, to, stream);
+  auto blocks = [&](auto streamed) {
+    constexpr bool S = decltype(streamed)::value;
+    int64_t j = 0;  // d is a multiple of 16
+    for (; j + 64 <= d; j += 64) value_block_dot<MR, 4, S>(p, ldp, rows, j, acc, d, from, to, stream);
+    for (; j < d; j += 16) value_block_dot<MR, 1, S>(p, ldp, rows, j, acc, d, from, to, stream);
+  };
+  if (stream) {
+    blocks(std::true_type{});
+  } else {
+    blocks(std::false_type{});
+  }
 }
 
 // fp32 -> bf16, nearest even (what static_cast<at::BFloat16> gives for finite values)
