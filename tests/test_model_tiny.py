@@ -214,7 +214,8 @@ def test_native_layer_stack_follows_in_place_weight_updates(kernel_choice):
 def test_decode_team_gives_the_bits_of_a_prefill(dtype):
     """Passes of up to 4 tokens run all layers as one thread team (units split over the team,
     barriers between ops); a prefill opens a region per op. Over two attention splits and
-    9-group linears, with 1, 2 and 3 threads, the team's decode rows must be the prefill's bits."""
+    9-group linears (on two threads the middle group's K is cut between them), with 1, 2 and 3
+    threads, the team's decode rows, 4 at once and one by one, must be the prefill's bits."""
     from microturn.engine.paged_attention import PagedSequence
     from microturn.kernels import build
 
@@ -235,6 +236,10 @@ def test_decode_team_gives_the_bits_of_a_prefill(dtype):
                 model(tokens[:, :696], positions[:, :696], cache, logits_at=torch.tensor([695]))
                 decode = model(tokens[:, 696:], positions[:, 696:], cache)[0]
                 assert torch.equal(decode, prefill), f"{n} threads"
+                cache.length = 696
+                singles = torch.cat([model(tokens[:, t:t + 1], positions[:, t:t + 1], cache)[0]
+                                     for t in range(696, 700)])
+                assert torch.equal(singles, prefill), f"{n} threads, one token a pass"
                 # negative control: the same comparison catches rows one position off
                 cache.length = 696
                 shifted = model(tokens[:, 696:], positions[:, 696:] + 1, cache)[0]

@@ -71,12 +71,15 @@ struct Team {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> generation{0};
   alignas(64) std::atomic<int64_t> next[2] = {0, 0};  // share_units' counters, used in turn
+  alignas(64) std::atomic<int64_t> handed{0};         // dot_rows' hand-offs so far
+  alignas(64) float carried[4 * 64];                  // the accumulators handed over
 };
 
 struct TeamSeat {
   Team* team = nullptr;
   int rank = 0, size = 1;
   int64_t shares = 0;  // share_units calls so far: picks the counter
+  int64_t handoffs = 0;  // dot_rows hand-offs so far
 };
 thread_local TeamSeat seat;
 
@@ -294,15 +297,19 @@ inline bool dot_packed(const torch::Tensor& panels) { return panels.size(-1) == 
 #define MICROTURN_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // tile [MR][64] = x rows [MR][k] (bf16, row stride ldx) times one packed group
+// (pairs [p0, p1) only, pair p0's row at `group`, the accumulators starting from `tile` where
+// `carry`: a group's K can be cut in two, each output still one FMA chain over k in order)
 template <int MR>
 MICROTURN_DOT_TARGET inline void dot_tile(const uint16_t* x, int64_t ldx, int64_t k,
-                                          const uint16_t* group, float* tile) {
+                                          const uint16_t* group, float* tile, int64_t p0 = 0,
+                                          int64_t p1 = -1, bool carry = false) {
   __m512 acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
-  const int64_t pairs = (k + 1) / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const uint16_t* row = group + p * 2 * DOT_COLS;
+    for (int c = 0; c < 4; ++c)
+      acc[m][c] = carry ? _mm512_loadu_ps(tile + m * DOT_COLS + 16 * c) : _mm512_setzero_ps();
+  const int64_t pairs = p1 < 0 ? (k + 1) / 2 : p1;
+  for (int64_t p = p0; p < pairs; ++p) {
+    const uint16_t* row = group + (p - p0) * 2 * DOT_COLS;
     __m512i w[4];
     for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_si512(row + 32 * c);
     for (int m = 0; m < MR; ++m) {
@@ -321,17 +328,67 @@ MICROTURN_DOT_TARGET inline void dot_tile(const uint16_t* x, int64_t ldx, int64_
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(tile + m * DOT_COLS + 16 * c, acc[m][c]);
 }
 
+// group g's outputs from its fp32 tile (bias added, rounded; see store_output)
 template <int MR, typename Out>
-MICROTURN_DOT_TARGET void dot_block(const uint16_t* x, int64_t k, const uint16_t* packed,
-                                    int64_t g, const float* bias, Out* y, int64_t n,
-                                    bool residual) {
-  float tile[MR * DOT_COLS];
-  dot_tile<MR>(x, k, k, packed + g * ((k + 1) / 2) * 2 * DOT_COLS, tile);
+inline void store_group(const float* tile, int64_t g, const float* bias, Out* y, int64_t n,
+                        bool residual) {
   for (int m = 0; m < MR; ++m)
     for (int64_t j = 0; j < DOT_COLS; ++j) {
       const int64_t col = g * DOT_COLS + j;
       if (col < n) store_output(y[m * n + col], tile[m * DOT_COLS + j] + (bias ? bias[col] : 0.0f), residual);
     }
+}
+
+// The middle group of an odd group count is stored with the second half of its pairs first
+// (rows [0, pairs - cut) hold pairs [cut, pairs)): see dot_rows_handed
+inline bool halves_swapped(int64_t g, int64_t groups, int64_t pairs) {
+  return groups % 2 == 1 && g == groups / 2 && pairs >= 2;
+}
+
+template <int MR, typename Out>
+MICROTURN_DOT_TARGET void dot_block(const uint16_t* x, int64_t k, const uint16_t* packed,
+                                    int64_t g, int64_t groups, const float* bias, Out* y,
+                                    int64_t n, bool residual) {
+  float tile[MR * DOT_COLS];
+  const int64_t pairs = (k + 1) / 2, cut = pairs / 2, row = 2 * DOT_COLS;
+  const uint16_t* group = packed + g * pairs * row;
+  if (halves_swapped(g, groups, pairs)) {
+    dot_tile<MR>(x, k, k, group + (pairs - cut) * row, tile, 0, cut);
+    dot_tile<MR>(x, k, k, group, tile, cut, pairs, true);
+  } else {
+    dot_tile<MR>(x, k, k, group, tile);
+  }
+  store_group<MR>(tile, g, bias, y, n, residual);
+}
+
+// A decode matvec with an odd number of groups on a team of two: each thread streams half the
+// bytes as one contiguous run (a whole extra group on one thread cost ~4 % of a decode step).
+// The middle group's K is cut in half, its second half stored first (halves_swapped): rank 1
+// starts with the first half, right before its own groups, and hands the fp32 accumulators to
+// rank 0, which finishes them right after its own groups. Every output is still one FMA chain
+// over k in order: the same bits.
+template <int MR, typename Out>
+MICROTURN_DOT_TARGET void dot_rows_handed(const uint16_t* x, const uint16_t* packed,
+                                          const float* bias, Out* y, int64_t n, int64_t k,
+                                          int64_t groups, bool residual) {
+  Team& team = *seat.team;
+  const int64_t mid = groups / 2, pairs = (k + 1) / 2, cut = pairs / 2, row = 2 * DOT_COLS;
+  const uint16_t* middle = packed + mid * pairs * row;
+  const int64_t ticket = ++seat.handoffs;
+  if (seat.rank == 1) {
+    dot_tile<MR>(x, k, k, middle + (pairs - cut) * row, team.carried, 0, cut);
+    team.handed.store(ticket, std::memory_order_release);
+    for (int64_t g = mid + 1; g < groups; ++g)
+      dot_block<MR>(x, k, packed, g, groups, bias, y, n, residual);
+  } else {
+    for (int64_t g = 0; g < mid; ++g) dot_block<MR>(x, k, packed, g, groups, bias, y, n, residual);
+    float tile[MR * DOT_COLS];
+    while (team.handed.load(std::memory_order_acquire) < ticket) _mm_pause();
+    std::copy(team.carried, team.carried + MR * DOT_COLS, tile);
+    dot_tile<MR>(x, k, k, middle, tile, cut, pairs, true);
+    store_group<MR>(tile, mid, bias, y, n, residual);
+  }
+  team_barrier();
 }
 
 template <typename Out>
@@ -340,19 +397,28 @@ MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, co
                                    bool residual = false) {
   const int64_t groups = (n + DOT_COLS - 1) / DOT_COLS;
   const int64_t blocks = (m + DOT_ROWS - 1) / DOT_ROWS;
+  if (seat.team && seat.size == 2 && groups % 2 == 1 && groups > 1 && k >= 4 && m <= 4) {
+    switch (m) {
+      case 1: return dot_rows_handed<1>(x, packed, bias, y, n, k, groups, residual);
+      case 2: return dot_rows_handed<2>(x, packed, bias, y, n, k, groups, residual);
+      case 3: return dot_rows_handed<3>(x, packed, bias, y, n, k, groups, residual);
+      case 4: return dot_rows_handed<4>(x, packed, bias, y, n, k, groups, residual);
+      default: break;
+    }
+  }
   // units walk the groups of one row block, then the next: a thread's rows stay in cache
   for_units(groups * blocks, blocks == 1, [&](int64_t u) {
       const int64_t g = u % groups, r0 = (u / groups) * DOT_ROWS, r1 = std::min(m, r0 + DOT_ROWS);
       int64_t r = r0;
-      for (; r + 6 <= r1; r += 6) dot_block<6>(x + r * k, k, packed, g, bias, y + r * n, n, residual);
+      for (; r + 6 <= r1; r += 6) dot_block<6>(x + r * k, k, packed, g, groups, bias, y + r * n, n, residual);
       const uint16_t* xr = x + r * k;
       Out* yr = y + r * n;
       switch (r1 - r) {
-        case 5: dot_block<5>(xr, k, packed, g, bias, yr, n, residual); break;
-        case 4: dot_block<4>(xr, k, packed, g, bias, yr, n, residual); break;
-        case 3: dot_block<3>(xr, k, packed, g, bias, yr, n, residual); break;
-        case 2: dot_block<2>(xr, k, packed, g, bias, yr, n, residual); break;
-        case 1: dot_block<1>(xr, k, packed, g, bias, yr, n, residual); break;
+        case 5: dot_block<5>(xr, k, packed, g, groups, bias, yr, n, residual); break;
+        case 4: dot_block<4>(xr, k, packed, g, groups, bias, yr, n, residual); break;
+        case 3: dot_block<3>(xr, k, packed, g, groups, bias, yr, n, residual); break;
+        case 2: dot_block<2>(xr, k, packed, g, groups, bias, yr, n, residual); break;
+        case 1: dot_block<1>(xr, k, packed, g, groups, bias, yr, n, residual); break;
         default: break;
       }
   });
@@ -1572,8 +1638,14 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
     const int64_t pairs = (k + 1) / 2;
     auto padded = torch::zeros({groups * DOT_COLS, 2 * pairs}, w.options());
     padded.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
-    return padded.view({groups, DOT_COLS, pairs, 2}).permute({0, 2, 1, 3}).contiguous()
+    auto packed = padded.view({groups, DOT_COLS, pairs, 2}).permute({0, 2, 1, 3}).contiguous()
         .view({groups, pairs, 2 * DOT_COLS});
+    if (halves_swapped(groups / 2, groups, pairs)) {
+      auto middle = packed[groups / 2];
+      middle.copy_(torch::cat({middle.narrow(0, pairs / 2, pairs - pairs / 2),
+                               middle.narrow(0, 0, pairs / 2)}));
+    }
+    return packed;
   }
   const int64_t n = w.size(0), k = w.size(1), groups = (n + GROUP_COLS - 1) / GROUP_COLS;
   auto padded = torch::zeros({groups * GROUP_COLS, k}, w.options());
