@@ -67,12 +67,14 @@ inline void scale_rows(const T* a, float scale, U* dst, int64_t n) {
 // ~0.1 µs. Inside a team the op helpers below split their units over the team and end with a
 // barrier; serial steps run on rank 0 (lead_then_wait). Each unit computes what it computes
 // without a team, so the bits are the same.
+constexpr int64_t TEAM_ROWS = 4;     // passes of at most this many tokens run as one team
+
 struct Team {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> generation{0};
   alignas(64) std::atomic<int64_t> next[2] = {0, 0};  // share_units' counters, used in turn
   alignas(64) std::atomic<int64_t> handed{0};         // dot_rows' hand-offs so far
-  alignas(64) float carried[4 * 64];                  // the accumulators handed over
+  alignas(64) float carried[TEAM_ROWS * 64];          // the accumulators handed over
 };
 
 struct TeamSeat {
@@ -115,7 +117,6 @@ void as_team(int threads, Body&& body) {
   }
 }
 
-constexpr int64_t TEAM_ROWS = 4;     // passes of at most this many tokens run as one team
 constexpr int64_t FOLD_GRAIN = 16;   // attention row groups folded per thread
 
 // Runs body(take) once on each intra-op thread (at most n of them), where take() hands out the
@@ -382,11 +383,9 @@ MICROTURN_DOT_TARGET void dot_rows_handed(const uint16_t* x, const uint16_t* pac
       dot_block<MR>(x, k, packed, g, groups, bias, y, n, residual);
   } else {
     for (int64_t g = 0; g < mid; ++g) dot_block<MR>(x, k, packed, g, groups, bias, y, n, residual);
-    float tile[MR * DOT_COLS];
     while (team.handed.load(std::memory_order_acquire) < ticket) _mm_pause();
-    std::copy(team.carried, team.carried + MR * DOT_COLS, tile);
-    dot_tile<MR>(x, k, k, middle, tile, cut, pairs, true);
-    store_group<MR>(tile, mid, bias, y, n, residual);
+    dot_tile<MR>(x, k, k, middle, team.carried, cut, pairs, true);
+    store_group<MR>(team.carried, mid, bias, y, n, residual);
   }
   team_barrier();
 }
@@ -397,7 +396,7 @@ MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, co
                                    bool residual = false) {
   const int64_t groups = (n + DOT_COLS - 1) / DOT_COLS;
   const int64_t blocks = (m + DOT_ROWS - 1) / DOT_ROWS;
-  if (seat.team && seat.size == 2 && groups % 2 == 1 && groups > 1 && k >= 4 && m <= 4) {
+  if (seat.team && seat.size == 2 && m <= TEAM_ROWS && halves_swapped(groups / 2, groups, (k + 1) / 2)) {
     switch (m) {
       case 1: return dot_rows_handed<1>(x, packed, bias, y, n, k, groups, residual);
       case 2: return dot_rows_handed<2>(x, packed, bias, y, n, k, groups, residual);
@@ -1490,6 +1489,23 @@ void fold_partials(const AttentionPlan& plan, const AttentionPlan::Pass& pass, i
   }
 }
 
+// All of a pass's folds: in a team, every thread folds every group into its own output (with
+// `team_total`; no barrier after); outside one, the groups are spread over the threads
+template <typename OutputOf, typename KeysOf>
+void fold_pass(const AttentionPlan& plan, const AttentionPlan::Pass& pass, int64_t d,
+               OutputOf output, KeysOf n_keys, const float* partials,
+               std::vector<float>* team_total) {
+  if (team_total) {
+    fold_partials(plan, pass, d, output, n_keys, partials, pass.g0, pass.g1, *team_total);
+    return;
+  }
+  at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1), FOLD_GRAIN,
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> total;
+    fold_partials(plan, pass, d, output, n_keys, partials, begin, end, total);
+  });
+}
+
 // A planned call outside a team: each pass's units in parallel, then its folds in parallel
 template <typename T, typename HeadOf, typename QueryOf, typename OutputOf, typename KeysOf>
 void attend_planned(const AttentionPlan& plan, int64_t d, HeadOf head, QueryOf query,
@@ -1497,11 +1513,7 @@ void attend_planned(const AttentionPlan& plan, int64_t d, HeadOf head, QueryOf q
   std::vector<float> partials(plan.partial_floats);
   for (const AttentionPlan::Pass& pass : plan.passes) {
     attend_units<T>(plan, pass, d, head, query, n_keys, partials.data(), nullptr);
-    at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1), FOLD_GRAIN,
-                     [&](int64_t begin, int64_t end) {
-      std::vector<float> total;
-      fold_partials(plan, pass, d, output, n_keys, partials.data(), begin, end, total);
-    });
+    fold_pass(plan, pass, d, output, n_keys, partials.data(), nullptr);
   }
 }
 
@@ -1572,7 +1584,14 @@ struct PagedRows {
   const int32_t *table, *rows, *keys, *starts;
   int64_t table_width, segments, hq, hkv, bs, d;
   bool panel_keys;
-  int64_t key_width;  // slots per key panel: key_panel_slots(bs, the dot kernel reads the pool)
+  int64_t key_width;  // slots per key panel (see with_key_width)
+
+  // these rows with the key panel width a pool of this dtype has (key_panel_slots)
+  PagedRows with_key_width(bool bf16) const {
+    PagedRows r = *this;
+    r.key_width = key_panel_slots(bs, panel_keys && bf16 && dot_attention(d));
+    return r;
+  }
 
   int64_t group() const { return hq / hkv; }
   int64_t row_offset(int64_t h, int64_t r) const {  // of its query / output row [N, hq, d]
@@ -1608,13 +1627,12 @@ void paged_units(const PagedRows& paged, const AttentionPlan& plan,
                   [&](int64_t h, int64_t r) { return paged.n_keys(h, r); }, partials, kept);
 }
 
-// groups [g_begin, g_end) of a pass folded into out [N, hq, d] fp32 (see fold_partials)
+// A pass's folds into out [N, hq, d] fp32 (see fold_pass)
 inline void paged_fold(const PagedRows& paged, const AttentionPlan& plan,
                        const AttentionPlan::Pass& pass, const float* partials, float* out,
-                       int64_t g_begin, int64_t g_end, std::vector<float>& total) {
-  fold_partials(plan, pass, paged.d, [&](int64_t h, int64_t r) { return out + paged.row_offset(h, r); },
-                [&](int64_t h, int64_t r) { return paged.n_keys(h, r); }, partials, g_begin, g_end,
-                total);
+                       std::vector<float>* team_total) {
+  fold_pass(plan, pass, paged.d, [&](int64_t h, int64_t r) { return out + paged.row_offset(h, r); },
+            [&](int64_t h, int64_t r) { return paged.n_keys(h, r); }, partials, team_total);
 }
 
 template <typename T>
@@ -1717,11 +1735,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
               "paged_attention: segment starts must end at the token count");
   auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
   auto out = torch::empty({n, hq, d}, torch::kFloat32);
-  const PagedRows paged{table.data_ptr<int32_t>(), rows.data_ptr<int32_t>(),
-                        keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), table.size(1),
-                        segments, hq, hkv, bs, d, panel_keys,
-                        key_panel_slots(bs, panel_keys && q.scalar_type() == torch::kBFloat16 &&
-                                                dot_attention(d))};
+  const PagedRows paged = PagedRows{table.data_ptr<int32_t>(), rows.data_ptr<int32_t>(),
+                                    keys.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
+                                    table.size(1), segments, hq, hkv, bs, d, panel_keys, PANEL}
+                               .with_key_width(q.scalar_type() == torch::kBFloat16);
   if (q.scalar_type() == torch::kBFloat16) {
     paged_segments(paged, q32.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(),
                    v_pool.data_ptr<at::BFloat16>(), out.data_ptr<float>());
@@ -2017,10 +2034,9 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   std::vector<T> qkv(n * width), gate_up(n * 2 * intermediate);
   std::vector<float> q32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  const PagedRows paged{table, rows, keys, starts, table_width, segments, hq, hkv, bs, d,
-                        panel_keys,
-                        key_panel_slots(bs, panel_keys && std::is_same_v<T, at::BFloat16> &&
-                                                dot_attention(d))};
+  const PagedRows paged = PagedRows{table, rows, keys, starts, table_width, segments, hq, hkv,
+                                    bs, d, panel_keys, PANEL}
+                               .with_key_width(std::is_same_v<T, at::BFloat16>);
   const AttentionPlan plan = paged.plan(k_pools, v_pools);  // every layer's
   std::vector<float> partials(plan.partial_floats);
   auto all_layers = [&] {
@@ -2051,17 +2067,10 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       for (const AttentionPlan::Pass& pass : plan.passes) {
         paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
                     seat.team ? &attention : nullptr);
-        if (seat.team) {  // a few multiply-adds per partial: every thread folds them all
-          paged_fold(paged, plan, pass, partials.data(), att32.data(), pass.g0, pass.g1,
-                     attention.total);
-          if (plan.passes.size() > 1) team_barrier();  // the next pass reuses the partials
-        } else {
-          at::parallel_for(static_cast<int64_t>(pass.g0), static_cast<int64_t>(pass.g1),
-                           FOLD_GRAIN, [&](int64_t begin, int64_t end) {
-            std::vector<float> total;
-            paged_fold(paged, plan, pass, partials.data(), att32.data(), begin, end, total);
-          });
-        }
+        // a few multiply-adds per partial: in a team every thread folds them all
+        paged_fold(paged, plan, pass, partials.data(), att32.data(),
+                   seat.team ? &attention.total : nullptr);
+        if (seat.team && plan.passes.size() > 1) team_barrier();  // the next pass reuses them
       }
       scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
       linear(att.data(), q_size, w[3], nullptr, x, hidden, /*residual=*/true);
