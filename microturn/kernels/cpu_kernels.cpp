@@ -65,8 +65,8 @@ inline void scale_rows(const T* a, float scale, U* dst, int64_t n) {
 // The threads of one decode-sized pass, kept in one parallel region for all its layers: a
 // region per op (~150 in a decode step) costs ~1-2 µs to open and join, a spinning barrier
 // ~0.1 µs. Inside a team the op helpers below split their units over the team and end with a
-// barrier; serial steps run on rank 0 (lead_then_wait). Each unit computes what it computes
-// without a team, so the bits are the same.
+// barrier; the small element-wise steps run on every thread. Each unit computes what it
+// computes without a team, so the bits are the same.
 constexpr int64_t TEAM_ROWS = 4;     // passes of at most this many tokens run as one team
 
 // A team thread's count of barriers passed, on a cache line of its own
@@ -101,14 +101,6 @@ inline void team_barrier() {
   t.counts[seat.rank].passed.store(passed, std::memory_order_release);
   for (int other = 0; other < seat.size; ++other)
     while (t.counts[other].passed.load(std::memory_order_acquire) < passed) _mm_pause();
-}
-
-// f() once: on rank 0 of a team, which then waits for it; alone, right here
-template <typename F>
-void lead_then_wait(F&& f) {
-  if (!seat.team) return f();
-  if (seat.rank == 0) f();
-  team_barrier();
 }
 
 // body() on every thread of a team of `threads` (one region for the whole body), or here alone
@@ -2039,7 +2031,6 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                     const int64_t* write_offsets) {
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
   std::vector<T> qkv(n * width), gate_up(n * 2 * intermediate);
-  std::vector<float> q32(n * q_size);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const PagedRows paged = PagedRows{table, rows, keys, starts, table_width, segments, hq, hkv,
                                     bs, d, panel_keys, PANEL}
@@ -2049,11 +2040,12 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   auto all_layers = [&] {
     std::vector<float> wide;  // each thread's: sized by the widening linears
     AttentionWorkspace attention;  // each team thread's, kept across the layers
-    // The element-wise steps between two linears (norm, attention's fold, silu) run on every
+    // The element-wise steps between two linears (norm, rotary, attention's fold, silu) run on every
     // team thread, each into its own copy: the same bits on each, and no thread waits for
     // another's (a decode step's are a few hundred values; a rank-0 step cost a barrier each)
     std::vector<T> normed(n * hidden), att(n * q_size), act(n * intermediate);
-    std::vector<float> att32(n * q_size);
+    std::vector<float> q32(n * q_size), att32(n * q_size);
+    std::vector<T> own_qkv(seat.team ? n * width : 0);
     auto linear = [&](const T* in, int64_t k, const torch::Tensor& panels, const float* bias,
                       T* out, int64_t cols, bool residual = false) {
       linear_rows(in, n, k, panels, bias, out, cols, wide, residual);
@@ -2065,12 +2057,14 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       T* v_pool = v_pools + l * pool_layer_elems;
       rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
       linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
-      lead_then_wait([&] {
-        rotary_rows(qkv.data(), cos, sin, n, hq + hkv, width, d, interleaved);
-        write_rows(k_pool, v_pool, panel_keys, qkv.data() + q_size, qkv.data() + q_size + kv_size,
-                   write_blocks, write_offsets, n, hkv, bs, d, width);
-        for (int64_t t = 0; t < n; ++t) scale_rows(qkv.data() + t * width, q_scale, q32.data() + t * q_size, q_size);
-      });
+      // in a team every thread rotates its own copy and writes the new keys and values itself:
+      // the same bytes into the same slots, and attention starts without a barrier
+      T* rotated = seat.team ? own_qkv.data() : qkv.data();
+      if (seat.team) std::copy(qkv.data(), qkv.data() + n * width, rotated);
+      rotary_rows(rotated, cos, sin, n, hq + hkv, width, d, interleaved);
+      write_rows(k_pool, v_pool, panel_keys, rotated + q_size, rotated + q_size + kv_size,
+                 write_blocks, write_offsets, n, hkv, bs, d, width);
+      for (int64_t t = 0; t < n; ++t) scale_rows(rotated + t * width, q_scale, q32.data() + t * q_size, q_size);
       for (const AttentionPlan::Pass& pass : plan.passes) {
         paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
                     seat.team ? &attention : nullptr);
@@ -2088,7 +2082,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
     }
   };
   // Decode-sized passes run as one team: their element-wise steps are a few hundred values
-  // (every thread computes them, or rank 0) and their parallel ops then cost a barrier each
+  // (every thread computes them) and their parallel ops then cost a barrier each
   // instead of opening and joining a region. Larger passes keep a region per op.
   const bool team = n <= TEAM_ROWS && segments * hkv <= FOLD_GRAIN;  // folds on every thread
   as_team(team ? at::get_num_threads() : 1, all_layers);
