@@ -160,6 +160,24 @@ def test_elementwise_kernels_match_torch(dtype):
         assert torch.equal(got_v, v.to(dtype))  # values are not rotated
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_in_16_lanes_gives_the_8_lane_bits(dtype):
+    # f = 40: columns 0-31 take the 16-lane loop (where the CPU has AVX-512) and 32-39 the
+    # 8-lane one; each 8-column slice alone (f = 8) takes the 8-lane loop
+    generator = torch.Generator().manual_seed(3)
+    gate = torch.randn(3, 40, generator=generator) * 4
+    up = torch.randn(3, 40, generator=generator)
+    whole = kernels.silu_mul(torch.cat([gate, up], -1).to(dtype))
+    for j in range(0, 40, 8):
+        part = kernels.silu_mul(torch.cat([gate[:, j:j + 8], up[:, j:j + 8]], -1).to(dtype))
+        assert torch.equal(whole[:, j:j + 8], part)
+    # negative control: one input's last bit moved changes that output's bits
+    nudged = gate.to(dtype).clone()
+    nudged.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[1, 5] += 1
+    moved = kernels.silu_mul(torch.cat([nudged, up.to(dtype)], -1))
+    assert not torch.equal(moved[1, 5], whole[1, 5])
+
+
 def paged_case(dtype, block_size, dim, lengths, news, seed):
     """A block pool holding sessions of `lengths` slots (blocks in shuffled order), and the last
     `news[i]` tokens of session i as queries: (pool args, per-token reference in float64)."""
