@@ -178,6 +178,40 @@ def test_silu_mul_in_16_lanes_gives_the_8_lane_bits(dtype):
     assert not torch.equal(moved[1, 5], whole[1, 5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_in_16_lanes_gives_the_scalar_bits(dtype, interleaved):
+    # a 32-wide head takes the 16-lane loop (where the CPU has AVX-512); the same pairs cut into
+    # 8-wide heads of 4 pairs each take the scalar loop
+    generator = torch.Generator().manual_seed(5)
+    tokens, d = 3, 32
+    x = (torch.randn(tokens, d, generator=generator) * 3).to(dtype)
+    angles = torch.rand(tokens, d // 2, generator=generator) * 6
+    cos, sin = angles.cos(), angles.sin()
+    whole = x.clone()
+    kernels.rotary_qkv_(whole, cos, sin, 1, 0, d, interleaved)
+    for p in range(0, d // 2, 4):  # pairs p .. p + 3
+        cols = (torch.arange(2 * p, 2 * p + 8) if interleaved
+                else torch.cat([torch.arange(p, p + 4), torch.arange(d // 2 + p, d // 2 + p + 4)]))
+        part = x[:, cols].contiguous()
+        kernels.rotary_qkv_(part, cos[:, p:p + 4].contiguous(), sin[:, p:p + 4].contiguous(), 1, 0,
+                            8, interleaved)
+        assert torch.equal(whole[:, cols], part)
+    # negative controls: one input's last bit moved changes the bits; in fp32, the same
+    # rotation with two roundings instead of a fused multiply-add differs somewhere
+    moved = x.clone()
+    moved.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[1, 2] += 1
+    kernels.rotary_qkv_(moved, cos, sin, 1, 0, d, interleaved)
+    assert not torch.equal(moved, whole)
+    if dtype == torch.float32:
+        pairs = (x.view(tokens, d // 2, 2) if interleaved
+                 else x.view(tokens, 2, d // 2).transpose(1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        unfused = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+        unfused = unfused.flatten(1) if interleaved else unfused.transpose(1, 2).flatten(1)
+        assert not torch.equal(unfused, whole)
+
+
 def paged_case(dtype, block_size, dim, lengths, news, seed):
     """A block pool holding sessions of `lengths` slots (blocks in shuffled order), and the last
     `news[i]` tokens of session i as queries: (pool args, per-token reference in float64)."""

@@ -701,6 +701,12 @@ MICROTURN_WIDE_TARGET inline __m512 load_keys16(const at::BFloat16* p) {
 // 16 consecutive values as fp32 (value rows are never paired)
 MICROTURN_WIDE_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 MICROTURN_WIDE_TARGET inline __m512 load16(const at::BFloat16* p) { return load_keys16(p); }
+// 16 values stored, bf16 rounded as store8 rounds (the bits of static_cast, element by element)
+template <typename T>
+MICROTURN_WIDE_TARGET inline void store16(T* p, __m512 v) {
+  store8(p, _mm512_castps512_ps256(v));
+  store8(p + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
 
 // out [MR][P x 16] (row stride ldo) = q rows [MR][d] (fp32, row stride ldq) . P key panels
 // [d][16], in slot order
@@ -1846,23 +1852,66 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// A pair (x1, x2) rotated by (c, s): (x1 c - x2 s, x2 c + x1 s), each with one fused
+// multiply-add written out, so the vector loops below give these bits lane by lane.
+inline float rotated_first(float x1, float x2, float c, float s) { return std::fma(x1, c, -(x2 * s)); }
+inline float rotated_second(float x1, float x2, float c, float s) { return std::fma(x2, c, x1 * s); }
+
+// One head's interleaved pairs (2i, 2i + 1), eight at a time (16 lanes): a lane's partner comes
+// from swapping neighbours, and -s on the even lanes makes both formulas one fused multiply-add.
+// Returns how many pairs it did.
+template <typename T>
+MICROTURN_WIDE_TARGET int64_t rotate_interleaved_wide(T* x, const float* c, const float* s,
+                                                      int64_t half) {
+  const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512 even_sign = _mm512_castsi512_ps(_mm512_set4_epi32(0, INT32_MIN, 0, INT32_MIN));
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m512 v = load16(x + 2 * i);
+    const __m512 partner = _mm512_permute_ps(v, 0xB1);
+    const __m512 cc = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(c + i)));
+    const __m512 ss = _mm512_xor_ps(
+        _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(s + i))), even_sign);
+    store16(x + 2 * i, _mm512_fmadd_ps(v, cc, _mm512_mul_ps(partner, ss)));
+  }
+  return i;
+}
+
+// One head's pairs (i, i + half), 16 at a time. Returns how many pairs it did.
+template <typename T>
+MICROTURN_WIDE_TARGET int64_t rotate_halves_wide(T* x, const float* c, const float* s,
+                                                 int64_t half) {
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+    store16(x + i, _mm512_fmadd_ps(x1, cv, _mm512_xor_ps(_mm512_mul_ps(x2, sv), _mm512_set1_ps(-0.0f))));
+    store16(x + half + i, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
+  }
+  return i;
+}
+
 // Rotate, in place, the q and k heads inside a fused qkv projection [tokens, (hq + 2 hkv) * d]
 // by the angles cos/sin [tokens, d / 2] (fp32). interleaved pairs (2i, 2i+1); else (i, i + d/2).
 template <typename T>
 void rotary_rows(T* qkv, const float* cos, const float* sin, int64_t tokens, int64_t heads,
                  int64_t width, int64_t d, bool interleaved) {
   const int64_t half = d / 2;
+  const bool wide = cpu_has_avx512();
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cos + t * half;
       const float* s = sin + t * half;
       for (int64_t h = 0; h < heads; ++h) {
         T* x = qkv + t * width + h * d;
-        for (int64_t i = 0; i < half; ++i) {
+        int64_t i = !wide ? 0
+                    : interleaved ? rotate_interleaved_wide(x, c, s, half)
+                                  : rotate_halves_wide(x, c, s, half);
+        for (; i < half; ++i) {
           const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
           const float x1 = static_cast<float>(x[a]), x2 = static_cast<float>(x[b]);
-          x[a] = static_cast<T>(x1 * c[i] - x2 * s[i]);
-          x[b] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+          x[a] = static_cast<T>(rotated_first(x1, x2, c[i], s[i]));
+          x[b] = static_cast<T>(rotated_second(x1, x2, c[i], s[i]));
         }
       }
     }
@@ -1897,9 +1946,7 @@ MICROTURN_WIDE_TARGET int64_t silu_mul_wide(const T* gate, const T* up, T* out, 
   for (; j + 16 <= f; j += 16) {
     const __m512 g = load16(gate + j);
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(zero, g))));
-    const __m512 y = _mm512_mul_ps(silu, load16(up + j));
-    store8(out + j, _mm512_castps512_ps256(y));
-    store8(out + j + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)));
+    store16(out + j, _mm512_mul_ps(silu, load16(up + j)));
   }
   return j;
 }
