@@ -94,7 +94,7 @@ thread_local TeamSeat seat;
 // Each thread publishes its own count with a plain release store and waits until every other
 // count has caught up: the last thread to arrive goes on without a locked instruction (which
 // drains its store buffer and first takes the shared counter's line from the other core).
-// Decode steps 0.4-0.8 % faster than with one shared counter (six barriers a layer).
+// Decode steps 0.6-0.8 % faster than with one shared counter (then six barriers a layer).
 inline void team_barrier() {
   Team& t = *seat.team;
   const int64_t passed = ++seat.barriers;
@@ -1854,8 +1854,12 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 // A pair (x1, x2) rotated by (c, s): (x1 c - x2 s, x2 c + x1 s), each with one fused
 // multiply-add written out, so the vector loops below give these bits lane by lane.
-inline float rotated_first(float x1, float x2, float c, float s) { return std::fma(x1, c, -(x2 * s)); }
-inline float rotated_second(float x1, float x2, float c, float s) { return std::fma(x2, c, x1 * s); }
+inline float rotated_first(float x1, float x2, float c, float s) {
+  return std::fma(x1, c, -(x2 * s));
+}
+inline float rotated_second(float x1, float x2, float c, float s) {
+  return std::fma(x2, c, x1 * s);
+}
 
 // One head's interleaved pairs (2i, 2i + 1), eight at a time (16 lanes): a lane's partner comes
 // from swapping neighbours, and -s on the even lanes makes both formulas one fused multiply-add.
@@ -1885,7 +1889,8 @@ MICROTURN_WIDE_TARGET int64_t rotate_halves_wide(T* x, const float* c, const flo
   for (; i + 16 <= half; i += 16) {
     const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
     const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-    store16(x + i, _mm512_fmadd_ps(x1, cv, _mm512_xor_ps(_mm512_mul_ps(x2, sv), _mm512_set1_ps(-0.0f))));
+    const __m512 minus_x2s = _mm512_xor_ps(_mm512_mul_ps(x2, sv), _mm512_set1_ps(-0.0f));
+    store16(x + i, _mm512_fmadd_ps(x1, cv, minus_x2s));
     store16(x + half + i, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
   }
   return i;
