@@ -2110,8 +2110,8 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
   auto all_layers = [&] {
     std::vector<float> wide;  // each thread's: sized by the widening linears
     AttentionWorkspace attention;  // each team thread's, kept across the layers
-    // The element-wise steps between two linears (norm, rotary, attention's fold, silu) run on every
-    // team thread, each into its own copy: the same bits on each, and no thread waits for
+    // The element-wise steps between two linears (norm, rotary, attention's fold, silu) run on
+    // every team thread, each into its own copy: the same bits on each, and no thread waits for
     // another's (a decode step's are a few hundred values; a rank-0 step cost a barrier each)
     std::vector<T> normed(n * hidden), att(n * q_size), act(n * intermediate);
     std::vector<float> q32(n * q_size), att32(n * q_size);
@@ -2127,8 +2127,9 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       T* v_pool = v_pools + l * pool_layer_elems;
       rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
       linear(normed.data(), hidden, w[1], bias, qkv.data(), width);
-      // in a team every thread rotates its own copy and writes the new keys and values itself:
-      // the same bytes into the same slots, and attention starts without a barrier
+      // in a team every thread rotates its own copy and writes the new keys and values itself,
+      // so attention starts without a barrier: the threads store identical bytes into the same
+      // slots (a race only in name: whichever store lands, every later read sees those bytes)
       T* rotated = seat.team ? own_qkv.data() : qkv.data();
       if (seat.team) std::copy(qkv.data(), qkv.data() + n * width, rotated);
       rotary_rows(rotated, cos, sin, n, hq + hkv, width, d, interleaved);
