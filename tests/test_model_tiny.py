@@ -211,18 +211,22 @@ def test_native_layer_stack_follows_in_place_weight_updates(kernel_choice):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_team_gives_the_bits_of_a_prefill(dtype):
+@pytest.mark.parametrize("hidden,heads,kv_heads", [(576, 9, 3), (512, 8, 2)])
+def test_decode_team_gives_the_bits_of_a_prefill(dtype, hidden, heads, kv_heads):
     """Passes of up to 4 tokens run all layers as one thread team (units split over the team,
     barriers between ops); a prefill opens a region per op. Over two attention splits and
-    9-group linears (on two threads the middle group's K is cut between them), with 1, 2 and 3
-    threads, the team's decode rows, 4 at once and one by one, must be the prefill's bits."""
+    9-group linears (on two threads the middle group's K is cut between them) or 8-group ones
+    (cut between groups), the o and down projections' halves taken in reverse thread order,
+    with 1, 2 and 3 threads, the team's decode rows, 4 at once and one by one, must be the
+    prefill's bits."""
     from microturn.engine.paged_attention import PagedSequence
     from microturn.kernels import build
 
     if build.load() is None:
         pytest.skip("CPU kernels unavailable here")
-    config = tiny_config(vocab_size=500, hidden_size=576, num_heads=9, num_kv_heads=3,
-                         head_dim=64, intermediate_size=576, max_position=2048)
+    config = tiny_config(vocab_size=500, hidden_size=hidden, num_heads=heads,
+                         num_kv_heads=kv_heads, head_dim=64, intermediate_size=576,
+                         max_position=2048)
     model = init_random_weights(Decoder(config), seed=3).to(dtype).eval()
     tokens = torch.randint(0, 500, (1, 700))
     positions = torch.arange(700).unsqueeze(0)
