@@ -3,9 +3,12 @@
 The floor of a pass is the larger of (bytes it must read) / (measured read bandwidth) and
 (FLOPs it must do) / (measured matmul peak). Bytes: every weight once (the tied embedding as the
 output head) plus the KV cache it attends over. FLOPs: 2 per weight per new token, attention,
-and the output head for the one token whose logits a decode needs. The bandwidth of a pass's
-floor is sampled between its timed passes (median): a shared machine's bandwidth drifts by tens
-of percent within minutes, so the time and its floor must come from the same minutes.
+and the output head for the one token whose logits a decode needs. The bandwidth is sampled
+right before every timed pass: a shared machine's bandwidth drifts by tens of percent within
+minutes (here it jumps between two states within seconds), so each pass is held to the floor of
+its own sample and the ratio is the median of those per-pass ratios. The time, bandwidth and
+floors shown are medians; in a run that straddles a jump the median time over the median floor
+would mix passes of one state with the bandwidth of the other.
 """
 
 import argparse
@@ -108,21 +111,23 @@ def run_model_bench(args: argparse.Namespace) -> None:
             # a bandwidth sample before each pass: the floor is the bandwidth of the same minutes
             sampler = BandwidthSampler()
             with console.status(f"{dtype}: timing passes of {n} new tokens"):
-                seconds = statistics.median(time_pass(loaded, cache, args.context, n,
-                                                      args.repeats, sampler.sample))
-            during = statistics.median(sampler.samples)
+                times = time_pass(loaded, cache, args.context, n, args.repeats, sampler.sample)
+            samples = sampler.samples  # one per timed pass, taken right before it
             del sampler
-            byte_floor = (weight_bytes(loaded) + kv_bytes(loaded, args.context + n)) / during
+            bytes_read = weight_bytes(loaded) + kv_bytes(loaded, args.context + n)
             flop_floor = pass_flops(loaded, n, args.context) / peaks.matmul_flops_per_second[dtype]
-            floor = max(byte_floor, flop_floor)
+            ratio = statistics.median(t / max(bytes_read / bw, flop_floor)
+                                      for t, bw in zip(times, samples, strict=True))
+            seconds, during = statistics.median(times), statistics.median(samples)
+            byte_floor = bytes_read / during
             record = dict(dtype=dtype, new_tokens=n, context=args.context, ms=seconds * 1e3,
                           read_GBps_during=during / 1e9,
                           bytes_floor_ms=byte_floor * 1e3, flops_floor_ms=flop_floor * 1e3,
-                          ratio_to_floor=seconds / floor, tokens_per_s=n / seconds)
+                          ratio_to_floor=ratio, tokens_per_s=n / seconds)
             records.append(record)
             table.add_row(dtype, str(n), f"{seconds * 1e3:.2f}", f"{during / 1e9:.1f}",
                           f"{byte_floor * 1e3:.2f}",
-                          f"{flop_floor * 1e3:.2f}", f"{seconds / floor:.2f}",
+                          f"{flop_floor * 1e3:.2f}", f"{ratio:.2f}",
                           f"{n / seconds:.0f}")
     out.print(table)
     if args.json:
