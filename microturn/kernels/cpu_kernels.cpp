@@ -829,23 +829,12 @@ MICROTURN_WIDE_TARGET inline __m256 exp_sum_wide(float* s, int64_t valid, float 
   return lanes;
 }
 
-// The online softmax's running maximum: when a chunk raises it, the row's sum and accumulators
-// so far are scaled by exp(old - new).
-inline void raise_row_max(float top, float& row_max, float& row_sum, float* acc, int64_t d) {
-  if (!(top > row_max)) return;  // (a NaN maximum changes nothing, as before)
-  if (row_max != -INFINITY) {
-    const float alpha = std::exp(row_max - top);
-    row_sum *= alpha;
-    for (int64_t j = 0; j < d; ++j) acc[j] *= alpha;
-  }
-  row_max = top;
-}
-
-// raise_row_max with the accumulators' scaling left for later: returns the factor they must be
-// multiplied by before the chunk's values are added, or NO_RESCALE
+// The online softmax's running maximum: when a chunk raises it, the row's sum so far is scaled
+// by exp(old - new) and that factor returned, for the accumulators (rescale) before the chunk's
+// values are added; NO_RESCALE where nothing is scaled.
 constexpr float NO_RESCALE = -1.0f;  // a factor is exp(..) >= 0
-inline float raise_row_max_later(float top, float& row_max, float& row_sum) {
-  if (!(top > row_max)) return NO_RESCALE;
+inline float raise_row_max(float top, float& row_max, float& row_sum) {
+  if (!(top > row_max)) return NO_RESCALE;  // (a NaN maximum changes nothing, as before)
   float alpha = NO_RESCALE;
   if (row_max != -INFINITY) {
     alpha = std::exp(row_max - top);
@@ -853,6 +842,12 @@ inline float raise_row_max_later(float top, float& row_max, float& row_sum) {
   }
   row_max = top;
   return alpha;
+}
+
+// acc[0, d) *= factor (raise_row_max's), unless NO_RESCALE
+inline void rescale(float factor, float* acc, int64_t d) {
+  if (factor == NO_RESCALE) return;
+  for (int64_t j = 0; j < d; ++j) acc[j] *= factor;
 }
 
 // ---- attention with bf16 arithmetic (CPUs with AVX512-BF16) ----
@@ -1077,7 +1072,7 @@ struct DotSplit {
     ld = keys_first() ? (s_end - s_begin + CHUNK - 1) / CHUNK * CHUNK : CHUNK;
     w.scores.resize(rows * ld);
     w.probs.resize(rows * ld);
-    if (keys_first()) w.rescale.resize(rows * (ld / CHUNK));
+    w.rescale.resize(rows * (ld / CHUNK));
     w.query_pairs.resize(rows * d);
     if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
     std::fill(acc, acc + rows * d, 0.0f);
@@ -1144,27 +1139,25 @@ struct DotSplit {
     });
   }
 
-  // Keys first, a chunk's probabilities go to their own columns and wait there for the values
-  // pass; chunk by chunk, one chunk's columns are reused
+  // Keys first, a chunk's probabilities and rescale factors get their own columns and wait
+  // there for the values pass; chunk by chunk, one chunk's columns are reused
   int64_t probs_column(int64_t c0) const { return keys_first() ? c0 - s_begin : 0; }
+  int64_t rescale_column(int64_t c0) const { return probs_column(c0) / CHUNK; }
 
   // the online softmax of the chunk at c0 (its scores taken): row maxima and sums, and the
-  // chunk's bf16 probabilities. Keys first this runs in the keys pass, right after the chunk's
-  // scores, so the values pass is one stream of products (decode step 0.994-0.996 at ~35
-  // GB/s, 1.000 at ~65); the factor the accumulators take before the chunk's values waits for
-  // it: they see the same operations in the same order, so the bits are the same.
+  // chunk's bf16 probabilities, and the factor the accumulators take before the chunk's
+  // values (values() applies it: the same operations on them in the same order, so the same
+  // bits). Keys first this runs in the keys pass, right after the chunk's scores, so the
+  // values pass is one stream of products (decode step 0.994-0.996 at ~35 GB/s, 1.000 at ~65).
   MICROTURN_DOT_TARGET void softmax(int64_t c0) {
     const int64_t n = std::min(CHUNK, s_end - c0);
     const float* sc = w.scores.data() + (c0 - s_begin) % ld;
     uint16_t* probs = w.probs.data() + probs_column(c0);
-    const int64_t chunk = (c0 - s_begin) / CHUNK, chunks = ld / CHUNK;
+    float* factor = w.rescale.data() + rescale_column(c0);
+    const int64_t chunks = ld / CHUNK;
     for (int64_t r = first_row(c0); r < rows; ++r) {
       const int64_t valid = std::min(n_keys[r] - c0, n);
-      const float top = max_of(sc + r * ld, valid);
-      if (keys_first())
-        w.rescale[r * chunks + chunk] = raise_row_max_later(top, row_max[r], row_sum[r]);
-      else
-        raise_row_max(top, row_max[r], row_sum[r], acc + r * h.d, h.d);
+      factor[r * chunks] = raise_row_max(max_of(sc + r * ld, valid), row_max[r], row_sum[r]);
       row_sum[r] += softmax_chunk_dot(sc + r * ld, valid, row_max[r], probs + r * ld);
     }
   }
@@ -1174,14 +1167,8 @@ struct DotSplit {
     const int64_t d = h.d;
     const int64_t n = std::min(CHUNK, s_end - c0);
     const int64_t first = first_row(c0);
-    if (keys_first()) {
-      const int64_t chunk = (c0 - s_begin) / CHUNK, chunks = ld / CHUNK;
-      for (int64_t r = first; r < rows; ++r) {
-        const float alpha = w.rescale[r * chunks + chunk];
-        if (alpha != NO_RESCALE)
-          for (int64_t j = 0; j < d; ++j) acc[r * d + j] *= alpha;
-      }
-    }
+    const float* factor = w.rescale.data() + rescale_column(c0);
+    for (int64_t r = first; r < rows; ++r) rescale(factor[r * (ld / CHUNK)], acc + r * d, d);
     const uint16_t* value_row[CHUNK];
     find_value_rows(c0, n, value_row);
     // all active rows over the slot pairs they all see, then each row's own remainder: pairs
@@ -1309,7 +1296,7 @@ void attend_split(const KvHead<T>& h, const float* q, const int64_t* n_keys, int
     for (int64_t r = first; r < rows; ++r) {  // online softmax over the row's valid slots
       float* s = sc + r * CHUNK;
       const int64_t valid = std::min(n_keys[r] - c0, n);
-      raise_row_max(max_of(s, valid), row_max[r], row_sum[r], acc + r * d, d);
+      rescale(raise_row_max(max_of(s, valid), row_max[r], row_sum[r]), acc + r * d, d);
       if (wide) {  // the same bits, 16 exponentials at a time
         row_sum[r] += horizontal_sum(exp_sum_wide(s, valid, row_max[r]));
         continue;
