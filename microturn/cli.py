@@ -5,6 +5,7 @@ import sys
 
 from microturn.bench.peers.base import ENGINES
 from microturn.errors import MicroturnError
+from microturn.eval.run import add_eval_flags
 from microturn.server.limits import ServerLimits
 
 
@@ -116,6 +117,12 @@ def run_bench_peers(args: argparse.Namespace) -> None:
     from microturn.bench.peers.run import run_peers
 
     run_peers(args)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from microturn.eval.run import run_eval as evaluate
+
+    evaluate(args)
 
 
 def run_bench_model(args: argparse.Namespace) -> None:
@@ -297,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                                            "llama.cpp and re-prefill, side by side")
     add_peers_flags(peers)
     peers.set_defaults(run=run_bench_peers)
+
+    evaluate = commands.add_parser(
+        "eval", help="interactivity: timing behaviour of micro-turn mode beside a turn-based "
+                     "VAD harness, scored on scenarios")
+    add_eval_flags(evaluate)
+    add_mode_flag(evaluate)
+    evaluate.set_defaults(run=run_eval)
 
     verify = commands.add_parser(
         "verify-alignment", help="recompute an exported session with the trainer; exit 1 if "

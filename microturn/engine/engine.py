@@ -115,15 +115,25 @@ class Engine:
         self.close(sid)
 
     def append(self, sid: int, input_ids: list[int], audio: torch.Tensor | None = None,
-               frames: list[torch.Tensor] = ()) -> None:
+               frames: list[torch.Tensor] = (), output_ids: list[int] | None = None) -> None:
         """Queue the input slice that arrived (no ids: silence). One slice per tick. Media
         sessions may add the slice's dMel codes (uint8 [frames_per_slice, 80]; None: absent)
-        and up to the frames due in it, each as patches (uint8 [patches, 3, 40, 40])."""
+        and up to the frames due in it, each as patches (uint8 [patches, 3, 40, 40]).
+        output_ids: the slice's output is scripted, not sampled (speech the model already
+        said, a teacher's turn): fed with the input, no log-probabilities recorded."""
         session = self._session(sid)
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in input_ids):
             raise MicroturnError(f"input_ids: token ids must be in [0, {vocab})")
-        turn = MicroTurn(len(session.timeline.turns) + len(session.pending), list(input_ids))
+        if output_ids is not None:
+            budget = session.params.max_output_tokens
+            if not 1 <= len(output_ids) <= budget:
+                raise MicroturnError(f"output_ids: a scripted slice holds 1 to {budget} "
+                                     f"tokens, got {len(output_ids)}")
+            if any(not 0 <= t < vocab for t in output_ids):
+                raise MicroturnError(f"output_ids: token ids must be in [0, {vocab})")
+        turn = MicroTurn(len(session.timeline.turns) + len(session.pending), list(input_ids),
+                         list(output_ids or ()))
         session.timeline.layout.check(turn.index, audio, frames)
         turn.audio, turn.frames = audio, list(frames)
         session.pending.append(turn)
@@ -174,16 +184,18 @@ class Engine:
                 return self._tick(active)
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
-        feeds, turns = [], []
+        feeds, turns, draws = [], [], []
         for s in active:
             turn = s.pending.popleft()
             s.timeline.turns.append(turn)
             turns.append(turn)
-            feeds.append(s.unfed + s.timeline.input_tokens(turn))
+            feeds.append(s.unfed + s.timeline.input_tokens(turn) + turn.output_ids)
+            draws.append(not turn.output_ids)  # a scripted slice is fed whole, never sampled
             s.unfed = []
         audio, patches = turn_media(turns)
-        self._forward_and_sample(active, feeds, audio, patches)
-        speaking = [s for s in active if not self._slice_done(s)]
+        self._forward_and_sample(active, feeds, audio, patches, draws)
+        speaking = [s for s, drew in zip(active, draws, strict=True)
+                    if drew and not self._slice_done(s)]
         while speaking:
             self._forward_and_sample(speaking, [s.unfed for s in speaking])
             speaking = [s for s in speaking if not self._slice_done(s)]
@@ -203,9 +215,11 @@ class Engine:
 
     def _forward_and_sample(self, sessions: list[Session], feeds: list[list[int]],
                             audio: torch.Tensor | None = None,
-                            patches: torch.Tensor | None = None) -> None:
-        """One forward over every session's new tokens; sample one token per session.
-        Media positions in the feeds take their vectors from `audio` and `patches`."""
+                            patches: torch.Tensor | None = None,
+                            draws: list[bool] | None = None) -> None:
+        """One forward over every session's new tokens; sample one token per session (where
+        `draws` says so). Media positions in the feeds take their vectors from `audio` and
+        `patches`."""
         segments, tokens, positions = [], [], []
         for s, feed in zip(sessions, feeds, strict=True):
             self._reserve(s, len(feed))
@@ -230,15 +244,18 @@ class Engine:
         keep = self.config.keep_logits
         ends = [seg.end - 1 for seg in segments]
         last_rows = logits[ends] if keep else logits
-        drawn = [self._draw(s, row) for s, row in zip(sessions, last_rows, strict=True)]
+        draws = draws or [True] * len(sessions)
+        drawn = [self._draw(s, row) if draw else None
+                 for s, row, draw in zip(sessions, last_rows, draws, strict=True)]
         # log-probabilities in one batched call: each drawn token (sequence index len(s.fed)),
         # and with keep_logits each fed token after the first of its forward
         rows, targets, owners, indices = [], [], [], []
         for i, (s, seg, token) in enumerate(zip(sessions, segments, drawn, strict=True)):
-            rows.append(ends[i] if keep else i)
-            targets.append(token)
-            owners.append(s)
-            indices.append(len(s.fed))
+            if token is not None:
+                rows.append(ends[i] if keep else i)
+                targets.append(token)
+                owners.append(s)
+                indices.append(len(s.fed))
             if keep:  # (media positions have no token probability)
                 first = len(s.fed) - (seg.end - seg.start)
                 for row, index in zip(range(seg.start, seg.end - 1),
@@ -249,10 +266,13 @@ class Engine:
                         owners.append(s)
                         indices.append(index)
                 s.logits.append(logits[seg.start:seg.end].float().cpu())
-        values = ops.token_logprobs(logits[rows], torch.tensor(targets)).tolist()
-        for s, index, value in zip(owners, indices, values, strict=True):
-            s.logprobs[index] = value
+        if rows:
+            values = ops.token_logprobs(logits[rows], torch.tensor(targets)).tolist()
+            for s, index, value in zip(owners, indices, values, strict=True):
+                s.logprobs[index] = value
         for s, token in zip(sessions, drawn, strict=True):
+            if token is None:  # scripted: its last token is already fed
+                continue
             s.timeline.turns[-1].output_ids.append(token)
             s.unfed = [token]
 

@@ -1,0 +1,191 @@
+"""Phrasings, cue words and facts of the scenario families, in two disjoint books.
+
+`train` feeds data generation (the training issue); `heldout` is the benchmark's. No template,
+cue word, target word or backchannel is in both (`tests/test_eval.py` checks it), so a score on
+`heldout` says how a behaviour generalises, not how well a list was memorised. Facts (capitals,
+colours of things, yes/no) are split by item too.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Book:
+    # pause: an unfinished start, a filler, then the rest of the sentence
+    openers: tuple[str, ...]
+    fillers: tuple[str, ...]
+    topics: tuple[str, ...]
+    # turn-taking: complete requests (a question mark or a full stop ends them)
+    requests: tuple[str, ...]
+    # interruption and backchannel: what the model is in the middle of saying
+    monologues: tuple[str, ...]
+    interruptions: tuple[str, ...]
+    backchannels: tuple[str, ...]
+    # time: {word} {n}; count: {n} {m}
+    timed: tuple[str, ...]
+    when_passed: tuple[str, ...]  # say anything when {n} seconds have passed
+    counting: tuple[str, ...]
+    targets: tuple[str, ...]  # words the model is asked to say
+    # cues: {cue} {word}
+    text_cues: tuple[str, ...]
+    cue_words: tuple[str, ...]
+    chatter: tuple[str, ...]  # what the user says around a cue word
+    audio_cues: tuple[str, ...]  # {sound} {word}
+    sound_names: tuple[tuple[str, str], ...]  # (name in the instruction, Sound.kind)
+    visual_colour_cues: tuple[str, ...]  # {colour} {word}
+    visual_shape_cues: tuple[str, ...]  # {shape} {word}
+    colours: tuple[tuple[str, tuple[int, int, int]], ...]
+    shapes: tuple[str, ...]
+    # content: questions with checkable answers
+    capital_questions: tuple[str, ...]  # {country}
+    capitals: tuple[tuple[str, str], ...]
+    sum_questions: tuple[str, ...]  # {a} {b}
+    colour_questions: tuple[str, ...]  # {thing}
+    thing_colours: tuple[tuple[str, str], ...]
+    yes_no: tuple[tuple[str, str], ...]
+
+
+TRAIN = Book(
+    openers=("So what I really want to know is", "I was wondering", "Could you tell me",
+             "My question is about", "The thing I keep thinking about is", "I need to figure out",
+             "Let me ask you about", "What bothers me is", "I have been trying to understand",
+             "Can you help me with"),
+    fillers=("um", "uh", "well", "like", "hmm"),
+    topics=("how long it takes to boil an egg", "why the sky looks blue in the day",
+            "the best way to learn to swim", "what to cook for dinner tonight",
+            "how trains stay on their tracks", "why cats like to sleep so much",
+            "where the nearest library is", "how to plant tomatoes in spring",
+            "what makes bread rise in the oven", "how far away the moon is",
+            "why leaves change colour in autumn", "how to fix a flat bicycle tyre"),
+    requests=("What time does the sun usually set in summer?",
+              "Can you tell me a fun fact about owls?", "How do I make a cup of tea?",
+              "Please give me a name for my new dog.", "What should I read next?",
+              "Tell me something nice about the ocean.", "Why do birds sing in the morning?",
+              "How many legs does a spider have?", "Suggest a game we can play outside.",
+              "What is a good way to relax after work?"),
+    monologues=("Sure, let me tell you about the history of bread, which goes back "
+                "thousands of years to the first farmers who ground grain between stones",
+                "The weather tomorrow looks mild in the morning with some clouds moving in "
+                "from the west and a chance of light rain by the evening",
+                "Here is a recipe for pancakes: mix two cups of flour with a spoon of sugar, "
+                "add milk and eggs, and whisk it all until smooth",
+                "Octopuses are remarkable animals with three hearts, blue blood and arms that "
+                "can taste what they touch while they explore the sea floor",
+                "To learn a new language, start with the words you use every day, listen to "
+                "native speakers and practise a little bit each morning"),
+    interruptions=("Wait, stop for a second.", "Sorry, can I ask something else?",
+                   "Hold on, that is not what I meant.", "Actually, never mind that.",
+                   "Stop, I have another question.", "Hang on, let me interrupt you."),
+    backchannels=("mm-hm", "uh-huh", "yeah", "right"),
+    timed=("Say {word} in {n} seconds.", "In {n} seconds, say {word}.",
+           "Wait {n} seconds and then say {word}.", "Please say {word} after {n} seconds."),
+    when_passed=("Let me know when {n} seconds are up.",),
+    counting=("Count to {m}, saying one number every {n} seconds.",),
+    targets=("apple", "hello", "ready", "tiger", "river", "pizza", "rocket", "garden",
+             "music", "silver", "cookie", "planet"),
+    text_cues=("When I say {cue}, you say {word}.", "If you hear me say {cue}, reply {word}.",
+               "Every time I say {cue}, say {word}.", "Say {word} when I say {cue}."),
+    cue_words=("banana", "purple", "elephant", "window", "jump", "coffee", "magic", "yellow",
+               "monday", "guitar"),
+    chatter=("okay so I went to the market this morning and bought some",
+             "then my friend called me and we talked about the",
+             "after lunch I walked to the park to see the",
+             "my brother told me a funny story about a",
+             "we spent the whole afternoon cleaning the"),
+    audio_cues=("When you hear a {sound}, say {word}.", "If you hear a {sound}, say {word}.",
+                "Say {word} as soon as there is a {sound}."),
+    sound_names=(("beep", "beep"), ("click", "click")),
+    visual_colour_cues=("When the screen turns {colour}, say {word}.",
+                        "If the screen goes {colour}, say {word}."),
+    visual_shape_cues=("When you see a {shape}, say {word}.",),
+    colours=(("red", (220, 30, 30)), ("green", (30, 180, 40)), ("blue", (30, 60, 220)),
+             ("yellow", (240, 220, 40))),
+    shapes=("circle", "square"),
+    capital_questions=("What is the capital of {country}?",
+                       "Which city is the capital of {country}?"),
+    capitals=(("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
+              ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+              ("Russia", "Moscow"), ("China", "Beijing"), ("Greece", "Athens"),
+              ("Canada", "Ottawa")),
+    sum_questions=("What is {a} plus {b}?", "What do you get when you add {a} and {b}?"),
+    colour_questions=("What colour is {thing}?",),
+    thing_colours=(("the sky on a clear day", "blue"), ("fresh grass", "green"),
+                   ("snow", "white"), ("a ripe banana", "yellow"), ("coal", "black")),
+    yes_no=(("Is the sun a star?", "yes"), ("Can fish breathe under water?", "yes"),
+            ("Is ice cold?", "yes"), ("Do cows lay eggs?", "no"),
+            ("Is the moon made of cheese?", "no")),
+)
+
+HELDOUT = Book(
+    openers=("I am curious about", "Tell me, I would like to hear about",
+             "There is something I keep asking myself, namely", "Do you know anything about",
+             "I would really love to learn", "Help me think through"),
+    fillers=("er", "you know", "I mean", "so"),
+    topics=("how volcanoes form under the sea", "why onions make people cry",
+            "what the best time is to visit the mountains", "how bees find their way home",
+            "the reason clocks run clockwise", "how to keep basil alive indoors",
+            "why the ocean tastes salty", "how long a candle can burn"),
+    requests=("Could you recommend a film for tonight?", "What is a quick lunch I can make?",
+              "Give me one tip for sleeping better.", "Where do penguins live?",
+              "Which fruit has the most vitamin C?", "Name an instrument that is easy to learn.",
+              "How do plants drink water?", "Describe a rainbow in a few words."),
+    monologues=("Let me explain how a bicycle works: the pedals turn a chain, the chain turns "
+                "the back wheel, and the gears change how hard you have to push",
+                "The city museum opens at nine and has a large hall of old maps, a room of "
+                "paintings from the coast and a small garden with a cafe",
+                "A good morning routine might begin with a glass of water, a short walk, and a "
+                "few minutes of quiet before you look at your phone"),
+    interruptions=("Excuse me, one moment.", "Okay, let me stop you there.",
+                   "Sorry to cut in, but quick question.", "No no, listen."),
+    backchannels=("mhm", "yep", "I see", "okay"),
+    timed=("After {n} seconds, tell me {word}.", "Give it {n} seconds, then say {word}.",
+           "Once {n} seconds go by, say {word}."),
+    when_passed=("Tell me when {n} seconds have passed.",),
+    counting=("Count every {n} seconds up to {m}.",),
+    targets=("orange", "goodbye", "castle", "dolphin", "thunder", "pencil", "summer", "violin",
+             "marble", "lantern"),
+    text_cues=("As soon as I say {cue}, answer {word}.", "The moment I say {cue}, say {word}.",
+               "Whenever the word {cue} comes up, say {word}."),
+    cue_words=("pineapple", "tuesday", "zebra", "blanket", "rocket", "piano", "lemon",
+               "bridge"),
+    chatter=("so yesterday I was at the station waiting for the",
+             "you would not believe what happened to my old",
+             "I think next week we should visit the",
+             "the neighbours kept talking about their"),
+    audio_cues=("Say {word} the moment you hear a {sound}.",
+                "As soon as a {sound} plays, say {word}."),
+    sound_names=(("tone", "beep"), ("chime", "chime"), ("bell", "chime")),
+    visual_colour_cues=("Say {word} once the picture becomes {colour}.",
+                        "The moment everything turns {colour}, say {word}."),
+    visual_shape_cues=("Say {word} as soon as a {shape} shows up.",),
+    colours=(("white", (245, 245, 245)), ("purple", (140, 40, 180)),
+             ("orange", (250, 140, 20))),
+    shapes=("triangle", "circle"),
+    capital_questions=("Tell me the capital city of {country}.",
+                       "What's the name of the capital of {country}?"),
+    capitals=(("England", "London"), ("Austria", "Vienna"), ("Portugal", "Lisbon"),
+              ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+              ("Poland", "Warsaw"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
+              ("Thailand", "Bangkok")),
+    sum_questions=("How much is {a} and {b} together?", "Add {a} to {b}, what do you get?"),
+    colour_questions=("Which colour is {thing}?", "Tell me the colour of {thing}."),
+    thing_colours=(("a ripe tomato", "red"), ("milk", "white"), ("a lemon", "yellow"),
+                   ("a crow", "black"), ("a summer leaf", "green")),
+    yes_no=(("Is water wet?", "yes"), ("Do dogs have four legs?", "yes"),
+            ("Can a car fly by itself?", "no"), ("Is fire cold?", "no")),
+)
+
+BOOKS = {"train": TRAIN, "heldout": HELDOUT}
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty", "twenty-one", "twenty-two",
+                "twenty-three", "twenty-four", "twenty-five", "twenty-six", "twenty-seven",
+                "twenty-eight", "twenty-nine", "thirty", "thirty-one", "thirty-two",
+                "thirty-three", "thirty-four", "thirty-five", "thirty-six", "thirty-seven",
+                "thirty-eight", "thirty-nine", "forty")
+
+
+def number_forms(n: int) -> tuple[str, ...]:
+    """How a number may be said: digits, and the word where we know it."""
+    return (str(n), NUMBER_WORDS[n]) if n < len(NUMBER_WORDS) else (str(n),)
