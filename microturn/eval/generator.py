@@ -262,6 +262,7 @@ def generate(split: str, seed: int = 0, per_family: int = 10,
         for i in range(per_family):
             rng = np.random.default_rng([SPLIT_KEYS[split], seed, family_key, i])
             fields = FAMILIES[name](rng, book, slice_ms)
+            fields["words"] = tuple(fields["words"])
             out.append(Scenario(id=f"{split}-{name}-{seed}-{i}", family=name, split=split,
                                 slice_ms=slice_ms, **fields))
     return out

@@ -160,7 +160,7 @@ HELDOUT = Book(
     visual_shape_cues=("Say {word} as soon as a {shape} shows up.",),
     colours=(("white", (245, 245, 245)), ("purple", (140, 40, 180)),
              ("orange", (250, 140, 20))),
-    shapes=("triangle", "circle"),
+    shapes=("triangle",),
     capital_questions=("Tell me the capital city of {country}.",
                        "What's the name of the capital of {country}?"),
     capitals=(("England", "London"), ("Austria", "Vienna"), ("Portugal", "Lisbon"),

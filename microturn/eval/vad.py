@@ -28,7 +28,7 @@ def _model():
         from silero_vad import load_silero_vad
     except ImportError as exc:
         raise MicroturnError("the turn-based harness needs silero-vad: "
-                             "pip install 'microturn[eval]'") from exc
+                             "pip install silero-vad==6.2.3") from exc
     return load_silero_vad()
 
 
