@@ -31,7 +31,7 @@ def parse_systems(text: str) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(110, Console().width))
     systems = parse_systems(args.systems)
     scenarios = generate(args.split, args.seed, args.per_family, parse_families(args.families))
     micro = MicroTurnSettings(max_output_tokens=args.max_output_tokens, batch=args.batch)
