@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import relative_error
 
-from microturn import MicroturnError, load_model
+from microturn import MicroturnError, load_checkpoint, load_model
 from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 
@@ -150,7 +150,7 @@ def save_tiny_hf(kind: str, directory, tie: bool):
 def test_safetensors_directory_matches_transformers(kind, tie, tmp_path, smollm_fp32):
     reference = save_tiny_hf(kind, tmp_path, tie)
     smollm_fp32.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_model(tmp_path, dtype="fp32", device="cpu")
+    loaded = load_checkpoint(tmp_path, dtype="fp32", device="cpu")
     assert loaded.config.architecture == kind
     assert loaded.config.attention_bias == (kind == "qwen2")
     assert loaded.config.qk_norm == (kind == "qwen3")

@@ -24,15 +24,16 @@ from microturn.engine.engine import Engine
 from microturn.engine.session import SessionParams, SliceOutput
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler, SliceMedia
-from microturn.frontend.audio import AUDIO_RATE, Pcm16Stream
-from microturn.frontend.video import FrameSpec, decode_image
+from microturn.frontend.audio import Pcm16Stream
+from microturn.frontend.video import decode_image
+from microturn.protocol import EndedEvent, OutputEvent, SessionOptions
 from microturn.sampling import SamplingParams
+from microturn.sequence.media_specs import AUDIO_RATE, FrameSpec
 from microturn.server.errors import ServerError
 from microturn.server.input_queue import InputQueue, Placement
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession, SliceRequest
 from microturn.server.metrics import ServerMetrics
-from microturn.server.protocol import EndedEvent, OutputEvent, SessionOptions
 
 log = logging.getLogger("microturn.server")
 IDLE_CHECK_S = 0.5
@@ -59,7 +60,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._origin = time.monotonic()
         self._task: asyncio.Task | None = None
-        metrics.kv_blocks_total.set(engine.pool.num_blocks)
+        metrics.kv_blocks_total.set(engine.pool_stats().blocks_total)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -101,7 +102,7 @@ class Scheduler:
             except MicroturnError as exc:
                 self.metrics.sessions_refused.labels("kv_pool").inc()
                 raise ServerError("kv_pool_full", str(exc), 503) from exc
-            layout = self.engine.sessions[engine_id].timeline.layout
+            layout = self.engine.layout(engine_id)
         live = LiveSession(
             id=secrets.token_urlsafe(12), engine_id=engine_id, options=options, clock=clock,
             deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
@@ -331,6 +332,6 @@ class Scheduler:
                 asyncio.create_task(self.close(live, "idle"))
 
     def _pool_metrics(self) -> None:
-        pool = self.engine.pool
+        pool = self.engine.pool_stats()
         self.metrics.kv_blocks_used.set(pool.blocks_in_use)
-        self.metrics.kv_bytes_used.set(pool.blocks_in_use * pool.block_bytes)
+        self.metrics.kv_bytes_used.set(pool.bytes_in_use)
