@@ -295,9 +295,9 @@ class WebSocketSession:
             raise ServerError("not_started", "send a start message first", 409, "type")
         kind, payload = (frame[0] if frame else None), frame[1:]
         if kind == MEDIA_AUDIO:
-            self.scheduler.put_audio(live, payload)
+            self.scheduler.inputs.audio(live, payload)
         elif kind == MEDIA_IMAGE:
-            await self.scheduler.put_image(live, payload)
+            await self.scheduler.inputs.image(live, payload)
         else:
             raise ServerError("bad_frame", f"a binary frame starts with {MEDIA_AUDIO} (PCM16 "
                               f"audio) or {MEDIA_IMAGE} (PNG/JPEG image), got {kind}", 400,
