@@ -250,3 +250,18 @@ def test_decode_team_gives_the_bits_of_a_prefill(dtype, hidden, heads, kv_heads)
                 assert not torch.equal(shifted, prefill)
         finally:
             torch.set_num_threads(threads)
+
+
+def test_unknown_gguf_pre_tokenizer_is_refused_by_name(tmp_path):
+    """An unknown `tokenizer.ggml.pre` is an error naming the field, not a silent GPT-2 split
+    (which tokenizes such a model's text wrongly without a word)."""
+    from microturn.checkpoint.tokenizer import tokenizer_from_gguf
+
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+              "tokenizer.ggml.merges": ["a b"]}
+    path = tmp_path / "model.gguf"
+    assert tokenizer_from_gguf(fields | {"tokenizer.ggml.pre": "smollm"}, path).encode("ab")
+    assert tokenizer_from_gguf(fields, path).encode("ab")  # absent: llama.cpp's default split
+    with pytest.raises(MicroturnError, match=r"model.gguf: tokenizer.ggml.pre 'mystery' is "
+                                             r"not supported \(supported: .*smollm"):
+        tokenizer_from_gguf(fields | {"tokenizer.ggml.pre": "mystery"}, path)
