@@ -38,8 +38,7 @@ from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_m
 class EngineConfig:
     kv_budget_mb: int = 512
     # slots per KV block: 256 keeps each kv head's keys and values in 32 KiB runs (bf16), which
-    # attention reads faster than shorter ones (16 -> 64 slots: a decode step over 8k slots
-    # 24 -> 17 ms; 64 -> 256: speech shape, 400 micro-turns in lockstep, tail 115.9 -> 111.0 ms)
+    # attention reads faster than shorter ones (docs/LOG.md has the measurements)
     block_size: int = 256
     max_sessions: int = 64
     context_limit: int | None = None  # KV slots per session; default: the trained context

@@ -30,9 +30,8 @@ PANEL = 16
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Zeroed KV memory. On the CPU it sits on huge pages: a decode step reads each block's keys
     and values in runs of ~100 KiB (all kv heads side by side), which on 4 KiB pages cost a TLB
-    miss and a restart of the prefetcher every page (cold decode attention -17 %, decode step
-    -4 % at ~55 GB/s, in-process A/B). Written once here, as torch.zeros would: mapping a huge
-    page when a session first reaches it stalled engine ticks (p99 +20-70 %)."""
+    miss and a restart of the prefetcher every page. Written once here, as torch.zeros would:
+    mapping a huge page when a session first reaches it stalls that engine tick."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     return huge_page_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
