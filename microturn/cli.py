@@ -25,14 +25,14 @@ def add_mode_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from microturn.checkpoint.loader import load_model
+    from microturn.checkpoint.loader import load_checkpoint
     from microturn.checkpoint.tokenizer import StreamingDecoder
     from microturn.generate import GenerationStats, generate_tokens
     from microturn.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed)
-    loaded = load_model(args.model, args.dtype, args.device)
+    loaded = load_checkpoint(args.model, args.dtype, args.device)  # the model as trained
     tokenizer = loaded.tokenizer
     prompt = args.prompt
     if args.chat:
@@ -67,7 +67,7 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from microturn.checkpoint.loader import load_model
-    from microturn.engine.markers import MarkerTokens, install_markers
+    from microturn.sequence.markers import MarkerTokens
     from microturn.train import verify_alignment
 
     try:
@@ -82,7 +82,7 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
         raise MicroturnError(f"{args.session_file}: not a session export from the engine "
                              f"({type(exc).__name__}: {exc})") from exc
     loaded = load_model(args.model, dtype, "cpu")
-    if install_markers(loaded) != markers:
+    if loaded.markers != markers:
         raise MicroturnError(f"{args.session_file}: its marker tokens {markers} are not this "
                              "model's; pass the --model it was recorded with")
     report = verify_alignment(export, loaded.model)

@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from microturn.errors import MicroturnError
-from microturn.server.protocol import (
+from microturn.protocol import (
     MEDIA_AUDIO,
     MEDIA_IMAGE,
     EndedEvent,

@@ -69,14 +69,14 @@ def run_demo(args: argparse.Namespace) -> None:
         next_tick += deadline
         time.sleep(max(0.0, next_tick - time.perf_counter()))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pool = engine.pool
+    pool = engine.pool_stats()
     ms = sorted(x * 1e3 for x in latencies)
     console.print(
         f"\n[bold]summary[/]: {turns} ticks; tick latency p50 {statistics.median(ms):.0f} ms, "
         f"p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.0f} ms against a {args.slice_ms} ms "
-        f"deadline; {misses} deadline misses; KV pool {pool.blocks_in_use}/{pool.num_blocks} "
-        f"blocks ({pool.blocks_in_use * pool.block_bytes / 2**20:.1f} MiB of "
-        f"{pool.num_blocks * pool.block_bytes / 2**20:.0f} MiB); peak RSS {rss:.0f} MiB")
+        f"deadline; {misses} deadline misses; KV pool {pool.blocks_in_use}/{pool.blocks_total} "
+        f"blocks ({pool.bytes_in_use / 2**20:.1f} MiB of "
+        f"{pool.bytes_total / 2**20:.0f} MiB); peak RSS {rss:.0f} MiB")
     exports = {name: engine.close(sid) for name, sid in sessions.items()}
     if args.export_dir:
         folder = Path(args.export_dir)

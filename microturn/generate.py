@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from microturn.checkpoint.loader import LoadedModel
+from microturn.checkpoint.loader import Checkpoint
 from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
 from microturn.sampling import SamplingParams, sample
@@ -29,7 +29,7 @@ class GenerationStats:
 
 
 @torch.inference_mode()
-def generate_tokens(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
+def generate_tokens(loaded: Checkpoint, prompt_ids: list[int], max_tokens: int,
                     sampling: SamplingParams | None = None,
                     stats: GenerationStats | None = None,
                     stop_at_eos: bool = True) -> Iterator[int]:

@@ -36,10 +36,10 @@ from rich.console import Console
 
 from microturn.client import StreamSession
 from microturn.errors import MicroturnError
-from microturn.frontend.audio import AUDIO_RATE, read_audio
-from microturn.frontend.video import FrameSpec, read_video
+from microturn.frontend.audio import read_audio
+from microturn.frontend.video import read_video
 from microturn.lanes import print_slice
-from microturn.server.protocol import (
+from microturn.protocol import (
     AudioOptions,
     EndedEvent,
     ErrorEvent,
@@ -48,6 +48,7 @@ from microturn.server.protocol import (
     SessionOptions,
     VideoOptions,
 )
+from microturn.sequence.media_specs import AUDIO_RATE, FrameSpec
 
 IN_FLIGHT = 2  # --fast: slices sent ahead of the outputs received (one computing, one next)
 KEEPALIVE_S = 10.0  # a ping after this long without sending (the server's idle timeout: 60 s)

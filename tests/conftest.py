@@ -1,11 +1,12 @@
-"""Shared fixtures: the real default model (loaded once) and the reference implementation."""
+"""Shared fixtures: the real default model as trained (loaded once) and the reference
+implementation."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from microturn import load_model
+from microturn import load_checkpoint
 from microturn.checkpoint.default_model import default_model_path
 from microturn.kernels import build
 
@@ -25,12 +26,12 @@ def english_text() -> str:
 
 @pytest.fixture(scope="session")
 def smollm_fp32():
-    return load_model(dtype="fp32", device="cpu")
+    return load_checkpoint(dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm_bf16():
-    return load_model(dtype="bf16", device="cpu")
+    return load_checkpoint(dtype="bf16", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_engine import tiny_loaded
 
+from microturn.checkpoint.loader import LoadedModel
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.kv_pool import KVPool
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
@@ -105,10 +106,8 @@ def slicing_logits(loaded, tokens: list[int], chunk: int, deterministic: bool) -
 
 
 def tiny(smollm_fp32, dtype):
-    loaded = tiny_loaded(smollm_fp32.tokenizer, seed=5, hidden_size=64, num_heads=4,
-                         num_kv_heads=2, head_dim=16, intermediate_size=96)
-    loaded.model.to(dtype)
-    return loaded
+    return tiny_loaded(smollm_fp32.tokenizer, seed=5, dtype=dtype, hidden_size=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, intermediate_size=96)
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -172,8 +171,9 @@ def test_e_checks_fail_without_deterministic_mode(smollm_fp32):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_default_model_alignment_and_batch_invariance(dtype, smollm_fp32, smollm_bf16):
-    """(a), (b) and (c) on the real default model (a copy: the engine adds marker tokens)."""
-    loaded = copy.deepcopy(smollm_fp32 if dtype == "fp32" else smollm_bf16)
+    """(a), (b) and (c) on the real default model (a copy: loading adds marker tokens)."""
+    loaded = LoadedModel.from_checkpoint(copy.deepcopy(smollm_fp32 if dtype == "fp32"
+                                                       else smollm_bf16))
     alone = stream_target(loaded, True, others=0, ticks=6)
     crowded = stream_target(loaded, True, others=7, ticks=6, seed=2)
     assert crowded["turns"] == alone["turns"] and crowded["logprobs"] == alone["logprobs"]

@@ -8,26 +8,28 @@ import torch
 from conftest import relative_error
 
 from microturn import MicroturnError
-from microturn.checkpoint.loader import LoadedModel
+from microturn.checkpoint.loader import Checkpoint, LoadedModel
 from microturn.engine import paged_attention
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.engine.timeline import Timeline
 from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 from microturn.sampling import SamplingParams
+from microturn.sequence.timeline import Timeline
 
 TOLERANCE = 1e-5
 
 
-def tiny_loaded(tokenizer, seed: int = 0, **overrides) -> LoadedModel:
+def tiny_loaded(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32,
+                **overrides) -> LoadedModel:
     fields = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, intermediate_size=48, rms_norm_eps=1e-6,
                   rope_theta=10000.0, rope_layout="interleaved", max_position=4096,
                   tie_word_embeddings=True)
     config = ModelConfig(**(fields | overrides))
     model = init_random_weights(Decoder(config), seed=seed).eval().requires_grad_(False)
-    return LoadedModel(model, copy.deepcopy(tokenizer), config, path=None, load_seconds=0.0)
+    return LoadedModel.from_checkpoint(Checkpoint(model.to(dtype), copy.deepcopy(tokenizer),
+                                                  config, path=None, load_seconds=0.0))
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from microturn import MicroturnError
 from microturn.cli import main
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.engine.timeline import Timeline
 from microturn.eval import phrasebook
 from microturn.eval.generator import FAMILIES, generate
 from microturn.eval.metrics import score, takes_turn, wilson
 from microturn.eval.micro_turn import MicroTurnSettings, SlicedMedia, run_micro_turn, script_ids
 from microturn.eval.scenario import Scenario, render_audio, render_frames
 from microturn.eval.turn_based import TurnBasedSettings, run_turn_based
-from microturn.frontend.video import FrameSpec
+from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.timeline import Timeline
 from microturn.train import verify_alignment
 
 

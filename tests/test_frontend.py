@@ -12,20 +12,15 @@ from PIL import Image
 from test_engine import tiny_loaded
 
 from microturn import MicroturnError
+from microturn.checkpoint.interaction import frontend_weights_path
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.engine.timeline import SliceLayout, Timeline
 from microturn.frontend.assembler import MediaAssembler
-from microturn.frontend.audio import AUDIO_RATE, Pcm16Stream, read_audio
-from microturn.frontend.dmel import DMelSpec, dmel, dmel_to_audio
-from microturn.frontend.embedding import load_frontend, weights_path
-from microturn.frontend.video import (
-    FrameSpec,
-    decode_image,
-    frame_to_patches,
-    patches_to_frame,
-    read_video,
-)
+from microturn.frontend.audio import Pcm16Stream, read_audio
+from microturn.frontend.dmel import dmel, dmel_to_audio
+from microturn.frontend.video import decode_image, frame_to_patches, patches_to_frame, read_video
+from microturn.sequence.media_specs import AUDIO_RATE, DMelSpec, FrameSpec
+from microturn.sequence.timeline import SliceLayout, Timeline
 from microturn.train.alignment import verify_alignment
 
 
@@ -302,17 +297,17 @@ def test_bad_media_input_names_the_field(tiny):
 def test_frontend_weights_save_load_and_corrupt_file(tiny, tmp_path, capsys):
     checkpoint = tmp_path / "model.gguf"
     tiny.path = checkpoint
-    fresh = load_frontend(tiny)
+    fresh = tiny.load_frontend()
     assert "freshly initialised" in capsys.readouterr().err
-    fresh.save(weights_path(checkpoint))
+    fresh.save(frontend_weights_path(checkpoint))
     again = tiny_loaded(tiny.tokenizer)
     again.path = checkpoint
-    loaded = load_frontend(again)
+    loaded = again.load_frontend()
     assert "notice" not in capsys.readouterr().err
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[name]), name
-    weights_path(checkpoint).write_bytes(b"not safetensors")
+    frontend_weights_path(checkpoint).write_bytes(b"not safetensors")
     broken = tiny_loaded(tiny.tokenizer)
     broken.path = checkpoint
     with pytest.raises(MicroturnError, match="cannot read front-end weights"):
-        load_frontend(broken)
+        broken.load_frontend()

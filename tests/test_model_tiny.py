@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import relative_error
 
-from microturn import MicroturnError, load_model
+from microturn import MicroturnError, load_checkpoint, load_model
 from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
 from microturn.model.decoder import init_random_weights
 
@@ -150,7 +150,7 @@ def save_tiny_hf(kind: str, directory, tie: bool):
 def test_safetensors_directory_matches_transformers(kind, tie, tmp_path, smollm_fp32):
     reference = save_tiny_hf(kind, tmp_path, tie)
     smollm_fp32.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_model(tmp_path, dtype="fp32", device="cpu")
+    loaded = load_checkpoint(tmp_path, dtype="fp32", device="cpu")
     assert loaded.config.architecture == kind
     assert loaded.config.attention_bias == (kind == "qwen2")
     assert loaded.config.qk_norm == (kind == "qwen3")
@@ -250,3 +250,18 @@ def test_decode_team_gives_the_bits_of_a_prefill(dtype, hidden, heads, kv_heads)
                 assert not torch.equal(shifted, prefill)
         finally:
             torch.set_num_threads(threads)
+
+
+def test_unknown_gguf_pre_tokenizer_is_refused_by_name(tmp_path):
+    """An unknown `tokenizer.ggml.pre` is an error naming the field, not a silent GPT-2 split
+    (which tokenizes such a model's text wrongly without a word)."""
+    from microturn.checkpoint.tokenizer import tokenizer_from_gguf
+
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+              "tokenizer.ggml.merges": ["a b"]}
+    path = tmp_path / "model.gguf"
+    assert tokenizer_from_gguf(fields | {"tokenizer.ggml.pre": "smollm"}, path).encode("ab")
+    assert tokenizer_from_gguf(fields, path).encode("ab")  # absent: llama.cpp's default split
+    with pytest.raises(MicroturnError, match=r"model.gguf: tokenizer.ggml.pre 'mystery' is "
+                                             r"not supported \(supported: .*smollm"):
+        tokenizer_from_gguf(fields | {"tokenizer.ggml.pre": "mystery"}, path)

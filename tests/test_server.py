@@ -16,14 +16,8 @@ import pytest
 from serving import serving
 
 from microturn.client import ClientError, SessionsClient, StreamSession
+from microturn.protocol import EndedEvent, ErrorEvent, NoticeEvent, OutputEvent, SessionOptions
 from microturn.server.limits import ServerLimits
-from microturn.server.protocol import (
-    EndedEvent,
-    ErrorEvent,
-    NoticeEvent,
-    OutputEvent,
-    SessionOptions,
-)
 
 
 def run(coro):

@@ -14,15 +14,10 @@ from test_server import next_of, run
 from microturn.client import ClientError, StreamSession
 from microturn.frontend.audio import read_audio, to_model_audio
 from microturn.frontend.dmel import dmel
-from microturn.frontend.video import FrameSpec, frame_to_patches, read_video
+from microturn.frontend.video import frame_to_patches, read_video
+from microturn.protocol import AudioOptions, ErrorEvent, OutputEvent, SessionOptions, VideoOptions
+from microturn.sequence.media_specs import FrameSpec
 from microturn.server.limits import ServerLimits
-from microturn.server.protocol import (
-    AudioOptions,
-    ErrorEvent,
-    OutputEvent,
-    SessionOptions,
-    VideoOptions,
-)
 
 
 def test_audio_video_and_text_stream_end_to_end(engine, tmp_path, capsys):

@@ -24,13 +24,13 @@ from rich.table import Table
 from microturn.bench.machine import measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
-from microturn.engine.session import SessionParams
+from microturn.engine.session import SessionInfo, SessionParams
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler
-from microturn.frontend.audio import AUDIO_RATE
-from microturn.frontend.video import FrameSpec, fit_frame
+from microturn.frontend.video import fit_frame
 from microturn.kernels import policy
 from microturn.kernels.build import cpu_has_bf16_gemm
+from microturn.sequence.media_specs import AUDIO_RATE, FrameSpec
 
 SHAPES = {"sglang": (16, 8), "speech": (16, 2)}
 HEAD_TAIL = 10  # micro-turns averaged at each end for the tail/head ratios
@@ -118,7 +118,7 @@ class ShapeRun:
                                force_output=True, audio=audio,
                                video=FrameSpec() if video else None)
         self.ids = [self.engine.open(params) for _ in range(sessions)]
-        self.media = ({sid: MediaSource(self.engine.sessions[sid].timeline.layout, sid)
+        self.media = ({sid: MediaSource(self.engine.layout(sid), sid)
                        for sid in self.ids} if audio or video else {})
         self.frontend_s = 0.0
         self.media_positions = {"audio": 0, "video": 0}
@@ -147,9 +147,9 @@ class ShapeRun:
         # the work this tick did: one input step (carried token, the input slice with its
         # markers and media), then output_tokens - 1 decode steps; contexts read back after
         # any eviction
-        feeds = {sid: len(engine.sessions[sid].timeline.input_tokens(
-            engine.sessions[sid].timeline.turns[-1])) + (1 if index else 0) for sid in ids}
-        after = {sid: engine.sessions[sid].length - (self.output_tokens - 1) for sid in ids}
+        info = {sid: engine.session_info(sid) for sid in ids}
+        feeds = {sid: len(info[sid].last_input) + (1 if index else 0) for sid in ids}
+        after = {sid: info[sid].kv_slots - (self.output_tokens - 1) for sid in ids}
         passes = [[(feeds[sid], after[sid]) for sid in ids]]
         passes += [[(1, after[sid] + step) for sid in ids]
                    for step in range(1, self.output_tokens)]
@@ -161,14 +161,14 @@ class ShapeRun:
             self.busy += latency
             self.frontend_s += host_s + embed_s
             if self.media:
-                self._count_media_positions(engine.sessions[ids[0]].timeline)
-        self.peak_blocks = max(self.peak_blocks, engine.pool.blocks_in_use)
+                self._count_media_positions(info[ids[0]])
+        self.peak_blocks = max(self.peak_blocks, engine.pool_stats().blocks_in_use)
         return latency
 
-    def _count_media_positions(self, timeline) -> None:
-        tokens, media = timeline.input_tokens(timeline.turns[-1]), self.engine.markers.media
-        audio = (tokens.index(media.audio_start) if timeline.layout.audio else None)
-        video = (tokens.index(media.video_start) if timeline.layout.video else None)
+    def _count_media_positions(self, info: SessionInfo) -> None:
+        tokens, media = info.last_input, self.engine.markers.media
+        audio = (tokens.index(media.audio_start) if info.layout.audio else None)
+        video = (tokens.index(media.video_start) if info.layout.video else None)
         if audio is not None:  # from <audio> to the next segment (or <out>)
             self.media_positions["audio"] += (video or len(tokens) - 1) - audio
         if video is not None:
@@ -176,7 +176,7 @@ class ShapeRun:
 
     def result(self) -> ShapeResult:
         engine, ids = self.engine, self.ids
-        evictions = sum(len(engine.sessions[sid].evictions) for sid in ids)
+        evictions = sum(engine.session_info(sid).evictions for sid in ids)
         for sid in ids:
             engine.close(sid)
         ms = [x * 1e3 for x in self.latencies]
@@ -192,7 +192,7 @@ class ShapeRun:
             efficiency_tail_head_ratio=statistics.mean(ratio[-n:]) / statistics.mean(ratio[:n]),
             tokens_per_s=self.tokens / self.busy, deadline_misses=self.misses,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool.num_blocks,
+            kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool_stats().blocks_total,
             evictions=evictions, **self._media_result(ms))
 
     def _media_result(self, ms: list[float]) -> dict:

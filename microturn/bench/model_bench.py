@@ -22,18 +22,18 @@ from rich.console import Console
 from rich.table import Table
 
 from microturn.bench.machine import BandwidthSampler, measure_machine
-from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
+from microturn.checkpoint.loader import DTYPES, Checkpoint, load_checkpoint
 from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
 from microturn.kernels import build
 from microturn.kernels.build import cpu_has_bf16_gemm
 
 
-def weight_bytes(loaded: LoadedModel) -> int:
+def weight_bytes(loaded: Checkpoint) -> int:
     return sum(p.numel() * p.element_size() for p in loaded.model.parameters())  # tied: once
 
 
-def pass_flops(loaded: LoadedModel, new_tokens: int, context: int) -> float:
+def pass_flops(loaded: Checkpoint, new_tokens: int, context: int) -> float:
     c = loaded.config
     layer_weights = sum(p.numel() for n, p in loaded.model.layers.named_parameters()
                         if p.dim() == 2)
@@ -43,12 +43,12 @@ def pass_flops(loaded: LoadedModel, new_tokens: int, context: int) -> float:
     return 2 * layer_weights * new_tokens + attention + 2 * head
 
 
-def kv_bytes(loaded: LoadedModel, keys: int) -> int:
+def kv_bytes(loaded: Checkpoint, keys: int) -> int:
     c = loaded.config
     return 2 * c.num_layers * c.kv_size * keys * loaded.model.dtype.itemsize
 
 
-def time_pass(loaded: LoadedModel, cache: PagedSequence, context: int, new_tokens: int,
+def time_pass(loaded: Checkpoint, cache: PagedSequence, context: int, new_tokens: int,
               repeats: int, between=None) -> list[float]:
     """Seconds of `repeats` passes (after 3 untimed); `between()` runs before each timed one."""
     model = loaded.model
@@ -99,7 +99,7 @@ def run_model_bench(args: argparse.Namespace) -> None:
     records = []
     for dtype in dtypes:
         with console.status(f"loading the model in {dtype}"):
-            loaded = load_model(args.model, dtype, "cpu")
+            loaded = load_checkpoint(args.model, dtype, "cpu")  # the model as trained
         if args.context + max(sizes) > loaded.config.max_position:
             console.print(f"note: context exceeds the trained {loaded.config.max_position}")
         cache = PagedSequence(loaded.config, args.context + max(sizes), loaded.model.dtype)

@@ -23,7 +23,7 @@ from rich.table import Table
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.client import SessionsClient, StreamSession
 from microturn.errors import MicroturnError
-from microturn.server.protocol import NoticeEvent, OutputEvent, SessionOptions
+from microturn.protocol import NoticeEvent, OutputEvent, SessionOptions
 
 WARMUP_SLICES = 3  # per client, not counted
 TEXT = ("The quick brown fox jumps over a lazy dog while we talk about the weather and the "

@@ -1,13 +1,19 @@
-"""load_model: any supported checkpoint path (or the default model) -> model + tokenizer."""
+"""Loading: any supported checkpoint path (or the default model) -> a `Checkpoint` (the model as
+trained) or a `LoadedModel` (an interaction model: markers installed, front-end on request)."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from microturn.checkpoint.default_model import default_model_path
 from microturn.checkpoint.gguf_file import open_gguf, read_gguf
+from microturn.checkpoint.interaction import (
+    frontend_weights_path,
+    install_markers,
+    load_frontend,
+)
 from microturn.checkpoint.safetensors_dir import read_config_json, read_safetensors_dir
 from microturn.checkpoint.tokenizer import (
     Tokenizer,
@@ -16,21 +22,58 @@ from microturn.checkpoint.tokenizer import (
 )
 from microturn.checkpoint.weights import build_decoder
 from microturn.errors import MicroturnError
+from microturn.frontend.embedding import FrontEnd
 from microturn.model.config import ModelConfig
 from microturn.model.decoder import Decoder
+from microturn.sequence.markers import MarkerTokens
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class LoadedModel:
+class Checkpoint:
+    """A checkpoint as trained: the language model and its tokenizer, nothing added
+    (`microturn generate`, `bench model`, comparisons against other implementations)."""
     model: Decoder
     tokenizer: Tokenizer
     config: ModelConfig
-    path: Path
+    path: Path | None
     load_seconds: float
-    markers: object | None = None  # the timeline's MarkerTokens, once an engine installed them
-    frontend: object | None = None  # the audio/video FrontEnd, once a session needed it
+
+
+@dataclass
+class LoadedModel(Checkpoint):
+    """A finished interaction model: the checkpoint with the timeline's marker tokens in its
+    vocabulary (`config.vocab_size` counts them) and, on request, its audio/video front-end.
+    Engines read it and never change it."""
+    markers: MarkerTokens
+    _frontend: FrontEnd | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, frontend: bool = False) -> "LoadedModel":
+        """Install the marker tokens into `checkpoint`'s model and tokenizer (in place: they
+        become this model's), then load the front-end if asked."""
+        markers = install_markers(checkpoint.model, checkpoint.tokenizer)
+        loaded = cls(checkpoint.model, checkpoint.tokenizer, checkpoint.model.config,
+                     checkpoint.path, checkpoint.load_seconds, markers)
+        if frontend:
+            loaded.load_frontend()
+        return loaded
+
+    @property
+    def frontend(self) -> FrontEnd | None:
+        """The front-end if it has been loaded (`load_frontend`), else None."""
+        return self._frontend
+
+    def load_frontend(self, path: str | Path | None = None) -> FrontEnd:
+        """The audio/video front-end, loaded on the first call (weights from `path` or beside
+        the checkpoint, else fresh ones with a notice) and shared by every engine after."""
+        if self._frontend is None:
+            if path is None and self.path is not None:
+                path = frontend_weights_path(Path(self.path))
+            self._frontend = load_frontend(self.model, self.markers.media,
+                                           Path(path) if path is not None else None)
+        return self._frontend
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -43,9 +86,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str | None = None) -> LoadedModel:
-    """Load a GGUF file or a safetensors directory; None means the default model."""
+def load_checkpoint(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
+                    device: torch.device | str | None = None) -> Checkpoint:
+    """Load a GGUF file or a safetensors directory as trained; None means the default model."""
     started = time.perf_counter()
     path = Path(path) if path is not None else default_model_path()
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -61,7 +104,14 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
     else:
         raise MicroturnError(f"{path}: no such file or directory")
     model = build_decoder(config, tensors, dtype, device)
-    return LoadedModel(model, tokenizer, config, path, time.perf_counter() - started)
+    return Checkpoint(model, tokenizer, config, path, time.perf_counter() - started)
+
+
+def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str | None = None, frontend: bool = False) -> LoadedModel:
+    """The interaction model of a checkpoint (None: the default model): marker tokens
+    installed; with `frontend`, the audio/video front-end loaded too (else on first use)."""
+    return LoadedModel.from_checkpoint(load_checkpoint(path, dtype, device), frontend)
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:

@@ -11,6 +11,7 @@ from pathlib import Path
 import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from microturn.errors import MicroturnError
 
@@ -68,29 +69,16 @@ def _raise_template_error(message: str):
 
 
 class StreamingDecoder:
-    """Turns tokens into text as they arrive, holding back an incomplete UTF-8 character.
-
-    Each push decodes only a few recent tokens (the new ones after a short emitted context),
-    so a long session costs O(1) per token, not O(tokens so far)."""
-
-    CONTEXT = 4  # emitted tokens kept to decode the next ones against (merges, spacing)
+    """Turns tokens into text as they arrive, holding back an incomplete UTF-8 character
+    (`tokenizers`' own `DecodeStream`: each step decodes only the tokens since the last text
+    it emitted, so a long session costs O(1) per token, not O(tokens so far))."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.context: list[int] = []
-        self.context_text = ""
-        self.pending: list[int] = []
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.context + self.pending)
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.context_text):]
-        self.context = (self.context + self.pending)[-self.CONTEXT:]
-        self.context_text = self.tokenizer.decode(self.context)
-        self.pending = []
-        return new
+        return self._stream.step(self.tokenizer.backend, token_id) or ""
 
     def push_all(self, token_ids: list[int]) -> str:
         return "".join(self.push(t) for t in token_ids)
@@ -108,7 +96,10 @@ def tokenizer_from_gguf(fields: dict, path: Path) -> Tokenizer:
     backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                      fuse_unk=False, byte_fallback=False))
     pre = fields.get("tokenizer.ggml.pre", "default")
-    splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
+    if pre not in PRE_TOKENIZER_SPLITS:  # a wrong split gives wrong tokens without a word
+        raise MicroturnError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
+                             f"(supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
+    splits = PRE_TOKENIZER_SPLITS[pre]
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -1,1 +1,1 @@
-"""The streaming-session engine: resident sessions, the micro-turn timeline, one step per tick."""
+"""The streaming-session engine: resident sessions on a KV block pool, one batched step per tick."""

@@ -21,25 +21,24 @@ from itertools import count
 import torch
 
 from microturn.checkpoint.loader import LoadedModel
-from microturn.engine.kv_pool import KVPool
-from microturn.engine.markers import MarkerTokens, install_markers
+from microturn.engine.kv_pool import KVPool, PoolStats
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
-from microturn.engine.session import Session, SessionParams, SliceOutput
-from microturn.engine.timeline import MicroTurn, SliceLayout, Timeline, turn_media
+from microturn.engine.session import Session, SessionInfo, SessionParams, SliceOutput
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
-from microturn.frontend.embedding import FrontEnd, load_frontend
-from microturn.frontend.video import FrameSpec
+from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample
+from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_media
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     kv_budget_mb: int = 512
     # slots per KV block: 256 keeps each kv head's keys and values in 32 KiB runs (bf16), which
-    # attention reads faster than shorter ones (16 -> 64 slots: a decode step over 8k slots
-    # 24 -> 17 ms; 64 -> 256: speech shape, 400 micro-turns in lockstep, tail 115.9 -> 111.0 ms)
+    # attention reads faster than shorter ones (docs/LOG.md has the measurements)
     block_size: int = 256
     max_sessions: int = 64
     context_limit: int | None = None  # KV slots per session; default: the trained context
@@ -62,7 +61,7 @@ class EngineConfig:
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.markers: MarkerTokens = install_markers(loaded)
+        self.markers: MarkerTokens = loaded.markers
         self.loaded, self.model = loaded, loaded.model
         self.context_limit = config.context_limit or loaded.config.max_position
         blocks_per_session = -(-self.context_limit // config.block_size)
@@ -76,7 +75,7 @@ class Engine:
         self.deterministic = (policy.deterministic() if config.deterministic is None
                               else config.deterministic)
         self.sessions: dict[int, Session] = {}
-        self.frontend: FrontEnd | None = loaded.frontend  # loaded by the first media session
+        self.frontend: FrontEnd | None = loaded.frontend  # else the first media session loads it
         self.frontend_seconds = 0.0  # time spent embedding media (benchmarks read it)
         self._ids = count(1)
         self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
@@ -87,7 +86,7 @@ class Engine:
         params = params or SessionParams()
         layout = SliceLayout(params.slice_ms, params.audio, params.video)
         if (params.audio or params.video) and self.frontend is None:
-            self.frontend = load_frontend(self.loaded)
+            self.frontend = self.loaded.load_frontend()
         with self._lock:
             if not self.pool.free_blocks:
                 raise MicroturnError(f"kv pool full: all {self.pool.num_blocks} blocks in use; "
@@ -107,7 +106,7 @@ class Engine:
         through it (a server does, so the first media session pays nothing extra)."""
         sid = self.open(SessionParams(max_output_tokens=2, audio=media,
                                       video=FrameSpec() if media else None))
-        layout = self.sessions[sid].timeline.layout
+        layout = self.layout(sid)
         audio = torch.zeros(layout.audio_shape, dtype=torch.uint8) if media else None
         frames = [torch.zeros(layout.frame_shape, dtype=torch.uint8)] if media else []
         self.append(sid, [self.markers.silence] * input_tokens, audio, frames)
@@ -166,6 +165,25 @@ class Engine:
                 "evictions": [{"at_token": fed, "first_slot": slot, "slots": n}
                               for fed, slot, n in s.evictions]}
 
+    # -- what callers may read ---------------------------------------------------------------
+
+    def layout(self, sid: int) -> SliceLayout:
+        """The media segments every input slice of the session carries."""
+        return self._session(sid).timeline.layout
+
+    def session_info(self, sid: int) -> SessionInfo:
+        """A snapshot of one session's size: its sequence, its KV, its last micro-turn."""
+        s = self._session(sid)
+        last = s.timeline.turns[-1] if s.timeline.turns else None
+        return SessionInfo(
+            id=sid, layout=s.timeline.layout, turns=len(s.timeline.turns),
+            sequence_tokens=len(s.fed) + len(s.unfed), kv_slots=s.length,
+            kv_blocks=s.num_blocks, evictions=len(s.evictions),
+            last_input=tuple(s.timeline.input_tokens(last)) if last else ())
+
+    def pool_stats(self) -> PoolStats:
+        return self.pool.stats()
+
     def _session(self, sid: int) -> Session:
         if sid not in self.sessions:
             raise MicroturnError(f"session {sid}: no such open session")
@@ -184,6 +202,8 @@ class Engine:
                 return self._tick(active)
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
+        """The input step for every active session, then decode steps for those still
+        speaking; each step is prepare -> forward -> sample -> record."""
         feeds, turns, draws = [], [], []
         for s in active:
             turn = s.pending.popleft()
@@ -193,11 +213,11 @@ class Engine:
             draws.append(not turn.output_ids)  # a scripted slice is fed whole, never sampled
             s.unfed = []
         audio, patches = turn_media(turns)
-        self._forward_and_sample(active, feeds, audio, patches, draws)
+        self._step(active, feeds, audio, patches, draws)
         speaking = [s for s, drew in zip(active, draws, strict=True)
                     if drew and not self._slice_done(s)]
         while speaking:
-            self._forward_and_sample(speaking, [s.unfed for s in speaking])
+            self._step(speaking, [s.unfed for s in speaking])
             speaking = [s for s in speaking if not self._slice_done(s)]
         return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
                                   list(s.timeline.turns[-1].output_ids)) for s in active}
@@ -213,13 +233,22 @@ class Engine:
             return True
         return not s.params.force_output and self.markers.ends_output(out[-1])
 
-    def _forward_and_sample(self, sessions: list[Session], feeds: list[list[int]],
-                            audio: torch.Tensor | None = None,
-                            patches: torch.Tensor | None = None,
-                            draws: list[bool] | None = None) -> None:
+    def _step(self, sessions: list[Session], feeds: list[list[int]],
+              audio: torch.Tensor | None = None, patches: torch.Tensor | None = None,
+              draws: list[bool] | None = None) -> None:
         """One forward over every session's new tokens; sample one token per session (where
-        `draws` says so). Media positions in the feeds take their vectors from `audio` and
-        `patches`."""
+        `draws` says so: a scripted slice draws nothing). Media positions in the feeds take
+        their vectors from `audio` and `patches`."""
+        step = self._prepare(sessions, feeds)
+        logits = self._forward(step, audio, patches)
+        draws = draws or [True] * len(sessions)
+        drawn = [self._draw(s, row) if draw else None
+                 for s, row, draw in zip(sessions, step.last_rows(logits), draws, strict=True)]
+        self._record(step, logits, drawn)
+
+    def _prepare(self, sessions: list[Session], feeds: list[list[int]]) -> "_Step":
+        """Room in the pool, then one row of tokens and positions with each session's
+        segment; the sessions' counters advance past the feeds."""
         segments, tokens, positions = [], [], []
         for s, feed in zip(sessions, feeds, strict=True):
             self._reserve(s, len(feed))
@@ -229,28 +258,32 @@ class Engine:
             s.fed += feed
             s.length += len(feed)
             s.next_position += len(feed)
+        return _Step(sessions, segments, tokens, positions, self.config.keep_logits)
+
+    def _forward(self, step: "_Step", audio: torch.Tensor | None,
+                 patches: torch.Tensor | None) -> torch.Tensor:
+        """Logits of each session's last token (with keep_logits: of every token)."""
         device = self.model.device
-        backend = PagedAttention(self.pool, PagedBatch.build(self.pool, segments))
-        rows = (torch.arange(len(tokens)) if self.config.keep_logits
-                else torch.tensor([seg.end - 1 for seg in segments]))
-        ids = torch.tensor([tokens], device=device)
+        backend = PagedAttention(self.pool, PagedBatch.build(self.pool, step.segments))
+        rows = (torch.arange(len(step.tokens)) if step.keep
+                else torch.tensor([seg.end - 1 for seg in step.segments]))
+        ids = torch.tensor([step.tokens], device=device)
         embeds = None
-        if self.frontend is not None and max(tokens) >= self.markers.vocab_size:
+        if self.frontend is not None and max(step.tokens) >= self.markers.vocab_size:
             started = time.perf_counter()
             embeds = self.frontend.embed(self.model.embed_tokens, ids, audio, patches)
             self.frontend_seconds += time.perf_counter() - started
-        logits = self.model(ids, torch.tensor([positions], device=device), backend,
-                            logits_at=rows.to(device), embeds=embeds)[0]
-        keep = self.config.keep_logits
-        ends = [seg.end - 1 for seg in segments]
-        last_rows = logits[ends] if keep else logits
-        draws = draws or [True] * len(sessions)
-        drawn = [self._draw(s, row) if draw else None
-                 for s, row, draw in zip(sessions, last_rows, draws, strict=True)]
-        # log-probabilities in one batched call: each drawn token (sequence index len(s.fed)),
-        # and with keep_logits each fed token after the first of its forward
+        return self.model(ids, torch.tensor([step.positions], device=device), backend,
+                          logits_at=rows.to(device), embeds=embeds)[0]
+
+    def _record(self, step: "_Step", logits: torch.Tensor, drawn: list[int | None]) -> None:
+        """Log-probabilities in one batched call: each drawn token (sequence index
+        len(s.fed)), and with keep_logits each fed token after the first of its forward;
+        then the drawn tokens join their slices, to be fed next."""
+        keep, ends = step.keep, step.ends
         rows, targets, owners, indices = [], [], [], []
-        for i, (s, seg, token) in enumerate(zip(sessions, segments, drawn, strict=True)):
+        for i, (s, seg, token) in enumerate(zip(step.sessions, step.segments, drawn,
+                                                strict=True)):
             if token is not None:
                 rows.append(ends[i] if keep else i)
                 targets.append(token)
@@ -270,7 +303,7 @@ class Engine:
             values = ops.token_logprobs(logits[rows], torch.tensor(targets)).tolist()
             for s, index, value in zip(owners, indices, values, strict=True):
                 s.logprobs[index] = value
-        for s, token in zip(sessions, drawn, strict=True):
+        for s, token in zip(step.sessions, drawn, strict=True):
             if token is None:  # scripted: its last token is already fed
                 continue
             s.timeline.turns[-1].output_ids.append(token)
@@ -304,14 +337,30 @@ class Engine:
         evict_fraction of the context at once (so the O(blocks) table shift is rare).
         Kept tokens keep their positions: rotary scores depend on position differences,
         so what the window sees of itself is unchanged."""
-        bs, row = self.pool.block_size, self.pool.block_table[s.row]
+        bs = self.pool.block_size
         at_least = int(self.config.evict_fraction * self.context_limit) // bs
         evict = min(max(-(-slots_needed // bs), at_least, 1),
                     s.num_blocks - self.sink_blocks - 1)  # keep the block being written
-        start, end = self.sink_blocks, self.sink_blocks + evict
-        self.pool.free_blocks += row[start:end].tolist()
-        row[start:s.num_blocks - evict] = row[end:s.num_blocks].clone()
-        row[s.num_blocks - evict:s.num_blocks] = -1
+        start = self.sink_blocks
+        self.pool.drop(s.row, s.num_blocks, start, evict)
         s.num_blocks -= evict
         s.length -= evict * bs
         s.evictions.append((len(s.fed), start * bs, evict * bs))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One forward's batch: the sessions, their segments of the token row, its positions."""
+    sessions: list[Session]
+    segments: list[Segment]
+    tokens: list[int]
+    positions: list[int]
+    keep: bool  # keep_logits: logits of every token, not only each session's last
+
+    @property
+    def ends(self) -> list[int]:
+        return [seg.end - 1 for seg in self.segments]
+
+    def last_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each session's last-token logits."""
+        return logits[self.ends] if self.keep else logits

@@ -15,6 +15,7 @@ at a time: the score tile's four 16-slot panels are then one contiguous row per 
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,12 +30,30 @@ PANEL = 16
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Zeroed KV memory. On the CPU it sits on huge pages: a decode step reads each block's keys
     and values in runs of ~100 KiB (all kv heads side by side), which on 4 KiB pages cost a TLB
-    miss and a restart of the prefetcher every page (cold decode attention -17 %, decode step
-    -4 % at ~55 GB/s, in-process A/B). Written once here, as torch.zeros would: mapping a huge
-    page when a session first reaches it stalled engine ticks (p99 +20-70 %)."""
+    miss and a restart of the prefetcher every page. Written once here, as torch.zeros would:
+    mapping a huge page when a session first reaches it stalls that engine tick."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     return huge_page_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    blocks_total: int
+    blocks_free: int
+    block_bytes: int
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.blocks_total - self.blocks_free
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.blocks_in_use * self.block_bytes
+
+    @property
+    def bytes_total(self) -> int:
+        return self.blocks_total * self.block_bytes
 
 
 class KVPool:
@@ -117,6 +136,18 @@ class KVPool:
             return False
         self.block_table[row, have_blocks] = self.free_blocks.pop()
         return True
+
+    def drop(self, row: int, num_blocks: int, start: int, count: int) -> None:
+        """Free `count` blocks of a row that holds `num_blocks`, from index `start` on; the
+        blocks after them move up (the row's table entries only: no KV moves)."""
+        table = self.block_table[row]
+        end = start + count
+        self.free_blocks += table[start:end].tolist()
+        table[start:num_blocks - count] = table[end:num_blocks].clone()
+        table[num_blocks - count:num_blocks] = -1
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.num_blocks, len(self.free_blocks), self.block_bytes)
 
     def release(self, row: int, num_blocks: int) -> None:
         self.free_blocks += self.block_table[row, :num_blocks].tolist()

@@ -109,8 +109,7 @@ class PagedSequence:
     kernel for plain generation (`microturn generate`, `microturn bench model`). All blocks are
     taken up front; `length` may be set back to drop the tail (the slots are rewritten).
     Blocks are 256 slots: one sequence shares its pool with nobody, and each kv head's history
-    then comes in 32 KiB runs, which a decode step's attention reads faster than 8 KiB ones
-    (A/B at 1,000 slots: 11.2 -> 10.2-10.5 ms a step; at 4,000: 16.3 -> 15.3)."""
+    then comes in 32 KiB runs, which a decode step's attention reads faster than 8 KiB ones."""
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", block_size: int = 256):

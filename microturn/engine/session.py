@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from microturn.engine.timeline import Timeline
 from microturn.errors import MicroturnError
-from microturn.frontend.dmel import DMelSpec
-from microturn.frontend.video import FrameSpec
 from microturn.sampling import SamplingParams
+from microturn.sequence.media_specs import DMelSpec, FrameSpec
+from microturn.sequence.timeline import SliceLayout, Timeline
 
 
 @dataclass(frozen=True)
@@ -63,3 +62,16 @@ class SliceOutput:
     session_id: int
     index: int  # micro-turn index
     output_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a caller may read of an open session (`Engine.session_info`)."""
+    id: int
+    layout: SliceLayout
+    turns: int  # micro-turns taken by ticks so far
+    sequence_tokens: int  # the timeline's length: fed tokens and the one sampled, not yet fed
+    kv_slots: int  # KV slots written (fewer than fed tokens after an eviction)
+    kv_blocks: int
+    evictions: int
+    last_input: tuple[int, ...]  # the last micro-turn's input half, markers included

@@ -14,12 +14,13 @@ import torch
 from microturn.checkpoint.loader import LoadedModel
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.engine.engine import Engine, EngineConfig
-from microturn.engine.markers import MarkerTokens
 from microturn.engine.session import SessionParams
 from microturn.eval.scenario import Scenario, Transcript, render_audio, render_frames
-from microturn.frontend.dmel import DMelSpec, dmel
-from microturn.frontend.video import FrameSpec, frame_to_patches
+from microturn.frontend.dmel import dmel
+from microturn.frontend.video import frame_to_patches
 from microturn.sampling import SamplingParams
+from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.media_specs import DMelSpec, FrameSpec
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from microturn.checkpoint.loader import load_model
+from microturn.checkpoint.loader import load_checkpoint, load_model
 from microturn.errors import MicroturnError
 from microturn.eval.generator import generate, parse_families
 from microturn.eval.metrics import score
@@ -41,6 +41,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         base = load_model(args.base_model, args.dtype, "cpu")
         tested = base if args.model in (None, args.base_model) else \
             load_model(args.model, args.dtype, "cpu")
+        # the turn-based harness runs the checkpoint as trained: no marker rows to sample
+        chat = load_checkpoint(args.base_model, args.dtype, "cpu") \
+            if "turn-based" in systems else None
     transcripts, seconds = {}, {}
     with Progress(TextColumn("{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -49,7 +52,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
             started = time.perf_counter()
             if system == "turn-based":
-                transcripts[system] = run_turn_based(base, scenarios, system, turn, step)
+                transcripts[system] = run_turn_based(chat, scenarios, system, turn, step)
             elif system == "raw" and tested is base and "microturn" in transcripts:
                 transcripts[system] = transcripts["microturn"]  # the same weights: same run
                 bar.advance(task, len(scenarios))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-AUDIO_RATE = 16_000
+from microturn.sequence.media_specs import AUDIO_RATE
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ Settings are the common harness defaults at their most favourable (`TurnBasedSet
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from microturn.checkpoint.loader import LoadedModel
+from microturn.checkpoint.loader import Checkpoint
 from microturn.eval.scenario import Scenario, Transcript, render_audio
 from microturn.eval.vad import speech_segments
 from microturn.generate import generate_tokens
@@ -37,7 +37,7 @@ class TurnBasedSettings:
 class Replier:
     """Chat-template replies of the base model, greedy, memoised by prompt."""
 
-    def __init__(self, loaded: LoadedModel, max_tokens: int):
+    def __init__(self, loaded: Checkpoint, max_tokens: int):
         self.loaded, self.max_tokens = loaded, max_tokens
         self._cache: dict[tuple[int, ...], list[int]] = {}
 
@@ -51,7 +51,7 @@ class Replier:
         return self._cache[ids]
 
 
-def run_turn_based(loaded: LoadedModel, scenarios: list[Scenario], system: str = "turn-based",
+def run_turn_based(loaded: Checkpoint, scenarios: list[Scenario], system: str = "turn-based",
                    settings: TurnBasedSettings | None = None,
                    progress: Callable[[int], None] | None = None) -> list[Transcript]:
     settings = settings or TurnBasedSettings()
@@ -64,7 +64,7 @@ def run_turn_based(loaded: LoadedModel, scenarios: list[Scenario], system: str =
     return out
 
 
-def _run_one(sc: Scenario, loaded: LoadedModel, replier: Replier, settings: TurnBasedSettings,
+def _run_one(sc: Scenario, loaded: Checkpoint, replier: Replier, settings: TurnBasedSettings,
              system: str) -> Transcript:
     tokenizer, s, budget = loaded.tokenizer, sc.slice_ms, settings.max_output_tokens
     activity = [(w.start_ms, w.end_ms) for w in sc.words]

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from microturn.engine.timeline import SliceLayout
 from microturn.errors import MicroturnError
 from microturn.frontend.dmel import DMelEncoder
 from microturn.frontend.video import frame_to_patches
+from microturn.sequence.timeline import SliceLayout
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import soundfile
 import soxr
 
 from microturn.errors import MicroturnError
+from microturn.sequence.media_specs import AUDIO_RATE
 
-AUDIO_RATE = 16_000  # samples per second the front-end works at
 MAX_RATE = 384_000
 
 

@@ -10,35 +10,10 @@ Features: Hann window of 800 samples (50 ms), hop 200 (12.5 ms), an 800-point FF
 clamped to [LOG_MIN, LOG_MAX] and cut into 16 equal bins (4 bits per channel).
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from microturn.frontend.audio import AUDIO_RATE
-
-
-@dataclass(frozen=True)
-class DMelSpec:
-    channels: int = 80
-    bins: int = 16
-    window: int = 800  # 50 ms at 16 kHz
-    hop: int = 200  # 12.5 ms
-    f_min: float = 80.0
-    f_max: float = 7_600.0
-    log_min: float = -5.0  # ln mel magnitude; quieter is the lowest bin
-    log_max: float = 5.0  # louder is the highest bin (loud speech peaks near 4.3)
-
-    def frames_per_slice(self, slice_ms: int) -> int:
-        samples = slice_ms * AUDIO_RATE // 1000
-        if (slice_ms * AUDIO_RATE) % 1000 or samples % self.hop:
-            raise ValueError(f"slice_ms {slice_ms} is not a whole number of "
-                             f"{self.hop * 1000 / AUDIO_RATE} ms dMel hops")
-        return samples // self.hop
-
-    def bin_centres(self) -> torch.Tensor:
-        width = (self.log_max - self.log_min) / self.bins
-        return self.log_min + width * (torch.arange(self.bins) + 0.5)
+from microturn.sequence.media_specs import AUDIO_RATE, DMelSpec
 
 
 def _hz_to_mel(hz):

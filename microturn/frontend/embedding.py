@@ -12,25 +12,20 @@ Every piece is row-invariant (per-row linear kernels, ReLU, a fixed-order sum), 
 position's vector does not depend on what else is in the batch: the engine and the trainer
 embed bit for bit alike.
 
-Weights: `<checkpoint>.frontend.safetensors` next to the base checkpoint. Without one, fresh
-weights are drawn from a generator seeded with 0 (scaled to the token embeddings' spread),
-and `load_frontend` says so once.
+Weights: loading finds them beside the checkpoint or draws fresh ones
+(`checkpoint/interaction.py`); `FrontEnd.initialise` is the fresh draw, `save` the file.
 """
 
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from microturn.engine.markers import MediaTokens, install_markers
 from microturn.errors import MicroturnError
-from microturn.frontend.dmel import DMelSpec
-from microturn.frontend.video import FrameSpec
 from microturn.model.linear import Linear
-
-WEIGHTS_SUFFIX = ".frontend.safetensors"
+from microturn.sequence.markers import MediaTokens
+from microturn.sequence.media_specs import DMelSpec, FrameSpec
 
 
 class DMelEmbedding(nn.Module):
@@ -140,42 +135,3 @@ class FrontEnd(nn.Module):
     def save(self, path: str | Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
                   str(path))
-
-
-def weights_path(checkpoint: Path) -> Path:
-    return checkpoint.parent / (checkpoint.name + WEIGHTS_SUFFIX)
-
-
-def load_frontend(loaded, path: str | Path | None = None) -> FrontEnd:
-    """The model's front-end (built once per loaded model): weights from `path` or next to
-    the checkpoint, else fresh ones, with a notice on stderr."""
-    if loaded.frontend is not None:
-        return loaded.frontend
-    markers = install_markers(loaded)
-    model = loaded.model
-    frontend = FrontEnd(markers.media, loaded.config.hidden_size)
-    if path is None and loaded.path is not None:
-        path = weights_path(Path(loaded.path))
-    path = Path(path) if path is not None else None
-    if path is not None and path.is_file():
-        try:
-            state = load_file(str(path))
-        except Exception as error:  # safetensors raises its own types for a corrupt file
-            raise MicroturnError(f"{path}: cannot read front-end weights ({error})") from None
-        missing = set(frontend.state_dict()) ^ set(state)
-        if missing:
-            raise MicroturnError(f"{path}: front-end weights do not match this model "
-                                 f"(mismatched tensors: {', '.join(sorted(missing))})")
-        try:
-            frontend.load_state_dict(state)
-        except RuntimeError as error:
-            raise MicroturnError(f"{path}: front-end weights do not match this model "
-                                 f"({str(error).splitlines()[-1].strip()})") from None
-    else:
-        frontend.initialise(model.embed_tokens.weight)
-        print(f"notice: no front-end weights at {path or '(no checkpoint path)'}; audio and "
-              "video embeddings are freshly initialised (seed 0) and untrained",
-              file=sys.stderr)
-    frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)
-    loaded.frontend = frontend
-    return frontend

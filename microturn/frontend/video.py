@@ -2,14 +2,11 @@
 
 A frame is stretched (not cropped) to `FrameSpec.height x width` with Pillow's antialiased
 bilinear filter, then cut row by row into patches; `patches_to_frame` is the exact inverse of
-the cut. Frames are sampled on the session clock: frame j belongs at j / fps seconds, so slice
-k carries the frames whose time falls inside it (`frames_due`), the same count on every replay.
+the cut. Frames are sampled on the session clock (`FrameSpec.frames_due`, in `sequence/`).
 """
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,40 +14,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from microturn.errors import MicroturnError
+from microturn.sequence.media_specs import FrameSpec
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # a decoded image larger than this is refused
-
-
-@dataclass(frozen=True)
-class FrameSpec:
-    height: int = 120
-    width: int = 160
-    patch: int = 40
-    fps: float = 2.0  # frames per second of session time
-
-    def __post_init__(self):
-        if self.height % self.patch or self.width % self.patch:
-            raise MicroturnError(f"frame {self.height}x{self.width} is not a whole number of "
-                                 f"{self.patch}x{self.patch} patches")
-        if not 0 < self.fps <= 30:
-            raise MicroturnError(f"fps must be in (0, 30], got {self.fps}")
-
-    @property
-    def rows(self) -> int:
-        return self.height // self.patch
-
-    @property
-    def cols(self) -> int:
-        return self.width // self.patch
-
-    def frames_due(self, slice_index: int, slice_ms: int) -> int:
-        """How many frames slice k carries: those with j / fps in [k, k + 1) * slice."""
-        rate = Fraction(self.fps).limit_denominator(1000) * Fraction(slice_ms, 1000)
-        return _ceil(rate * (slice_index + 1)) - _ceil(rate * slice_index)
-
-
-def _ceil(value: Fraction) -> int:
-    return -((-value.numerator) // value.denominator)
 
 
 def check_pixels(image: Image.Image) -> None:

@@ -20,7 +20,38 @@ from microturn.model.config import ModelConfig
 KERNEL_MAX_QUERIES = 4
 
 
+class PagedKV(Protocol):
+    """A block pool's memory as the native all-layers pass reads it (`engine.kv_pool.KVPool`)."""
+    k: torch.Tensor  # keys, in the pool's layout
+    v: torch.Tensor  # values [layers, blocks, kv heads, block_size, head_dim]
+    block_table: torch.Tensor  # [rows, blocks per row] int32, -1 where unused
+
+
+class PagedBatchMetadata(Protocol):
+    """One pass's tokens on the pool (`engine.paged_attention.PagedBatch`)."""
+    rows: torch.Tensor  # [N] int32 table row per token
+    keys: torch.Tensor  # [N] int32 slots each token sees
+    starts: torch.Tensor  # [S + 1] int32 first token of each segment, then N
+    write_blocks: torch.Tensor  # [N] int64 physical block of each token's slot
+    write_offsets: torch.Tensor  # [N] int64 offset inside that block
+
+
+class PagedPass(Protocol):
+    """What a paged backend hands the native pass: the pool and this pass's metadata."""
+
+    @property
+    def pool(self) -> PagedKV: ...
+
+    @property
+    def batch(self) -> PagedBatchMetadata: ...
+
+
 class AttentionBackend(Protocol):
+    # the paged path: K/V in a block pool that the native all-layers pass reads directly
+    # (`model/native_layers.py`); None where K/V live elsewhere
+    @property
+    def paged(self) -> PagedPass | None: ...
+
     def prepare(self, num_new_tokens: int) -> None: ...
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor,
@@ -29,6 +60,8 @@ class AttentionBackend(Protocol):
 
 class CausalAttention:
     """No cache: the tokens of this pass attend causally to each other (whole-sequence forward)."""
+
+    paged = None
 
     def prepare(self, num_new_tokens: int) -> None:
         pass
@@ -43,6 +76,8 @@ class DenseKVCache:
     All rows advance together (same number of new tokens per pass). Slot i holds the i-th token
     fed; a token attends to every slot up to and including its own.
     """
+
+    paged = None
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):

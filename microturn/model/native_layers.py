@@ -14,12 +14,13 @@ import torch
 
 from microturn.kernels import ops, policy
 from microturn.kernels.huge_pages import copies_on_huge_pages
+from microturn.model.attention_backend import AttentionBackend
 
 
-def applies(model, x: torch.Tensor, backend) -> bool:
+def applies(model, x: torch.Tensor, backend: AttentionBackend) -> bool:
     # (every check here meets cold caches after a pass over the weights, ~5-20 us each: the
     # row count goes first so a decode never asks the thread-local policy)
-    return (getattr(backend, "paged", None) is not None and ops.kernels_for(x) is not None
+    return (backend.paged is not None and ops.kernels_for(x) is not None
             and not torch.is_grad_enabled() and not model.config.qk_norm and x.shape[0] == 1
             and (x.shape[1] <= ops.SMALL_BATCH_ROWS or policy.deterministic()))
 
@@ -80,7 +81,8 @@ def layer_stack(model, kernels):
     return stack
 
 
-def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor, backend,
+def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor,
+                backend: AttentionBackend,
                 logits_at: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
     """The whole forward pass (embedding to logits at `logits_at`) in one native call: the
     Python modules' kernels in their order, so the same bits, without ~10 dispatched ops."""

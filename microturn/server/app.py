@@ -17,11 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from microturn.engine.engine import Engine
-from microturn.server.errors import ServerError
-from microturn.server.limits import ServerLimits
-from microturn.server.live_session import LiveSession
-from microturn.server.metrics import ServerMetrics
-from microturn.server.protocol import (
+from microturn.protocol import (
     MEDIA_AUDIO,
     MEDIA_IMAGE,
     EndedEvent,
@@ -41,6 +37,10 @@ from microturn.server.protocol import (
     StartMessage,
     client_message,
 )
+from microturn.server.errors import ServerError
+from microturn.server.limits import ServerLimits
+from microturn.server.live_session import LiveSession
+from microturn.server.metrics import ServerMetrics
 from microturn.server.scheduler import Scheduler
 
 ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 429, 503)}
@@ -121,10 +121,10 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
-        pool = engine.pool
+        pool = engine.pool_stats()
         return Health(status="draining" if scheduler.draining else "ok",
-                      sessions=len(scheduler.sessions), kv_blocks_free=len(pool.free_blocks),
-                      kv_blocks_total=pool.num_blocks)
+                      sessions=len(scheduler.sessions), kv_blocks_free=pool.blocks_free,
+                      kv_blocks_total=pool.blocks_total)
 
     @app.get("/metrics", dependencies=keyed, response_class=Response)
     async def prometheus() -> Response:
@@ -191,12 +191,12 @@ def started_event(live: LiveSession, limits: Limits, closes_in_ms: float | None 
 
 
 def state_of(live: LiveSession, engine: Engine) -> SessionState:
-    s = engine.sessions[live.engine_id]
+    s = engine.session_info(live.engine_id)
     return SessionState(session=live.id, clock=live.clock, slices=live.answered,
                         pending_slices=live.pending_slices, input_tokens=live.input_tokens,
                         output_tokens=live.output_tokens,
-                        sequence_tokens=len(s.fed) + len(s.unfed), kv_slots=s.length,
-                        kv_blocks=s.num_blocks, evictions=len(s.evictions),
+                        sequence_tokens=s.sequence_tokens, kv_slots=s.kv_slots,
+                        kv_blocks=s.kv_blocks, evictions=s.evictions,
                         idle_s=round(time.monotonic() - live.last_seen, 3))
 
 
@@ -295,9 +295,9 @@ class WebSocketSession:
             raise ServerError("not_started", "send a start message first", 409, "type")
         kind, payload = (frame[0] if frame else None), frame[1:]
         if kind == MEDIA_AUDIO:
-            self.scheduler.put_audio(live, payload)
+            self.scheduler.inputs.audio(live, payload)
         elif kind == MEDIA_IMAGE:
-            await self.scheduler.put_image(live, payload)
+            await self.scheduler.inputs.image(live, payload)
         else:
             raise ServerError("bad_frame", f"a binary frame starts with {MEDIA_AUDIO} (PCM16 "
                               f"audio) or {MEDIA_IMAGE} (PNG/JPEG image), got {kind}", 400,

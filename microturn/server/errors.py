@@ -1,6 +1,6 @@
 """`ServerError`: a refusal the client is told about: code, field, limit and HTTP status."""
 
-from microturn.server.protocol import ErrorEvent, ErrorInfo
+from microturn.protocol import ErrorEvent, ErrorInfo
 
 
 class ServerError(Exception):

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from microturn.checkpoint.tokenizer import StreamingDecoder
 from microturn.frontend.assembler import MediaAssembler
 from microturn.frontend.audio import Pcm16Stream
+from microturn.protocol import EndedEvent, SessionOptions, SessionSummary
 from microturn.server.input_queue import InputQueue
-from microturn.server.protocol import EndedEvent, SessionOptions, SessionSummary
 
 
 @dataclass

@@ -24,15 +24,16 @@ from microturn.engine.engine import Engine
 from microturn.engine.session import SessionParams, SliceOutput
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler, SliceMedia
-from microturn.frontend.audio import AUDIO_RATE, Pcm16Stream
-from microturn.frontend.video import FrameSpec, decode_image
+from microturn.frontend.audio import Pcm16Stream
+from microturn.protocol import EndedEvent, OutputEvent, SessionOptions
 from microturn.sampling import SamplingParams
+from microturn.sequence.media_specs import FrameSpec
 from microturn.server.errors import ServerError
+from microturn.server.input_decoding import InputDecoder
 from microturn.server.input_queue import InputQueue, Placement
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession, SliceRequest
 from microturn.server.metrics import ServerMetrics
-from microturn.server.protocol import EndedEvent, OutputEvent, SessionOptions
 
 log = logging.getLogger("microturn.server")
 IDLE_CHECK_S = 0.5
@@ -52,14 +53,15 @@ class Scheduler:
     def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics):
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self.tokenizer = engine.loaded.tokenizer
-        self.vocab_size = engine.loaded.config.vocab_size
+        self.inputs = InputDecoder(self.tokenizer, engine.loaded.config.vocab_size, limits,
+                                   metrics)
         self.sessions: dict[str, LiveSession] = {}
         self.draining = False
         self._engine_lock = asyncio.Lock()  # the engine is touched by one coroutine at a time
         self._wake = asyncio.Event()
         self._origin = time.monotonic()
         self._task: asyncio.Task | None = None
-        metrics.kv_blocks_total.set(engine.pool.num_blocks)
+        metrics.kv_blocks_total.set(engine.pool_stats().blocks_total)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -101,7 +103,7 @@ class Scheduler:
             except MicroturnError as exc:
                 self.metrics.sessions_refused.labels("kv_pool").inc()
                 raise ServerError("kv_pool_full", str(exc), 503) from exc
-            layout = self.engine.sessions[engine_id].timeline.layout
+            layout = self.engine.layout(engine_id)
         live = LiveSession(
             id=secrets.token_urlsafe(12), engine_id=engine_id, options=options, clock=clock,
             deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
@@ -154,87 +156,20 @@ class Scheduler:
                               "session", self.limits.idle_timeout_s)
         return live
 
-    # -- input ---------------------------------------------------------------------------------
-
-    def tokens_of(self, text: str, tokens: list[int] | None) -> tuple[list[int], str]:
-        """The input's token ids and the field they came from; ids checked against the vocab."""
-        if tokens is not None:
-            if text:
-                raise ServerError("invalid", "send text or tokens, not both", 422, "tokens")
-            if any(not 0 <= t < self.vocab_size for t in tokens):
-                raise ServerError("invalid", f"token ids must be in [0, {self.vocab_size})",
-                                  422, "tokens", self.vocab_size)
-            return tokens, "tokens"
-        if len(text) > self.limits.max_message_bytes:
-            raise ServerError("limit", "text longer than max_message_bytes", 413, "text",
-                              self.limits.max_message_bytes)
-        return (self.tokenizer.encode(text) if text else []), "text"
+    # -- input (decoded by `input_decoding.py`, placed here) --------------------------------
 
     def put_input(self, live: LiveSession, text: str, tokens: list[int] | None,
                   slice_index: int | None) -> Placement:
         """Server clock: queue input for its slice (see InputQueue); nothing is queued if it
         is refused."""
-        ids, field_name = self.tokens_of(text, tokens)
+        ids, field_name = self.inputs.tokens(text, tokens)
         live.last_seen = time.monotonic()
         return live.inbox.put(ids, slice_index, field_name)
-
-    def put_audio(self, live: LiveSession, pcm16: bytes) -> None:
-        """PCM16 for the session's audio, in order; slices take it 3,200 samples at a time
-        (`MediaAssembler`). Refused whole when more than max_buffered_slices would wait."""
-        if live.pcm is None:
-            raise ServerError("invalid", "this session was opened without audio (start with "
-                              "\"audio\": {...})", 422, "audio")
-        frames = len(pcm16) // (2 * live.pcm.channels)
-        incoming = frames * AUDIO_RATE / live.pcm.rate / live.media.samples_per_slice
-        limit = self.limits.max_buffered_slices
-        if live.media.buffered_audio_slices + incoming > limit:
-            raise ServerError("backpressure", f"audio would wait for more than "
-                              f"max_buffered_slices {limit} slices; send in real time", 429,
-                              "audio", limit)
-        try:
-            live.media.push_audio(live.pcm.push(pcm16))
-        except MicroturnError as exc:
-            raise ServerError("invalid", str(exc), 422, "audio") from None
-        live.last_seen = time.monotonic()
-        self.metrics.audio_seconds.inc(frames / live.pcm.rate)
-
-    async def put_image(self, live: LiveSession, data: bytes) -> None:
-        """One PNG/JPEG frame for the next frame due (`MediaAssembler`). Decoding and resizing
-        (1-5 ms) run off the event loop; the connection's next message waits for it, so
-        images keep their order."""
-        if live.media is None or live.media.layout.video is None:
-            raise ServerError("invalid", "this session was opened without video (start with "
-                              "\"video\": {...})", 422, "image")
-        try:
-            frame = await asyncio.to_thread(decode_image, data, live.media.layout.video)
-        except MicroturnError as exc:
-            raise ServerError("invalid", str(exc), 422, "image") from None
-        try:
-            live.media.push_frame(frame)
-        except MicroturnError as exc:
-            raise ServerError("backpressure", str(exc), 429, "image",
-                              self.limits.max_buffered_slices) from None
-        live.last_seen = time.monotonic()
-        self.metrics.images.inc()
 
     def put_slice(self, live: LiveSession, text: str, tokens: list[int] | None,
                   slice_index: int | None, want_reply: bool) -> asyncio.Future | None:
         """Client clock: one whole slice, answered at the next tick."""
-        ids, field_name = self.tokens_of(text, tokens)
-        live.last_seen = time.monotonic()
-        if len(ids) > self.limits.max_input_tokens:
-            raise ServerError("limit", f"{len(ids)} tokens in one slice, over max_input_tokens "
-                              f"{self.limits.max_input_tokens}", 422, field_name,
-                              self.limits.max_input_tokens)
-        if len(live.requests) >= self.limits.max_buffered_slices:
-            raise ServerError("backpressure", f"{len(live.requests)} slices already wait for "
-                              f"the engine (max_buffered_slices "
-                              f"{self.limits.max_buffered_slices}); wait for outputs",
-                              429, "slice", self.limits.max_buffered_slices)
-        if slice_index is not None and slice_index != live.submitted:
-            raise ServerError("slice_order", f"slice {slice_index} sent, the next slice of "
-                              f"this session is {live.submitted}", 409, "slice",
-                              live.submitted)
+        ids = self.inputs.slice_request(live, text, tokens, slice_index)
         reply = asyncio.get_running_loop().create_future() if want_reply else None
         live.requests.append(SliceRequest(ids, time.monotonic(), reply))
         live.submitted += 1
@@ -331,6 +266,6 @@ class Scheduler:
                 asyncio.create_task(self.close(live, "idle"))
 
     def _pool_metrics(self) -> None:
-        pool = self.engine.pool
+        pool = self.engine.pool_stats()
         self.metrics.kv_blocks_used.set(pool.blocks_in_use)
-        self.metrics.kv_bytes_used.set(pool.blocks_in_use * pool.block_bytes)
+        self.metrics.kv_bytes_used.set(pool.bytes_in_use)

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from microturn.engine.timeline import Timeline
 from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
+from microturn.sequence.timeline import Timeline
 from microturn.train.logprobs import sequence_logprobs
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from microturn.engine.timeline import Timeline
+from microturn.sequence.timeline import Timeline
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class MicroturnPeer:
         self.engine.tick()
 
     def resident_bytes(self, session: int) -> int:
-        return self.engine.sessions[session].num_blocks * self.engine.pool.block_bytes
+        return self.engine.session_info(session).kv_blocks * self.engine.pool_stats().block_bytes
 
     def close(self, session: int) -> None:
         self.engine.close(session)

@@ -24,10 +24,9 @@ from functools import cached_property
 
 import torch
 
-from microturn.engine.markers import MarkerTokens
 from microturn.errors import MicroturnError
-from microturn.frontend.dmel import DMelSpec
-from microturn.frontend.video import FrameSpec
+from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.media_specs import DMelSpec, FrameSpec
 
 
 @dataclass(frozen=True)
