@@ -108,8 +108,8 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     e, family = scenario.expect, scenario.family
     if family in TIMED_FAMILIES:
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
-        if config.ack and not any(says(config.ack, ev.keywords) for ev in e.events
-                                  if ev.keywords):
+        if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
+                                                 for ev in e.events if ev.keywords):
             out[start + 1] = config.ack
         for event in e.events:
             out[event.slice] = _keyword_speech(event.keywords, chunker)
