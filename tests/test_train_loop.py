@@ -127,3 +127,21 @@ def test_cli_train_errors_in_one_line(capsys, tmp_path):
     assert cli.main(["train", "--out", str(tmp_path), "--lora-targets", "q,v"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("microturn: error: lora targets") and "\n" not in err
+
+
+def test_cli_train_runs_end_to_end(tokenizer, tmp_path, monkeypatch, capsys):
+    """The command on a tiny model (the loader patched): targets, steps, validation, files."""
+    import microturn.checkpoint.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: tiny_loaded(tokenizer))
+    args = ["train", "--out", str(tmp_path), "--steps", "2", "--families", "time,content",
+            "--per-family", "1", "--rounds", "2", "--val-per-family", "1", "--batch-size", "2",
+            "--teacher-tokens", "4", "--lora-rank", "2", "--val-every", "0"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "trained 2 steps on 4 timelines" in err and "validation at step 2" in err
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter.safetensors", "checkpoint.safetensors", "teacher.json",
+            "history.json"} <= names
+    assert cli.main(args) == 0  # resumed: already done, nothing more to train
+    assert "trained 2 steps" in capsys.readouterr().err
