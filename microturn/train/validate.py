@@ -5,6 +5,7 @@ train-split scenarios of a seed range the training data never uses, so a pass ra
 `microturn eval`'s number on templates the model has seen but draws it has not.
 """
 
+import math
 from dataclasses import dataclass
 
 from microturn.checkpoint.loader import LoadedModel
@@ -30,7 +31,10 @@ class Validation:
 
 def validate(loaded: LoadedModel, scenarios: list[Scenario], step: int,
              settings: MicroTurnSettings | None = None) -> Validation:
-    settings = settings or MicroTurnSettings(kv_budget_mb=128)
+    if settings is None:
+        settings = MicroTurnSettings()
+        settings = MicroTurnSettings(kv_budget_mb=_kv_budget_mb(loaded, scenarios,
+                                                                settings.batch))
     was_training = loaded.model.training
     loaded.model.eval()
     try:
@@ -44,3 +48,14 @@ def validate(loaded: LoadedModel, scenarios: list[Scenario], step: int,
     rates = {f: sum(v) / len(v) for f, v in by_family.items()}
     passed = sum(sum(v) for v in by_family.values())
     return Validation(step, rates, passed, len(scenarios))
+
+
+def _kv_budget_mb(loaded: LoadedModel, scenarios: list[Scenario], batch: int) -> int:
+    """Room for the `batch` longest scenarios at once (a slice: up to ~8 text and output
+    positions, 17 of audio, ~12 of video at 2 fps; plus a block of slack per session): a pool
+    too small evicts, which would change what is validated; one far too big costs its zeroing."""
+    c = loaded.config
+    per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * loaded.model.dtype.itemsize
+    sizes = sorted((sc.slices * (8 + 17 * sc.has_audio + 12 * sc.has_video) + 256
+                    for sc in scenarios), reverse=True)
+    return math.ceil(per_token * sum(sizes[:batch]) / 2**20) + 8
