@@ -7,6 +7,7 @@ from microturn.bench.peers.base import ENGINES
 from microturn.errors import MicroturnError
 from microturn.eval.run import add_eval_flags
 from microturn.server.limits import ServerLimits
+from microturn.train.command import add_train_flags
 
 
 def add_model_flags(parser: argparse.ArgumentParser, dtype: str = "fp32") -> None:
@@ -60,6 +61,12 @@ def run_bench_engine(args: argparse.Namespace) -> None:
     from microturn.bench.engine_bench import run_engine_bench
 
     run_engine_bench(args)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from microturn.train.command import run_train as train
+
+    train(args)
 
 
 def run_verify_alignment(args: argparse.Namespace) -> None:
@@ -311,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(evaluate)
     add_mode_flag(evaluate)
     evaluate.set_defaults(run=run_eval)
+
+    train = commands.add_parser(
+        "train", help="fine-tune on full-duplex target timelines (LoRA by default), validating "
+                      "with the eval's metrics")
+    add_train_flags(train)
+    add_model_flags(train, dtype="bf16")
+    add_mode_flag(train)
+    train.set_defaults(run=run_train)
 
     verify = commands.add_parser(
         "verify-alignment", help="recompute an exported session with the trainer; exit 1 if "

@@ -1,0 +1,114 @@
+"""`microturn train`: flags, then data, validation scenarios and the loop (`loop.py`).
+
+Every setting is checked before the model loads, so a bad flag costs no time. Targets are
+built (the teacher answering with the base weights) before the adapter exists or a full
+fine-tune has changed anything, and the teacher's answers are cached in the output directory,
+so a resumed run asks nothing twice.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from microturn.errors import MicroturnError
+from microturn.eval.generator import parse_families
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="checkpoint, history, plot and the trained adapter go here; a "
+                             "checkpoint already there is resumed")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, metavar="DIR",
+                      help="train on the *.json exports in DIR instead of generated targets")
+    data.add_argument("--families", default=None, help="comma-separated (default: all)")
+    data.add_argument("--per-family", type=int, default=8, help="scenarios per family per seed")
+    data.add_argument("--rounds", type=int, default=8,
+                      help="train-split seeds seed .. seed+rounds-1 make the pool")
+    data.add_argument("--seed", type=int, default=0, help="scenario seeds and data order")
+    data.add_argument("--reply-delay", type=int, default=0,
+                      help="slices between the user's last word and the reply")
+    data.add_argument("--max-output-tokens", type=int, default=4, help="per slice")
+    data.add_argument("--teacher-tokens", type=int, default=64,
+                      help="longest teacher reply, tokens")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=1000)
+    opt.add_argument("--batch-size", type=int, default=4)
+    opt.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
+    opt.add_argument("--lr", type=float, default=2e-4)
+    opt.add_argument("--warmup", type=int, default=20)
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1)
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--full", action="store_true", help="train every weight (no adapter)")
+    opt.add_argument("--lora-rank", type=int, default=8)
+    opt.add_argument("--lora-alpha", type=float, default=16.0)
+    opt.add_argument("--lora-targets", default="qkv,o,gate_up,down")
+    opt.add_argument("--train-frontend", action="store_true",
+                     help="train the audio/video front-end too (saved with the adapter)")
+    opt.add_argument("--checkpoint-every", type=int, default=50)
+    val = parser.add_argument_group("validation")
+    val.add_argument("--val-every", type=int, default=100, help="steps (0: at the end only)")
+    val.add_argument("--val-per-family", type=int, default=4,
+                     help="train-split validation scenarios per family (0: none)")
+    parser.add_argument("--no-resume", action="store_true", help="start over in --out")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from microturn.checkpoint.loader import load_model
+    from microturn.train.data import ExportExamples, TargetExamples, train_scenarios
+    from microturn.train.loop import LoopConfig, TrainingRun
+    from microturn.train.lora import LoRAConfig
+    from microturn.train.targets import TargetConfig
+    from microturn.train.teacher import ChatTeacher
+    from microturn.train.validate import VALIDATION_SEED
+
+    lora = LoRAConfig(args.lora_rank, args.lora_alpha,
+                      tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    config = LoopConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+                        lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                        weight_decay=args.weight_decay, seed=args.seed,
+                        deterministic=args.deterministic, full=args.full, lora=lora,
+                        train_frontend=args.train_frontend, validate_every=args.val_every,
+                        checkpoint_every=args.checkpoint_every)
+    targets = TargetConfig(max_output_tokens=args.max_output_tokens,
+                           reply_delay=args.reply_delay)
+    families = parse_families(args.families)
+    for name in ("per_family", "rounds"):
+        if getattr(args, name) < 1:
+            raise MicroturnError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(args, name)}")
+    if args.val_per_family < 0:
+        raise MicroturnError(f"--val-per-family must be >= 0, got {args.val_per_family}")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise MicroturnError(f"--data: {args.data} is not a directory")
+    out = Path(args.out)
+
+    loaded = load_model(args.model, args.dtype, args.device or "cpu")
+    markers = loaded.markers
+    if args.data is not None:
+        examples = ExportExamples(args.data)
+    else:
+        scenarios = train_scenarios(args.seed, args.rounds, args.per_family, families)
+        teacher = ChatTeacher(loaded, args.teacher_tokens, out / "teacher.json")
+        print(f"building {len(scenarios)} target timelines (teacher: the base model)",
+              file=sys.stderr)
+        try:
+            examples = TargetExamples.from_scenarios(scenarios, teacher, loaded.tokenizer,
+                                                     markers, targets)
+        finally:
+            teacher.save()
+    validation = (train_scenarios(VALIDATION_SEED + args.seed, 1, args.val_per_family,
+                                  families) if args.val_per_family else [])
+    run = TrainingRun(loaded, examples, config, out, validation,
+                      progress=not args.no_progress and sys.stderr.isatty())
+    history = run.train(resume=not args.no_resume)
+    seconds = sum(r.seconds for r in history)
+    tokens = sum(r.tokens for r in history)
+    print(f"trained {run.step} steps on {len(examples)} timelines: {tokens} tokens in "
+          f"{seconds:.0f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s); artifact "
+          f"{run.artifact}", file=sys.stderr)
+    if run.validations:
+        v = run.validations[-1]
+        rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(v.pass_rate.items()))
+        print(f"validation at step {v.step}: {v.overall:.0%} ({rates})", file=sys.stderr)

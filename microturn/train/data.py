@@ -1,0 +1,166 @@
+"""Training data: a pool of timeline exports, and the order the loop reads it in.
+
+Two sources, one interface (`Examples`: a length and an export per index):
+
+- `TargetExamples`: target timelines of train-split scenarios (`targets.py`), drawn from
+  seeds `seed .. seed + rounds - 1`. Targets (the teacher's words) are built up front, while
+  the model still has its base weights; exports (with rendered audio and video) on first use.
+- `ExportExamples`: a directory of `*.json` exports (engine sessions, or targets written out).
+
+The order: each epoch a permutation from (seed, epoch); the permutation is cut into buckets of
+`bucket_batches` batches, sorted by length inside a bucket (little padding), and the batches
+shuffled again. An epoch's plan depends only on (seed, epoch, lengths), so a `Position`
+(epoch, batch) is all a checkpoint needs to resume the same stream.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microturn.checkpoint.tokenizer import Tokenizer
+from microturn.errors import MicroturnError
+from microturn.eval.generator import generate
+from microturn.eval.scenario import Scenario
+from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.timeline import Timeline
+from microturn.train.batch import TimelineBatch
+from microturn.train.targets import Target, TargetConfig, build_target, target_export
+from microturn.train.teacher import Teacher
+
+
+class Examples:
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def export(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def length(self, index: int) -> int:
+        """Tokens in the example's sequence (for batching by length)."""
+        raise NotImplementedError
+
+
+class TargetExamples(Examples):
+    def __init__(self, targets: list[Target], tokenizer: Tokenizer, markers: MarkerTokens,
+                 budget: int):
+        if not targets:
+            raise MicroturnError("training data: no scenarios")
+        self.targets, self.tokenizer, self.markers = targets, tokenizer, markers
+        self.budget = budget
+        self._exports: dict[int, dict] = {}
+        self._lengths: dict[int, int] = {}
+
+    @classmethod
+    def from_scenarios(cls, scenarios: list[Scenario], teacher: Teacher, tokenizer: Tokenizer,
+                       markers: MarkerTokens, config: TargetConfig | None = None,
+                       progress: Callable[[int], None] | None = None) -> "TargetExamples":
+        config = config or TargetConfig()
+        targets = []
+        for sc in scenarios:
+            targets.append(build_target(sc, teacher, tokenizer, config))
+            if progress:
+                progress(1)
+        return cls(targets, tokenizer, markers, config.max_output_tokens)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def export(self, index: int) -> dict:
+        if index not in self._exports:
+            self._exports[index] = target_export(self.targets[index], self.tokenizer,
+                                                 self.markers, self.budget)
+        return self._exports[index]
+
+    def length(self, index: int) -> int:
+        if index not in self._lengths:
+            self._lengths[index] = len(Timeline.from_export(self.export(index)).tokens())
+        return self._lengths[index]
+
+
+class ExportExamples(Examples):
+    def __init__(self, directory: str | Path):
+        self.paths = sorted(Path(directory).glob("*.json"))
+        if not self.paths:
+            raise MicroturnError(f"{directory}: no *.json exports to train on")
+        self._lengths: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def export(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise MicroturnError(f"{path}: not a readable export ({error})") from None
+        if missing := {"markers", "turns"} - data.keys():
+            raise MicroturnError(f"{path}: export lacks {', '.join(sorted(missing))}")
+        return data
+
+    def length(self, index: int) -> int:
+        if index not in self._lengths:
+            self._lengths[index] = len(Timeline.from_export(self.export(index)).tokens())
+        return self._lengths[index]
+
+
+def train_scenarios(seed: int, rounds: int, per_family: int,
+                    families: list[str] | None = None) -> list[Scenario]:
+    """The train split's scenarios of seeds seed .. seed + rounds - 1 (never held-out)."""
+    return [sc for s in range(seed, seed + rounds)
+            for sc in generate("train", s, per_family, families)]
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: int = 0
+    batch: int = 0  # the next batch of the epoch's plan
+
+
+def epoch_plan(examples: Examples, batch_size: int, seed: int, epoch: int,
+               bucket_batches: int = 8) -> list[list[int]]:
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples)).tolist()
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start:start + bucket], key=examples.length)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def batches_from(examples: Examples, batch_size: int, seed: int,
+                 position: Position) -> Iterator[tuple[Position, list[int]]]:
+    """(the position after it, indices) of every batch from `position` on, forever."""
+    epoch, start = position.epoch, position.batch
+    while True:
+        plan = epoch_plan(examples, batch_size, seed, epoch)
+        for b in range(start, len(plan)):
+            yield Position(epoch, b + 1), plan[b]
+        epoch, start = epoch + 1, 0
+
+
+def training_batch(exports: list[dict]) -> TimelineBatch:
+    """`TimelineBatch.from_exports`, with the outputs of scripted turns (replayed speech, an
+    export's `scripted`) left out of the loss."""
+    batch = TimelineBatch.from_exports(exports)
+    mask = batch.loss_mask.clone()
+    for row, export in enumerate(exports):
+        scripted = set(export.get("scripted", ()))
+        if not scripted:
+            continue
+        timeline = Timeline.from_export(export)
+        at = 0
+        for turn in timeline.turns:
+            at += len(timeline.input_tokens(turn))
+            if turn.index in scripted:  # target t sits at mask column t - 1
+                mask[row, at - 1:at - 1 + len(turn.output_ids)] = False
+            at += len(turn.output_ids)
+    return TimelineBatch(batch.token_ids, mask, batch.lengths, batch.audio, batch.patches)
+
+
+def tokens_in(batch: TimelineBatch) -> int:
+    return int(torch.tensor(batch.lengths).sum())

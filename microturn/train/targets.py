@@ -1,0 +1,200 @@
+"""Target timelines: what an ideal interaction model says in every slice of a scenario.
+
+The scenario gives the timing, a teacher (`teacher.py`) the words. Per family:
+
+- pause, turn_taking, content: silence while the user talks (and through a pause); the reply
+  starts `reply_delay` slices after the slice of the user's last word. A content reply must
+  name the answer: if the teacher's does not, it becomes "The answer is X." (prepending the
+  keyword to a wrong answer would teach the contradiction too), in its spoken form.
+- interruption: the model's own speech (scripted, then continued) until the user's first
+  word reaches the lane, silence from that slice, the reply after the user's turn.
+- backchannel: the monologue goes on through the "mm-hm" (then the teacher's continuation of
+  it, or another of the model's monologues if the teacher says too little).
+- time and cue families: silence, an optional acknowledgement in the slice after the
+  instruction (never a keyword), and the keyword exactly in each event's slice.
+
+Speech is cut into slices of 1-3 words that fit the per-slice token budget with room for
+<end_of_slice>; a word never straddles two slices (the metrics read words per slice).
+Scripted slices (speech the eval replays as the model's earlier output) are kept as they are
+and marked, so the loss can leave them out: the model should learn to go on talking, not to
+start talking out of nothing.
+
+Only the train split may become training data: `build_target` refuses any other.
+"""
+
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from microturn.checkpoint.tokenizer import Tokenizer
+from microturn.errors import MicroturnError
+from microturn.eval.generator import ACK_SLICES
+from microturn.eval.metrics import says, takes_turn, words_of
+from microturn.eval.micro_turn import SlicedMedia, script_ids
+from microturn.eval.phrasebook import BOOKS
+from microturn.eval.scenario import Scenario
+from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline
+from microturn.train.teacher import Teacher
+
+TIMED_FAMILIES = ("time", "cue_text", "cue_audio", "cue_visual")
+DIALOGUE_FAMILIES = ("pause", "turn_taking", "content")
+ANY_SPEECH = "Now."  # what to say at an event that accepts any speech
+MORE_PROMPT = "Tell me more about this: {}"  # the teacher's prompt to go on with a monologue
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    max_output_tokens: int = 4  # per slice: the eval's budget
+    reply_delay: int = 0  # slices between the user's last word's slice and the reply
+    max_reply_words: int = 30
+    ack: str = "Okay."  # "" for none
+
+    def __post_init__(self):
+        if not 2 <= self.max_output_tokens <= 256:
+            raise MicroturnError(f"max_output_tokens must be in [2, 256], "
+                                 f"got {self.max_output_tokens}")
+        if not 0 <= self.reply_delay <= 5:
+            raise MicroturnError(f"reply_delay must be in [0, 5] slices, got {self.reply_delay}")
+        if self.max_reply_words < 4:
+            raise MicroturnError(f"max_reply_words must be >= 4 (a reply takes the turn with "
+                                 f"more than 3 words), got {self.max_reply_words}")
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: Scenario
+    outputs: tuple[str, ...]  # the ideal output text of every slice ("" is silence)
+    scripted: tuple[bool, ...]  # replayed earlier speech: fed, not learned
+
+
+class _Chunker:
+    """Cuts words into slices: 1 to `most` words, within the token budget."""
+
+    def __init__(self, tokenizer: Tokenizer, budget: int, rng: np.random.Generator):
+        self.tokenizer, self.budget, self.rng = tokenizer, budget, rng
+
+    def fits(self, text: str) -> bool:
+        n = len(self.tokenizer.encode(" " + text))
+        return n < self.budget or (n == self.budget and " " not in text)
+
+    def chunks(self, words: list[str], most: int) -> list[str]:
+        out, words = [], list(words)
+        while words:
+            take = int(self.rng.integers(1, most + 1))
+            while take > 1 and not self.fits(" ".join(words[:take])):
+                take -= 1
+            if not self.fits(words[0]):
+                break  # a word longer than a slice's budget: end the speech before it
+            out.append(" ".join(words[:take]))
+            words = words[take:]
+        return out
+
+
+def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
+                 config: TargetConfig | None = None) -> Target:
+    if scenario.split != "train":
+        raise MicroturnError(f"scenario {scenario.id}: training targets come from the train "
+                             f"split only, not {scenario.split!r}")
+    config = config or TargetConfig()
+    rng = np.random.default_rng(zlib.crc32(scenario.id.encode()))
+    chunker = _Chunker(tokenizer, config.max_output_tokens, rng)
+    spoken = scenario.spoken_slices()
+    out = [s if s is not None else "" for s in spoken]
+    scripted = [s is not None for s in spoken]
+    e, family = scenario.expect, scenario.family
+    if family in TIMED_FAMILIES:
+        start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
+        if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
+                                                 for ev in e.events if ev.keywords):
+            out[start + 1] = config.ack
+        for event in e.events:
+            out[event.slice] = _keyword_speech(event.keywords, chunker)
+    elif family in DIALOGUE_FAMILIES:
+        _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
+    elif family == "interruption":
+        _go_on(out, scripted, e.stop_onset, scenario, teacher, chunker)
+        start = max(e.turn_end + config.reply_delay, e.stop_onset + 1)
+        _reply(out, start, scenario, teacher, chunker, config)
+    elif family == "backchannel":
+        _go_on(out, scripted, scenario.slices, scenario, teacher, chunker)
+    else:
+        raise MicroturnError(f"scenario {scenario.id}: no target rule for family {family!r}")
+    return Target(scenario, tuple(out), tuple(scripted))
+
+
+def _keyword_speech(keywords: tuple[str, ...], chunker: _Chunker) -> str:
+    if not keywords:
+        return ANY_SPEECH
+    word = keywords[-1]  # the spoken form ("seven", not "7") where there are two
+    said = f"{word[0].upper()}{word[1:]}."
+    return said if chunker.fits(said) else word
+
+
+def _reply(out: list[str], start: int, sc: Scenario, teacher: Teacher, chunker: _Chunker,
+           config: TargetConfig) -> None:
+    """The teacher's answer to everything the user said, from slice `start` on."""
+    prompt = " ".join(w.text for w in sc.words)
+    room = len(out) - start
+    chunks = chunker.chunks(_clean(teacher(prompt), config.max_reply_words), 3)[:room]
+    answer = sc.expect.answer
+    if answer and not says(" ".join(chunks), answer):
+        chunks = chunker.chunks(f"The answer is {answer[-1]}.".split(), 3)[:room]
+    if not takes_turn(chunks, sc.slice_ms):  # too short to count as a reply
+        chunks = chunker.chunks(" ".join(chunks + ["Is there anything else?"]).split(), 3)
+        chunks = chunks[:room]
+    out[start:start + len(chunks)] = chunks
+
+
+def _go_on(out: list[str], scripted: list[bool], until: int, sc: Scenario, teacher: Teacher,
+           chunker: _Chunker) -> None:
+    """The model keeps talking in the unscripted slices before `until`: the rest of its
+    monologue, then the teacher's continuation of it."""
+    said = " ".join(t for t, s in zip(out, scripted, strict=True) if s).split()
+    monologue = next((m for m in BOOKS["train"].monologues if m.split()[:len(said)] == said),
+                     " ".join(said))
+    words = monologue.split()[len(said):] + _clean(teacher(MORE_PROMPT.format(monologue)), 60)
+    slots = sum(not s for s in scripted[:until])
+    book = BOOKS["train"].monologues
+    for other in book[1 + book.index(monologue) if monologue in book else 0:] + book:
+        if len(words) >= 2 * slots:
+            break
+        words += other.split()  # a curt teacher: go on with another of the model's topics
+    chunks = iter(chunker.chunks(words, 2))
+    for k in range(min(until, len(out))):
+        if not scripted[k]:
+            out[k] = next(chunks, "")
+
+
+def _clean(text: str, most: int) -> list[str]:
+    """The reply as plain spoken words: no markdown, at most `most` words, cut after the last
+    sentence that fits when there is one."""
+    words = [w for w in re.sub(r"[*#`_>|]", " ", text).split() if words_of(w)][:most]
+    ends = [i for i, w in enumerate(words) if w[-1] in ".!?"]
+    return words[:ends[-1] + 1] if ends and ends[-1] >= 3 else words
+
+
+def target_output_ids(target: Target, tokenizer: Tokenizer, markers: MarkerTokens,
+                      budget: int) -> list[list[int]]:
+    """Each slice's output ids as the engine would record them (`script_ids`)."""
+    return [script_ids(text, tokenizer, markers, budget) for text in target.outputs]
+
+
+def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, budget: int,
+                  frame_spec: FrameSpec | None = None) -> dict:
+    """The target as an engine export (`Engine.close`'s format: markers, turns, layout),
+    plus `scripted`: the indices of the turns whose output is replayed, not learned."""
+    sc, frame_spec = target.scenario, frame_spec or FrameSpec()
+    layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None)
+    media = SlicedMedia(sc, frame_spec)
+    outputs = target_output_ids(target, tokenizer, markers, budget)
+    turns = [MicroTurn(k, tokenizer.encode(" " + text) if text else [], outputs[k],
+                       media.audio(k), media.frames.get(k, []))
+             for k, text in enumerate(sc.text_slices())]
+    export = Timeline(markers, turns, layout).export()
+    export["scripted"] = [k for k, s in enumerate(target.scripted) if s]
+    export["scenario"] = sc.id
+    return export

@@ -1,0 +1,124 @@
+"""Target timelines: the ideal transcript of every family passes the benchmark's own metrics,
+and the export is what the engine would have recorded."""
+
+import dataclasses
+
+import pytest
+from test_engine import tiny_loaded
+
+from microturn import MicroturnError
+from microturn.checkpoint.loader import load_tokenizer
+from microturn.eval.generator import FAMILIES, generate
+from microturn.eval.metrics import says, score
+from microturn.sequence.timeline import Timeline
+from microturn.train.targets import (
+    TIMED_FAMILIES,
+    Target,
+    TargetConfig,
+    build_target,
+    target_export,
+)
+from microturn.train.teacher import ChatTeacher
+
+
+def chatty(prompt: str) -> str:
+    return "Sure. Here is a **short** answer to that, in a few plain words.\n\nThanks!"
+
+
+def curt(prompt: str) -> str:
+    return "No."  # misses every keyword and is too short to take the turn
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    return generate("train", seed=3, per_family=8)
+
+
+@pytest.mark.parametrize("teacher", [chatty, curt])
+def test_every_family_target_passes_the_metrics(tokenizer, scenarios, teacher):
+    for delay in (0, 1):
+        config = TargetConfig(reply_delay=delay)
+        for sc in scenarios:
+            target = build_target(sc, teacher, tokenizer, config)
+            verdict = score(sc, list(target.outputs))
+            assert verdict.passed, (sc.id, verdict.reason, target.outputs)
+            for text, replayed in zip(target.outputs, target.scripted, strict=True):
+                # a slice fits the budget with its end marker, or is one word that fills it
+                n = len(tokenizer.encode(" " + text))
+                assert replayed or not text or n < 4 or (n == 4 and " " not in text)
+    assert {sc.family for sc in scenarios} == set(FAMILIES)
+
+
+def test_targets_shifted_by_three_slices_fail_time_and_cues(tokenizer, scenarios):
+    """Negative control: the metrics see the timing, so a late target fails."""
+    for sc in scenarios:
+        if sc.family not in TIMED_FAMILIES:
+            continue
+        target = build_target(sc, chatty, tokenizer)
+        late = ("",) * 3 + target.outputs[:-3]
+        assert not score(sc, list(late)).passed, sc.id
+
+
+def test_content_reply_names_the_answer_and_scripted_speech_is_kept(tokenizer, scenarios):
+    for sc in scenarios:
+        target = build_target(sc, curt, tokenizer)
+        if sc.family == "content":
+            reply = " ".join(target.outputs[sc.expect.turn_end:])
+            assert says(reply, sc.expect.answer)
+            assert reply.strip() == "No. Is there anything else?" or "The answer is" in reply
+        if sc.spoken:
+            n = len(sc.spoken)
+            assert target.outputs[:n] == sc.spoken and all(target.scripted[:n])
+            assert not any(target.scripted[n:])
+        if sc.family == "interruption":  # silent from the slice the user's word arrives in
+            assert target.outputs[sc.expect.stop_onset] == ""
+
+
+def test_heldout_scenarios_never_become_training_data(tokenizer):
+    sc = generate("heldout", seed=0, per_family=1, families=["time"])[0]
+    with pytest.raises(MicroturnError, match="train split only"):
+        build_target(sc, chatty, tokenizer)
+    with pytest.raises(MicroturnError, match="reply_delay"):
+        TargetConfig(reply_delay=9)
+
+
+def test_export_is_the_engine_format_with_media(tokenizer, scenarios):
+    loaded = tiny_loaded(tokenizer)
+    markers = loaded.markers
+    for family in ("cue_audio", "cue_visual", "backchannel"):
+        sc = next(s for s in scenarios if s.family == family)
+        target = build_target(sc, chatty, loaded.tokenizer)
+        export = target_export(target, loaded.tokenizer, markers, 4)
+        timeline = Timeline.from_export(export)
+        assert len(timeline.turns) == sc.slices
+        decoded = [loaded.tokenizer.decode(t.output_ids) for t in timeline.turns]
+        assert [d.strip() for d in decoded] == [o.strip() for o in target.outputs]
+        silent = [t.output_ids for t, o in zip(timeline.turns, target.outputs, strict=True)
+                  if not o]
+        assert all(ids == [markers.silence] for ids in silent)
+        audio, patches = timeline.media()
+        assert (audio is not None) == sc.has_audio and (patches is not None) == sc.has_video
+        assert export["scripted"] == [k for k, s in enumerate(target.scripted) if s]
+
+
+def test_chat_teacher_answers_once_and_caches(tokenizer, tmp_path):
+    loaded = tiny_loaded(tokenizer)
+    teacher = ChatTeacher(loaded, max_tokens=5, cache_path=tmp_path / "teacher.json")
+    first = teacher("What is the capital of France?")
+    loaded.model.lm_head.weight.data.zero_()  # a second call must not reach the model
+    assert teacher("What is the capital of France?") == first
+    teacher.save()
+    again = ChatTeacher(loaded, cache_path=tmp_path / "teacher.json")
+    assert again.cache == {"What is the capital of France?": first}
+
+
+def test_target_is_a_frozen_record(tokenizer, scenarios):
+    target = build_target(scenarios[0], chatty, tokenizer)
+    assert isinstance(target, Target) and len(target.outputs) == scenarios[0].slices
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.outputs = ()

@@ -1,0 +1,146 @@
+"""`microturn train`'s loop on a tiny model: it learns a timing task, and resumes bit for bit."""
+
+import random
+
+import pytest
+import torch
+from test_engine import tiny_loaded
+
+from microturn import cli
+from microturn.checkpoint.loader import load_tokenizer
+from microturn.eval.phrasebook import NUMBER_WORDS
+from microturn.eval.scenario import Expectation, Scenario, TimedEvent, Word
+from microturn.kernels import build
+from microturn.train.data import (
+    Position,
+    TargetExamples,
+    batches_from,
+    epoch_plan,
+    training_batch,
+)
+from microturn.train.loop import LoopConfig, TrainingRun, learning_rate
+from microturn.train.lora import LoRAConfig, read_adapter
+from microturn.train.targets import TargetConfig
+
+pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")
+
+
+def speak_at(seed: int) -> Scenario:
+    """'three' arrives in slice 0: say "Go." in slice 3 exactly, silence everywhere else."""
+    k = random.Random(seed).randint(2, 4)
+    return Scenario(id=f"train-time-k{seed}", family="time", split="train", slice_ms=200,
+                    slices=k + 2, words=(Word(NUMBER_WORDS[k], 0, 150),),
+                    expect=Expectation(events=(TimedEvent(k, ("go",), 0, 0),), quiet_from=1))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def setup(tokenizer, seeds=range(200)):
+    loaded = tiny_loaded(tokenizer, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                         intermediate_size=128)
+    markers = loaded.markers
+    examples = TargetExamples.from_scenarios([speak_at(s) for s in seeds], None,
+                                             loaded.tokenizer, markers, TargetConfig(ack=""))
+    return loaded, examples
+
+
+def test_loop_learns_to_speak_at_slice_k(tokenizer, tmp_path):
+    loaded, examples = setup(tokenizer)
+    heldout = [speak_at(s) for s in range(10_000, 10_040)]  # seeds training never saw
+    config = LoopConfig(steps=70, batch_size=8, lr=5e-3, warmup=10, full=True,
+                        checkpoint_every=1000)
+    run = TrainingRun(loaded, examples, config, tmp_path, heldout, progress=False)
+    history = run.train()
+    assert history[-1].loss < 0.1 * history[0].loss
+    final = run.validations[-1]
+    assert final.step == 70 and final.overall >= 0.95, final
+    assert {"checkpoint.safetensors", "model.safetensors", "history.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+
+
+def test_resume_continues_bit_identically(tokenizer, tmp_path):
+    """LoRA (the default), gradient accumulation: 4 steps straight equal 2 steps, a new run
+    from the checkpoint, 2 more. Negative control: another data seed gives other weights."""
+    def run(out, steps, seed=0):
+        loaded, examples = setup(tokenizer, range(24))
+        config = LoopConfig(steps=steps, batch_size=3, accumulate=2, lr=1e-2, warmup=2,
+                            seed=seed, lora=LoRAConfig(rank=4, alpha=8), checkpoint_every=1)
+        trainer = TrainingRun(loaded, examples, config, out, progress=False)
+        trainer.train()
+        return trainer
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4)
+    assert resumed.step == 4 and resumed.position == straight.position
+    assert [r.loss for r in resumed.history] == [r.loss for r in straight.history]
+    for name, p in straight.params.items():
+        assert torch.equal(p, resumed.params[name]), name
+    other = run(tmp_path / "c", 4, seed=1)
+    assert any(not torch.equal(p, other.params[n]) for n, p in straight.params.items())
+    config, tensors, metadata = read_adapter(tmp_path / "a" / "adapter.safetensors")
+    assert config.rank == 4 and metadata["step"] == "4"
+    assert all(k.startswith("lora.") for k in tensors)
+
+
+def test_data_order_is_a_function_of_seed_epoch_and_position(tokenizer):
+    _, examples = setup(tokenizer, range(20))
+    plan = epoch_plan(examples, 4, seed=0, epoch=0)
+    assert sorted(i for b in plan for i in b) == list(range(20))
+    for batch in plan:  # sorted by length inside a bucket: little padding
+        lengths = [examples.length(i) for i in batch]
+        assert lengths == sorted(lengths)
+    assert epoch_plan(examples, 4, seed=0, epoch=1) != plan
+    stream = batches_from(examples, 4, 0, Position())
+    first = [next(stream) for _ in range(7)]
+    later = batches_from(examples, 4, 0, first[2][0])
+    assert [next(later) for _ in range(4)] == first[3:]
+    assert first[5][0] == Position(1, 1)  # 5 batches an epoch
+
+
+def test_scripted_speech_is_left_out_of_the_loss(tokenizer):
+    loaded, examples = setup(tokenizer, range(2))
+    export = dict(examples.export(0))
+    plain = training_batch([export])
+    export["scripted"] = [0]
+    masked = training_batch([export])
+    assert int(plain.loss_mask.sum()) - int(masked.loss_mask.sum()) == 1  # slice 0: <silence>
+
+
+def test_schedule_and_config_errors():
+    config = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 55) == pytest.approx(0.55)
+    assert learning_rate(config, 99) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(Exception, match="accumulate must be >= 1"):
+        LoopConfig(accumulate=0)
+
+
+def test_cli_train_errors_in_one_line(capsys, tmp_path):
+    assert cli.main(["train", "--out", str(tmp_path), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "microturn: error: steps must be >= 1, got 0"
+    assert cli.main(["train", "--out", str(tmp_path), "--lora-targets", "q,v"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("microturn: error: lora targets") and "\n" not in err
+
+
+def test_cli_train_runs_end_to_end(tokenizer, tmp_path, monkeypatch, capsys):
+    """The command on a tiny model (the loader patched): targets, steps, validation, files."""
+    import microturn.checkpoint.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: tiny_loaded(tokenizer))
+    args = ["train", "--out", str(tmp_path), "--steps", "2", "--families", "time,content",
+            "--per-family", "1", "--rounds", "2", "--val-per-family", "1", "--batch-size", "2",
+            "--teacher-tokens", "4", "--lora-rank", "2", "--val-every", "0"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "trained 2 steps on 4 timelines" in err and "validation at step 2" in err
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter.safetensors", "checkpoint.safetensors", "teacher.json",
+            "history.json"} <= names
+    assert cli.main(args) == 0  # resumed: already done, nothing more to train
+    assert "trained 2 steps" in capsys.readouterr().err
