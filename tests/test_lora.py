@@ -12,10 +12,12 @@ from microturn import MicroturnError
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import build
+from microturn.model.linear import Linear
 from microturn.train import TimelineBatch, verify_alignment
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import (
     LoRAConfig,
+    LoRALinear,
     add_lora,
     apply_adapter,
     load_adapter,
@@ -154,3 +156,31 @@ def test_adapter_errors_name_the_field(tokenizer, tmp_path):
         apply_adapter(loaded, tmp_path / "bad.safetensors")
     with pytest.raises(MicroturnError, match="already carries"):
         add_lora(trainer, LoRAConfig())
+
+
+def test_low_rank_backward_matches_autograd_through_the_merge():
+    """The adapter's gradients, taken in low rank, equal autograd through W + s B A in fp32;
+    a wrong scale in the reference makes the comparison fail (negative control)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, bias=False)
+    linear = Linear(48, 40, bias=False)
+    linear.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    module = LoRALinear(linear, 4, 2.0, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        module.b.normal_()
+    x = torch.randn(2, 7, 48)
+    upstream = torch.randn(2, 7, 40)
+    (module(x) * upstream).sum().backward()
+
+    def reference_grads(scale):
+        a = module.a.detach().clone().requires_grad_(True)
+        b = module.b.detach().clone().requires_grad_(True)
+        y = x @ (linear.weight + scale * b @ a).T
+        (y * upstream).sum().backward()
+        return a.grad, b.grad
+
+    ga, gb = reference_grads(2.0)
+    assert torch.allclose(module.a.grad, ga, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(module.b.grad, gb, rtol=1e-4, atol=1e-5)
+    wrong_a, _ = reference_grads(2.2)
+    assert not torch.allclose(module.a.grad, wrong_a, rtol=1e-4, atol=1e-5)

@@ -84,6 +84,35 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return build.load().pack_linear_weight(weight.detach())
 
 
+class MergedLoRA(torch.autograd.Function):
+    """y = x W'^T + bias with W' = merged_weight(W, A, B): the forward is the serving kernel on
+    the merged weight (the sampler's bits); the backward goes straight to the adapter in low
+    rank, dL/dA = s (G B)^T X and dL/dB = s G^T (X A^T), never forming the full-size dL/dW'
+    (the rounding of W' is taken as the identity, as autograd through the merge would)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, weight, bias, scale):
+        with torch.no_grad():
+            w = merged_weight(weight, a, b, scale)
+            kernels = ops.kernels_for(x)
+            y = (kernels.packed_linear(x, _pack(w), w.shape[0], bias) if kernels
+                 else torch.nn.functional.linear(x, w, bias))
+        ctx.save_for_backward(x, a, b, w)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, w = ctx.saved_tensors
+        g = grad.flatten(0, -2).float()
+        xs = x.flatten(0, -2).float()
+        grad_x = (g @ w.float()).view(*grad.shape[:-1], w.shape[1]).to(x.dtype) \
+            if ctx.needs_input_grad[0] else None
+        grad_a = ctx.scale * (g @ b).T @ xs if ctx.needs_input_grad[1] else None
+        grad_b = ctx.scale * g.T @ (xs @ a.T) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, None, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen `Linear` and its adapter; the forward runs the merged weight through the
     packed kernel, exactly as the engine will run the merged `Linear`."""
@@ -100,8 +129,11 @@ class LoRALinear(nn.Module):
         return merged_weight(self.base.weight, self.a, self.b, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.merged_weight()
-        return ops.linear(x, w, self.base.bias, lambda: _pack(w))
+        if not torch.is_grad_enabled():
+            w = self.merged_weight()
+            return ops.linear(x, w, self.base.bias, lambda: _pack(w))
+        return MergedLoRA.apply(x, self.a, self.b, self.base.weight, self.base.bias, self.scale)
+
 
     def merged_linear(self) -> Linear:
         """A plain `Linear` holding the merged weight (built on meta: no second allocation)."""
