@@ -100,8 +100,9 @@ def run_train(args: argparse.Namespace) -> None:
             teacher.save()
     validation = (train_scenarios(VALIDATION_SEED + args.seed, 1, args.val_per_family,
                                   families) if args.val_per_family else [])
-    run = TrainingRun(loaded, examples, config, out, validation,
-                      progress=not args.no_progress and sys.stderr.isatty())
+    interactive = not args.no_progress and sys.stderr.isatty()
+    run = TrainingRun(loaded, examples, config, out, validation, progress=interactive,
+                      log_every=0 if interactive or args.no_progress else 10)
     history = run.train(resume=not args.no_resume)
     seconds = sum(r.seconds for r in history)
     tokens = sum(r.tokens for r in history)

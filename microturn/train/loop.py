@@ -17,6 +17,7 @@ position: a resumed run continues bit for bit), `history.json`, the final artifa
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,10 +93,11 @@ class StepRecord:
 class TrainingRun:
     def __init__(self, loaded: LoadedModel, examples: Examples, config: LoopConfig,
                  out_dir: str | Path, validation: list[Scenario] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, log_every: int = 0):
         self.loaded, self.examples, self.config = loaded, examples, config
         self.out_dir = Path(out_dir)
         self.validation, self.show_progress = validation or [], progress
+        self.log_every = log_every
         model = loaded.model
         needs_frontend = config.train_frontend or any(
             sc.has_audio or sc.has_video for sc in self.validation) or _has_media(examples)
@@ -124,7 +126,7 @@ class TrainingRun:
             self.load(self.out_dir / CHECKPOINT)
         c = self.config
         stream = batches_from(self.examples, c.batch_size, c.seed, self.position)
-        with _Progress(self.show_progress, c.steps, self.step) as bar:
+        with _Progress(self.show_progress, c.steps, self.step, self.log_every) as bar:
             while self.step < c.steps:
                 record = self._optimizer_step(stream)
                 self.history.append(record)
@@ -257,10 +259,12 @@ def _has_media(examples: Examples) -> bool:
 
 
 class _Progress:
-    """A rich progress bar with loss and tokens/s, or nothing (tests, pipes)."""
+    """A rich progress bar with loss and tokens/s; without a terminal (a background run's
+    log), one plain line every `log_every` steps instead (0: silent, as in tests)."""
 
-    def __init__(self, enabled: bool, total: int, done: int):
+    def __init__(self, enabled: bool, total: int, done: int, log_every: int = 0):
         self.enabled, self.total, self.done = enabled, total, done
+        self.log_every = log_every
         self.tokens, self.seconds = 0, 0.0
 
     def __enter__(self):
@@ -287,12 +291,18 @@ class _Progress:
         if self.enabled:
             self.bar.update(self.task, completed=record.step, loss=f"{record.loss:.4f}",
                             speed=f"{self.tokens / self.seconds:.0f}")
+        elif self.log_every and record.step % self.log_every == 0:
+            print(f"step {record.step}/{self.total} loss {record.loss:.4f} lr {record.lr:.2e} "
+                  f"grad-norm {record.grad_norm:.2f} {self.tokens / self.seconds:.0f} tok/s",
+                  file=sys.stderr, flush=True)
 
     def note(self, validation: Validation) -> None:
+        rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(validation.pass_rate.items()))
+        line = f"step {validation.step}: validation {validation.overall:.0%} ({rates})"
         if self.enabled:
-            rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(validation.pass_rate.items()))
-            self.bar.console.print(f"step {validation.step}: validation "
-                                   f"{validation.overall:.0%} ({rates})")
+            self.bar.console.print(line)
+        elif self.log_every:
+            print(line, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self.enabled:
