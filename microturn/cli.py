@@ -19,6 +19,13 @@ def add_model_flags(parser: argparse.ArgumentParser, dtype: str = "fp32") -> Non
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
 
+def add_adapter_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default="default", metavar="PATH|default|none",
+                        help="LoRA adapter merged into the model: default = the shipped "
+                             "interaction model (with the default checkpoint), none = the base "
+                             "model, or an adapter file from `microturn train`")
+
+
 def add_mode_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                         help="batch-invariant kernels for every op, so log-probabilities are "
@@ -73,7 +80,7 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from microturn.checkpoint.loader import load_model
+    from microturn.checkpoint.shipped import load_interaction_model
     from microturn.sequence.markers import MarkerTokens
     from microturn.train import verify_alignment
 
@@ -88,7 +95,7 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
     except (ValueError, KeyError, TypeError) as exc:
         raise MicroturnError(f"{args.session_file}: not a session export from the engine "
                              f"({type(exc).__name__}: {exc})") from exc
-    loaded = load_model(args.model, dtype, "cpu")
+    loaded = load_interaction_model(args.model, args.adapter, dtype, "cpu")
     if loaded.markers != markers:
         raise MicroturnError(f"{args.session_file}: its marker tokens {markers} are not this "
                              "model's; pass the --model it was recorded with")
@@ -240,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mode_flag(gen)
     gen.set_defaults(run=run_generate)
 
-    demo = commands.add_parser("demo", help="scripted sessions served live in micro-turns")
+    demo = commands.add_parser("demo", help="one session per behaviour (pause, reply, "
+                                            "interruption, reminder, beep, colour), served live")
     demo.add_argument("--slice-ms", type=int, default=200)
     demo.add_argument("--max-output-tokens", type=int, default=4)
     demo.add_argument("--extra-slices", type=int, default=2, help="silent slices at the end")
@@ -250,13 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--export-dir", default=None, metavar="DIR",
                       help="write each session's export (timeline + sampler log-probabilities) "
                            "as DIR/NAME.json, for `microturn verify-alignment`")
+    demo.add_argument("--fast", action="store_true", help="tick as fast as it runs, not on "
+                                                          "the slice clock")
     add_model_flags(demo, dtype="bf16")
+    add_adapter_flag(demo)
     add_mode_flag(demo)
     demo.set_defaults(run=run_demo)
 
     serve = commands.add_parser("serve", help="serve streaming sessions over WebSocket and HTTP")
     add_serve_flags(serve)
     add_model_flags(serve, dtype="bf16")
+    add_adapter_flag(serve)
     add_mode_flag(serve)
     serve.set_defaults(run=run_serve)
 
@@ -316,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="interactivity: timing behaviour of micro-turn mode beside a turn-based "
                      "VAD harness, scored on scenarios")
     add_eval_flags(evaluate)
+    add_adapter_flag(evaluate)
     add_mode_flag(evaluate)
     evaluate.set_defaults(run=run_eval)
 
@@ -333,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("session_file", metavar="SESSION_FILE")
     verify.add_argument("--model", default=None, metavar="PATH",
                         help="the checkpoint the session ran on (default: the default model)")
+    add_adapter_flag(verify)
     verify.set_defaults(run=run_verify_alignment)
     return parser
 

@@ -1,11 +1,11 @@
-"""`microturn demo`: scripted sessions streaming text word by word, served in real time.
+"""`microturn demo`: one session per behaviour, served together in real time.
 
-Every slice (default 200 ms) each session receives the words that "arrived" in that slice (or
-silence), the engine runs one tick for all of them, and the live view prints both lanes of
-every session and the tick's latency against the deadline.
-
-The default model is a chat model that has never seen micro-turns, so what it says is not yet
-conversation; the demo shows the machinery: the clock, the two lanes, the latency budget.
+The sessions are held-out benchmark scenarios (`microturn.eval`): a pause inside a sentence, a
+question to answer, being talked over, a timed reminder, a beep in the audio, a colour change
+in the video. Every slice each session gets what arrived in it (words, dMel, frames, or the
+model's own earlier speech where the scenario scripts it), the engine runs ONE tick for all of
+them, and the live view prints each session's two lanes and the tick's latency against the
+deadline. At the end each session is scored by the benchmark's own metric.
 """
 
 import argparse
@@ -13,61 +13,130 @@ import json
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from microturn.checkpoint.loader import load_model
+from microturn.checkpoint.shipped import load_interaction_model, resolve_adapter
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.lanes import lane_row, latency_mark
+from microturn.errors import MicroturnError
+from microturn.eval.generator import generate
+from microturn.eval.metrics import score
+from microturn.eval.micro_turn import SlicedMedia, script_ids
+from microturn.eval.scenario import Scenario
+from microturn.lanes import latency_mark
 from microturn.sampling import SamplingParams
+from microturn.sequence.media_specs import FrameSpec
 
-# What arrives in each slice, separated by "|"; an empty slice is silence.
-SCRIPTS = {
-    "ana": "Hi there! | | Could you tell me | what the capital of France is? | | | |",
-    "ben": "I will count | to five: one, | two, | three, | four, | five. | | Done!",
-    "cleo": "| | | Sorry to | interrupt, | is anyone | listening? | |",
-}
+# session name -> (family, longest scenario in slices): short enough to watch
+SESSIONS = {"pause": ("pause", 40), "reply": ("content", 30), "interrupt": ("interruption", 40),
+            "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40)}
 
 
-def slices_of(script: str) -> list[str]:
-    return [part.strip() for part in script.split("|")]
+@dataclass
+class DemoSession:
+    name: str
+    scenario: Scenario
+    handle: int
+    media: SlicedMedia
+    text: list[str]
+    spoken: list[str | None]
+
+
+def pick(family: str, longest: int, slice_ms: int) -> Scenario:
+    """The first held-out scenario of `family` (seeds 0, 1, ...) that fits in `longest`."""
+    for seed in range(100):
+        scenario = generate("heldout", seed, 1, [family], slice_ms)[0]
+        if scenario.slices <= longest:
+            return scenario
+    raise MicroturnError(f"no {family} scenario of at most {longest} slices")
 
 
 def run_demo(args: argparse.Namespace) -> None:
     console = Console(highlight=False, soft_wrap=True)
     with console.status("loading the model"):
-        loaded = load_model(args.model, args.dtype, "cpu")
+        loaded = load_interaction_model(args.model, args.adapter, args.dtype, "cpu")
     engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb))
-    tokenizer = loaded.tokenizer
-    scripts = {name: slices_of(words) for name, words in SCRIPTS.items()}
-    sessions = {name: engine.open(session_params(args, i)) for i, name in enumerate(scripts)}
-    turns = max(len(s) for s in scripts.values()) + args.extra_slices
-    deadline = args.slice_ms / 1e3
-    engine.warm_up()  # not shown: the first tick loads kernels and packs weights
-    console.print(f"[bold]microturn demo[/]: {len(sessions)} sessions, {args.slice_ms} ms slices, "
-                  f"up to {args.max_output_tokens} output tokens per slice, {args.dtype}, "
-                  f"{loaded.path.name}")
+    tokenizer, markers, budget = loaded.tokenizer, engine.markers, args.max_output_tokens
+    frames = FrameSpec()
+    sessions = []
+    for i, (name, (family, longest)) in enumerate(SESSIONS.items()):
+        sc = pick(family, longest, args.slice_ms)
+        params = SessionParams(max_output_tokens=budget, slice_ms=args.slice_ms,
+                               sampling=SamplingParams(temperature=args.temperature,
+                                                       seed=args.seed + i),
+                               audio=sc.has_audio, video=frames if sc.has_video else None)
+        sessions.append(DemoSession(name, sc, engine.open(params), SlicedMedia(sc, frames),
+                                    sc.text_slices(), sc.spoken_slices()))
+    engine.warm_up(media=True)  # not shown: the first tick loads kernels and packs weights
+    adapter = resolve_adapter(args.model, args.adapter)
+    adapter = adapter.name if adapter else "none (the base model)"
+    console.print(f"[bold]microturn demo[/]: {len(sessions)} sessions, {args.slice_ms} ms "
+                  f"slices, up to {budget} output tokens a slice, {args.dtype}, "
+                  f"{loaded.path.name}, adapter {adapter}")
+    for s in sessions:
+        words = " ".join(w.text for w in s.scenario.words)
+        console.print(f"  [bold]{s.name:>9}[/]: {escape(words)}  "
+                      f"[dim]({escape(s.scenario.note)})[/]")
+    turns = max(s.scenario.slices for s in sessions) + args.extra_slices
+    outputs = {s.name: [] for s in sessions}
     latencies, misses = [], 0
     next_tick = time.perf_counter()
     for k in range(turns):
-        inputs = {name: (script[k] if k < len(script) else "") for name, script in
-                  scripts.items()}
-        for name, text in inputs.items():
-            engine.append(sessions[name], tokenizer.encode(" " + text) if text else [])
+        for s in sessions:
+            heard = s.text[k] if k < s.scenario.slices else ""
+            ids = tokenizer.encode(" " + heard) if heard else []
+            spoken = s.spoken[k] if k < s.scenario.slices else None
+            scripted = None if spoken is None else script_ids(spoken, tokenizer, markers, budget)
+            engine.append(s.handle, ids, s.media.audio(k) if k < s.scenario.slices else None,
+                          s.media.frames.get(k, []), scripted)
         started = time.perf_counter()
-        outputs = engine.tick()
+        result = engine.tick()
         latency = time.perf_counter() - started
         latencies.append(latency)
-        missed = latency > deadline
-        misses += missed
+        misses += latency > args.slice_ms / 1e3
         console.print(f"[bold]slice {k:2d}[/] tick {latency_mark(latency * 1e3, args.slice_ms)}")
-        for name, sid in sessions.items():
-            console.print(lane_row(inputs[name], tokenizer.decode(outputs[sid].output_ids),
-                                   name))
-        next_tick += deadline
-        time.sleep(max(0.0, next_tick - time.perf_counter()))
+        for s in sessions:
+            said = tokenizer.decode(result[s.handle].output_ids)
+            outputs[s.name].append(said)
+            heard = s.text[k] if k < s.scenario.slices else ""
+            if heard or said.strip() or _event(s.scenario, k):
+                console.print(_row(s, k, heard, said))
+        if not args.fast:
+            next_tick += args.slice_ms / 1e3
+            time.sleep(max(0.0, next_tick - time.perf_counter()))
+    _summary(console, engine, sessions, outputs, latencies, misses, turns, args)
+
+
+def _row(s: DemoSession, k: int, heard: str, said: str) -> str:
+    mark = _event(s.scenario, k)
+    cell = escape(f"{heard:<30}") if heard else f"[dim]{'· silence ·':<30}[/]"
+    own = "[dim](scripted)[/] " if k < s.scenario.slices and s.spoken[k] is not None else ""
+    return (f"   {s.name:>9} [cyan]in[/] {cell} [magenta]out[/] {own}{escape(repr(said))}"
+            + (f" [yellow]{escape(mark)}[/]" if mark else ""))
+
+
+def _event(sc: Scenario, k: int) -> str:
+    e = sc.expect
+    marks = {e.turn_end: "← the user is done", e.stop_onset: "← talked over",
+             e.keep_talking: "← backchannel"}
+    if e.hold is not None and sc.family == "pause":
+        marks[e.hold[0]] = "← pause"
+    for event in e.events:
+        marks[event.slice] = f"← now: {'/'.join(event.keywords) or 'anything'}"
+    return marks.get(k, "")
+
+
+def _summary(console, engine, sessions, outputs, latencies, misses, turns, args) -> None:
+    console.print("\n[bold]what each session shows[/] (scored by the benchmark's metric):")
+    for s in sessions:
+        verdict = score(s.scenario, outputs[s.name][:s.scenario.slices])
+        colour = "green" if verdict.passed else "red"
+        console.print(f"  {s.name:>9} ({s.scenario.family}): [{colour}]"
+                      f"{'pass' if verdict.passed else 'fail'}[/] — {escape(verdict.reason)}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pool = engine.pool_stats()
     ms = sorted(x * 1e3 for x in latencies)
@@ -75,20 +144,13 @@ def run_demo(args: argparse.Namespace) -> None:
         f"\n[bold]summary[/]: {turns} ticks; tick latency p50 {statistics.median(ms):.0f} ms, "
         f"p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.0f} ms against a {args.slice_ms} ms "
         f"deadline; {misses} deadline misses; KV pool {pool.blocks_in_use}/{pool.blocks_total} "
-        f"blocks ({pool.bytes_in_use / 2**20:.1f} MiB of "
-        f"{pool.bytes_total / 2**20:.0f} MiB); peak RSS {rss:.0f} MiB")
-    exports = {name: engine.close(sid) for name, sid in sessions.items()}
+        f"blocks ({pool.bytes_in_use / 2**20:.1f} MiB of {pool.bytes_total / 2**20:.0f} MiB); "
+        f"peak RSS {rss:.0f} MiB")
+    exports = {s.name: engine.close(s.handle) for s in sessions}
     if args.export_dir:
         folder = Path(args.export_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, export in exports.items():
             (folder / f"{name}.json").write_text(json.dumps(export))
         console.print(f"exported {len(exports)} sessions to {folder}/ "
-                      f"(check one: microturn verify-alignment {folder}/ana.json"
-                      f"{' --model ' + str(args.model) if args.model else ''})")
-
-
-def session_params(args: argparse.Namespace, index: int) -> SessionParams:
-    return SessionParams(max_output_tokens=args.max_output_tokens, slice_ms=args.slice_ms,
-                         sampling=SamplingParams(temperature=args.temperature,
-                                                 seed=args.seed + index))
+                      f"(check one: microturn verify-alignment {folder}/reply.json)")

@@ -12,15 +12,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_runs_summarises_and_its_sessions_verify(tmp_path):
-    result = run_cli("demo", "--extra-slices", "0", "--temperature", "0.8",
+    result = run_cli("demo", "--extra-slices", "0", "--temperature", "0.8", "--fast",
                      "--export-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "slice  0" in out and "ana" in out and "silence" in out
+    assert "slice  0" in out and "reply" in out and "silence" in out
+    for behaviour in ("pause", "interrupt", "reminder", "beep", "colour"):
+        assert f"{behaviour} (" in out  # each session's verdict by the benchmark's metric
     assert "summary" in out and "deadline misses" in out and "KV pool" in out
-    assert "exported 3 sessions" in out
+    assert "exported 6 sessions" in out
 
-    session = tmp_path / "ana.json"
+    session = tmp_path / "reply.json"
     verified = run_cli("verify-alignment", str(session))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "first differing position: none" in verified.stdout

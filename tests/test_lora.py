@@ -9,6 +9,7 @@ from test_determinism import stream_target
 from test_engine import tiny_loaded
 
 from microturn import MicroturnError
+from microturn.checkpoint.adapter import LoRAConfig, apply_adapter, read_adapter
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import build
@@ -16,13 +17,10 @@ from microturn.model.linear import Linear
 from microturn.train import TimelineBatch, verify_alignment
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import (
-    LoRAConfig,
     LoRALinear,
     add_lora,
-    apply_adapter,
     load_adapter,
     lora_modules,
-    read_adapter,
     save_adapter,
     serving,
 )

@@ -7,6 +7,7 @@ import torch
 from test_engine import tiny_loaded
 
 from microturn import cli
+from microturn.checkpoint.adapter import LoRAConfig, read_adapter
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.eval.phrasebook import NUMBER_WORDS
 from microturn.eval.scenario import Expectation, Scenario, TimedEvent, Word
@@ -19,7 +20,6 @@ from microturn.train.data import (
     training_batch,
 )
 from microturn.train.loop import LoopConfig, TrainingRun, learning_rate
-from microturn.train.lora import LoRAConfig, read_adapter
 from microturn.train.targets import TargetConfig
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")

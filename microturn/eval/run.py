@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from microturn.checkpoint.loader import load_checkpoint, load_model
+from microturn.checkpoint.shipped import load_interaction_model, resolve_adapter
 from microturn.errors import MicroturnError
 from microturn.eval.generator import generate, parse_families
 from microturn.eval.metrics import score
@@ -37,10 +38,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     micro = MicroTurnSettings(max_output_tokens=args.max_output_tokens, batch=args.batch)
     turn = TurnBasedSettings(silence_timeout_ms=args.silence_timeout_ms,
                              max_output_tokens=args.max_output_tokens)
+    adapter = resolve_adapter(args.model, args.adapter)
     with console.status("loading models"):
         base = load_model(args.base_model, args.dtype, "cpu")
-        tested = base if args.model in (None, args.base_model) else \
-            load_model(args.model, args.dtype, "cpu")
+        tested = base if args.model in (None, args.base_model) and adapter is None else \
+            load_interaction_model(args.model, str(adapter or "none"), args.dtype, "cpu")
         # the turn-based harness runs the checkpoint as trained: no marker rows to sample
         chat = load_checkpoint(args.base_model, args.dtype, "cpu") \
             if "turn-based" in systems else None
@@ -66,14 +68,16 @@ def run_eval(args: argparse.Namespace) -> dict:
     table = summarise(verdicts)
     counts = {f: sum(sc.family == f for sc in scenarios) for f in dict.fromkeys(
         sc.family for sc in scenarios)}
+    tested_name = tested.path.name + (f" + {adapter.name}" if adapter else "")
     title = (f"microturn eval: {args.split} split, seed {args.seed}, {len(scenarios)} scenarios "
-             f"({args.per_family} per family); model {tested.path.name}, base {base.path.name}")
+             f"({args.per_family} per family); model {tested_name}, base {base.path.name}")
     print_table(console, table, title)
     console.print("run time: " + ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items()))
     if tested is base and {"microturn", "raw"} <= set(systems):
-        console.print("[dim]microturn and raw ran the same weights (no --model): one run[/]")
+        console.print("[dim]microturn and raw ran the same weights (no adapter): one run[/]")
     meta = {"split": args.split, "seed": args.seed, "per_family": args.per_family,
             "families": counts, "model": str(tested.path), "base_model": str(base.path),
+            "adapter": str(adapter) if adapter else None,
             "dtype": args.dtype, "micro_turn": vars(micro), "turn_based": vars(turn),
             "seconds": seconds, "markdown": markdown_table(table)}
     if args.json:
@@ -111,7 +115,8 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-family", type=int, default=30, help="scenarios per family")
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="the model under test in micro-turn mode (default: the base)")
+                        help="the checkpoint under test in micro-turn mode, with --adapter "
+                             "(default: the shipped interaction model)")
     parser.add_argument("--base-model", default=None, metavar="PATH",
                         help="the base model of the turn-based harness and raw (default: "
                              "SmolLM2-135M-Instruct)")

@@ -13,7 +13,7 @@ import sys
 
 import uvicorn
 
-from microturn.checkpoint.loader import load_model
+from microturn.checkpoint.shipped import load_interaction_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.torch_thread import run_on_torch_thread
 from microturn.server.app import create_app
@@ -59,7 +59,8 @@ def run_serve(args: argparse.Namespace) -> None:
                           idle_timeout_s=args.idle_timeout)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
     # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
-    loaded = run_on_torch_thread(load_model, args.model, args.dtype, args.device)
+    loaded = run_on_torch_thread(load_interaction_model, args.model, args.adapter,
+                                 args.dtype, args.device)
     engine = run_on_torch_thread(Engine, loaded, EngineConfig(
         kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
     run_on_torch_thread(engine.warm_up, media=True)

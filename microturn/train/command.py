@@ -55,10 +55,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from microturn.checkpoint.adapter import LoRAConfig
     from microturn.checkpoint.loader import load_model
     from microturn.train.data import ExportExamples, TargetExamples, train_scenarios
     from microturn.train.loop import LoopConfig, TrainingRun
-    from microturn.train.lora import LoRAConfig
     from microturn.train.targets import TargetConfig
     from microturn.train.teacher import ChatTeacher
     from microturn.train.validate import VALIDATION_SEED

@@ -26,12 +26,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from microturn.checkpoint.adapter import LoRAConfig
 from microturn.checkpoint.loader import LoadedModel
 from microturn.errors import MicroturnError
 from microturn.eval.scenario import Scenario
 from microturn.train.data import Examples, Position, batches_from, tokens_in, training_batch
 from microturn.train.logprobs import sequence_logprobs
-from microturn.train.lora import LoRAConfig, add_lora, lora_modules, save_adapter
+from microturn.train.lora import add_lora, lora_modules, save_adapter
 from microturn.train.validate import Validation, validate
 
 CHECKPOINT = "checkpoint.safetensors"

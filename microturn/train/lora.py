@@ -1,87 +1,38 @@
 """LoRA on the model's own fused linears (qkv, o, gate_up, down), merged in the forward.
 
-The engine serves MERGED weights: W' = round_to_dtype(W + scale * B A), computed once when an
-adapter is applied (`apply_adapter`), then packed and streamed exactly like a base weight, so
-serving an adapted model costs nothing extra. For the sampler's log-probabilities to stay the
-trainer's bit for bit, the trainer's forward computes that same W' every step (`merged_weight`,
-autograd through the merge so the gradient reaches A and B) and runs it through the same
-packed kernel. Two details make W' the same bits wherever it is computed:
-
-- B A goes through our row-invariant linear kernel (one FMA chain over the rank per output),
-  not a library matmul whose blocking may change with the thread count;
-- the scale and the add are separate elementwise ops (each rounds once in every lane), then a
-  single rounding to the model's dtype.
-
-A and B are fp32 whatever the model's dtype; base weights stay frozen. An adapter file is one
-safetensors file: `lora.<module>.a|b`, optionally the trained front-end (`frontend.*`), and
-the `LoRAConfig` in its metadata.
+The engine serves MERGED weights (`checkpoint/adapter.py`: W' = round(W + s B A), computed
+once). For the sampler's log-probabilities to stay the trainer's bit for bit, the trainer's
+forward computes that same W' every step (`merged_weight`) and runs it through the same packed
+kernel; the backward reaches A and B in low rank (`MergedLoRA`). A and B are fp32 whatever the
+model's dtype; base weights stay frozen.
 """
 
 import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from microturn.checkpoint.loader import LoadedModel
+from microturn.checkpoint.adapter import (
+    FORMAT,
+    TARGETS,
+    LoRAConfig,
+    load_frontend_tensors,
+    merged_weight,
+    pack,
+    read_adapter,
+    shape_of,
+    take,
+)
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
-from microturn.kernels import build, ops, policy
+from microturn.kernels import ops
 from microturn.model.decoder import Decoder
 from microturn.model.linear import Linear
-
-FORMAT = "microturn-lora"
-# target name -> (submodule of a decoder layer, linear inside it)
-TARGETS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
-           "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = tuple(TARGETS)
-    seed: int = 0  # A's initialisation (B starts at zero: the adapted model starts as the base)
-
-    def __post_init__(self):
-        if not 1 <= self.rank <= 1024:
-            raise MicroturnError(f"lora rank must be in [1, 1024], got {self.rank}")
-        if not self.alpha > 0:
-            raise MicroturnError(f"lora alpha must be > 0, got {self.alpha}")
-        if not self.targets or (bad := set(self.targets) - set(TARGETS)):
-            raise MicroturnError(f"lora targets: unknown {sorted(bad) if self.targets else '()'};"
-                                 f" choose from {', '.join(TARGETS)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "LoRAConfig":
-        data = json.loads(text)
-        return cls(**(data | {"targets": tuple(data["targets"])}))
-
-
-def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-    """W + scale * (B A) in fp32, rounded to W's dtype once: the weight the engine serves."""
-    a_t = a.t().contiguous()  # B A = linear(x=B, weight=A^T): rows of B, one chain over rank
-    with policy.deterministic_mode(True):
-        delta = ops.linear(b, a_t, None, lambda: _pack(a_t))
-    return (weight.float() + delta * scale).to(weight.dtype)
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return build.load().pack_linear_weight(weight.detach())
 
 
 class MergedLoRA(torch.autograd.Function):
@@ -95,7 +46,7 @@ class MergedLoRA(torch.autograd.Function):
         with torch.no_grad():
             w = merged_weight(weight, a, b, scale)
             kernels = ops.kernels_for(x)
-            y = (kernels.packed_linear(x, _pack(w), w.shape[0], bias) if kernels
+            y = (kernels.packed_linear(x, pack(w), w.shape[0], bias) if kernels
                  else torch.nn.functional.linear(x, w, bias))
         ctx.save_for_backward(x, a, b, w)
         ctx.scale = scale
@@ -131,7 +82,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             w = self.merged_weight()
-            return ops.linear(x, w, self.base.bias, lambda: _pack(w))
+            return ops.linear(x, w, self.base.bias, lambda: pack(w))
         return MergedLoRA.apply(x, self.a, self.b, self.base.weight, self.base.bias, self.scale)
 
 
@@ -199,22 +150,8 @@ def save_adapter(path: str | Path, model: Decoder, config: LoRAConfig,
         tensors |= {f"frontend.{k}": v.detach().contiguous()
                     for k, v in frontend.state_dict().items()}
     info = {"format": FORMAT, "config": config.to_json(),
-            "base": json.dumps(_shape_of(model))} | (metadata or {})
+            "base": json.dumps(shape_of(model))} | (metadata or {})
     save_file(tensors, str(path), info)
-
-
-def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict]:
-    """(config, tensors, metadata) of an adapter file, refusing anything else by name."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:  # safetensors raises its own types for a corrupt file
-        raise MicroturnError(f"{path}: not a readable safetensors file ({error})") from None
-    if metadata.get("format") != FORMAT:
-        raise MicroturnError(f"{path}: not a microturn LoRA adapter (format "
-                             f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    return LoRAConfig.from_json(metadata["config"]), tensors, metadata
 
 
 def load_adapter(path: str | Path, model: Decoder,
@@ -225,62 +162,7 @@ def load_adapter(path: str | Path, model: Decoder,
     modules = lora_modules(model)
     with torch.no_grad():
         for name, module in modules.items():
-            module.a.copy_(_take(tensors, f"lora.{name}.a", module.a.shape, path))
-            module.b.copy_(_take(tensors, f"lora.{name}.b", module.b.shape, path))
-    _load_frontend(tensors, frontend, path)
+            module.a.copy_(take(tensors, f"lora.{name}.a", module.a.shape, path))
+            module.b.copy_(take(tensors, f"lora.{name}.b", module.b.shape, path))
+    load_frontend_tensors(tensors, frontend, path)
     return config
-
-
-def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
-    """Merge an adapter into a loaded model for serving (in place): each target `Linear`
-    gets W' = `merged_weight`, the same bits the trainer's forward ran. The front-end, when
-    the file has one, becomes the model's."""
-    config, tensors, _ = read_adapter(path)
-    model = loaded.model
-    if lora_modules(model):
-        raise MicroturnError("apply_adapter: the model carries unmerged adapters")
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            for target in config.targets:
-                owner, attr = TARGETS[target]
-                linear = getattr(getattr(layer, owner), attr)
-                name = f"lora.layers.{i}.{owner}.{attr}"
-                rank = config.rank
-                a = _take(tensors, f"{name}.a", (rank, linear.in_features), path)
-                b = _take(tensors, f"{name}.b", (linear.out_features, rank), path)
-                merged = merged_weight(linear.weight, a.to(linear.weight.device),
-                                       b.to(linear.weight.device), config.scale)
-                linear.weight = nn.Parameter(merged, requires_grad=False)  # repacks panels
-    if any(k.startswith("frontend.") for k in tensors):
-        frontend = loaded.load_frontend()  # replaced by the adapter's weights below
-        _load_frontend(tensors, frontend, path)
-        frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)
-    return config
-
-
-def _take(tensors: dict, name: str, shape, path) -> torch.Tensor:
-    if name not in tensors:
-        raise MicroturnError(f"{path}: adapter lacks {name}")
-    if tuple(tensors[name].shape) != tuple(shape):
-        raise MicroturnError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, this "
-                             f"model needs {tuple(shape)}")
-    return tensors[name]
-
-
-def _load_frontend(tensors: dict, frontend: FrontEnd | None, path) -> None:
-    state = {k.removeprefix("frontend."): v for k, v in tensors.items()
-             if k.startswith("frontend.")}
-    if not state or frontend is None:
-        return
-    if missing := set(frontend.state_dict()) ^ set(state):
-        raise MicroturnError(f"{path}: front-end weights do not match this model "
-                             f"(mismatched tensors: {', '.join(sorted(missing))})")
-    with torch.no_grad():
-        for name, value in frontend.state_dict().items():
-            value.copy_(state[name])
-
-
-def _shape_of(model: Decoder) -> dict:
-    c = model.config
-    return {"hidden_size": c.hidden_size, "num_layers": c.num_layers,
-            "vocab_size": c.vocab_size}
