@@ -33,6 +33,7 @@ from microturn.eval.scenario import Scenario
 from microturn.train.data import Examples, Position, batches_from, tokens_in, training_batch
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import add_lora, lora_modules, save_adapter
+from microturn.train.optimizer_state import load_optimizer, optimizer_tensors
 from microturn.train.validate import Validation, validate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -181,13 +182,11 @@ class TrainingRun:
         """Trainable weights, optimizer state, step and data position, in one file (written
         beside and renamed, so an interrupted save leaves the last checkpoint whole)."""
         tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
-        state = self.optimizer.state_dict()
-        for index, slots in state["state"].items():
-            for key, value in slots.items():
-                tensors[f"optimizer.{index}.{key}"] = value.contiguous()
+        optimizer, param_groups = optimizer_tensors(self.optimizer)
+        tensors |= optimizer
         metadata = {"step": str(self.step), "epoch": str(self.position.epoch),
                     "batch": str(self.position.batch), "config": self.config.to_json(),
-                    "param_groups": json.dumps(state["param_groups"]),
+                    "param_groups": param_groups,
                     "history": json.dumps([asdict(r) for r in self.history]),
                     "validations": json.dumps([asdict(v) for v in self.validations])}
         partial = path.with_suffix(".partial")
@@ -212,13 +211,7 @@ class TrainingRun:
                 if f"param.{name}" not in tensors:
                     raise MicroturnError(f"{path}: checkpoint lacks {name}")
                 p.copy_(tensors[f"param.{name}"])
-        slots: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, slot = key.split(".", 2)
-                slots.setdefault(int(index), {})[slot] = value
-        self.optimizer.load_state_dict({"state": slots,
-                                        "param_groups": json.loads(metadata["param_groups"])})
+        load_optimizer(self.optimizer, tensors, metadata["param_groups"])
         self.step = int(metadata["step"])
         self.position = Position(int(metadata["epoch"]), int(metadata["batch"]))
         self.history = [StepRecord(**r) for r in json.loads(metadata["history"])]

@@ -13,6 +13,7 @@ from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
 from microturn.train.batch import TimelineBatch
 from microturn.train.logprobs import sequence_logprobs
+from microturn.train.optimizer_state import load_optimizer, optimizer_tensors
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,10 @@ class Trainer:
 
     def save(self, path: str | Path) -> None:
         tensors = {f"model.{k}": v for k, v in self._own_tensors().items()}
-        state = self.optimizer.state_dict()
-        for index, slots in state["state"].items():
-            for key, value in slots.items():
-                tensors[f"optimizer.{index}.{key}"] = value
+        optimizer, param_groups = optimizer_tensors(self.optimizer)
+        tensors |= optimizer
         metadata = {"steps": str(self.steps), "config": json.dumps(asdict(self.config)),
-                    "param_groups": json.dumps(state["param_groups"])}
+                    "param_groups": param_groups}
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata)
 
     def load(self, path: str | Path) -> None:
@@ -86,17 +85,11 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(tensors[f"model.{name}"])
-        slots: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, slot = key.split(".", 2)
-                slots.setdefault(int(index), {})[slot] = value
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
-        self.optimizer.load_state_dict({"state": slots,
-                                        "param_groups": json.loads(metadata["param_groups"])})
+        load_optimizer(self.optimizer, tensors, metadata["param_groups"])
         self.steps = int(metadata["steps"])
 
     def _parameters(self) -> list[torch.nn.Parameter]:
