@@ -110,6 +110,58 @@ def test_scripted_speech_is_left_out_of_the_loss(tokenizer):
     assert int(plain.loss_mask.sum()) - int(masked.loss_mask.sum()) == 1  # slice 0: <silence>
 
 
+def test_moments_weigh_their_slices_and_the_two_before(tokenizer):
+    _, examples = setup(tokenizer, range(2))
+    export = examples.export(0)
+    (moment,) = export["moments"]  # speak_at: the slice of the timed word
+    plain = training_batch([export])
+    assert plain.loss_weight is None and torch.equal(plain.weights(), plain.loss_mask.float())
+    weighted = training_batch([export], moment_weight=4.0).weights()
+    extra = weighted.sum() - plain.weights().sum()
+    heavy = sum(len(export["turns"][k]["output_ids"]) for k in range(moment - 2, moment + 1))
+    assert extra == 3 * heavy > 0
+    assert set(weighted.unique().tolist()) == {0.0, 1.0, 4.0}
+    export = dict(export, moments=[])  # negative control: no moment, no extra weight
+    assert training_batch([export], moment_weight=4.0).weights().sum() == plain.weights().sum()
+
+
+def test_a_run_can_start_from_a_trained_adapter(tokenizer, tmp_path):
+    lora = LoRAConfig(rank=4, alpha=8)
+
+    def run(out, steps, init=None):
+        loaded, examples = setup(tokenizer, range(8))
+        config = LoopConfig(steps=steps, batch_size=4, lr=1e-2, warmup=1, lora=lora,
+                            init_adapter=init)
+        trainer = TrainingRun(loaded, examples, config, out, progress=False)
+        return trainer
+
+    first = run(tmp_path / "a", 2)
+    first.train()
+    start = run(tmp_path / "b", 1, str(tmp_path / "a" / "adapter.safetensors"))
+    for name, p in first.params.items():
+        assert torch.equal(p, start.params[name]), name
+    fresh = run(tmp_path / "c", 1)  # negative control: a fresh adapter's B is zero
+    assert any(not torch.equal(p, fresh.params[n]) for n, p in first.params.items())
+    with pytest.raises(Exception, match="init_adapter: .* has LoRAConfig"):
+        loaded, examples = setup(tokenizer, range(2))
+        TrainingRun(loaded, examples, LoopConfig(lora=LoRAConfig(rank=2), init_adapter=str(
+            tmp_path / "a" / "adapter.safetensors")), tmp_path / "d", progress=False)
+
+
+def test_family_weights_parse_and_refuse_clearly():
+    from microturn.train.command import parse_family_weights
+
+    assert parse_family_weights("time=4, cue_audio=2", ["time", "cue_audio"]) == {
+        "time": 4, "cue_audio": 2}
+    assert parse_family_weights(None, ["time"]) == {}
+    with pytest.raises(Exception, match="'pause' is not a trained family"):
+        parse_family_weights("pause=2", ["time"])
+    with pytest.raises(Exception, match="is not F=K"):
+        parse_family_weights("time=x", ["time"])
+    with pytest.raises(Exception, match=r"must be in \[1, 100\]"):
+        parse_family_weights("time=0", ["time"])
+
+
 def test_schedule_and_config_errors():
     config = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert learning_rate(config, 0) == pytest.approx(0.1)

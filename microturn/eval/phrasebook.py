@@ -8,6 +8,8 @@ colours of things, yes/no) are split by item too.
 
 from dataclasses import dataclass
 
+from microturn.eval.lexicon import COMMON_WORDS, invented_words
+
 
 @dataclass(frozen=True)
 class Book:
@@ -44,77 +46,6 @@ class Book:
     thing_colours: tuple[tuple[str, str], ...]
     yes_no: tuple[tuple[str, str], ...]
 
-
-TRAIN = Book(
-    openers=("So what I really want to know is", "I was wondering", "Could you tell me",
-             "My question is about", "The thing I keep thinking about is", "I need to figure out",
-             "Let me ask you about", "What bothers me is", "I have been trying to understand",
-             "Can you help me with"),
-    fillers=("um", "uh", "well", "like", "hmm"),
-    topics=("how long it takes to boil an egg", "why the sky looks blue in the day",
-            "the best way to learn to swim", "what to cook for dinner tonight",
-            "how trains stay on their tracks", "why cats like to sleep so much",
-            "where the nearest library is", "how to plant tomatoes in spring",
-            "what makes bread rise in the oven", "how far away the moon is",
-            "why leaves change colour in autumn", "how to fix a flat bicycle tyre"),
-    requests=("What time does the sun usually set in summer?",
-              "Can you tell me a fun fact about owls?", "How do I make a cup of tea?",
-              "Please give me a name for my new dog.", "What should I read next?",
-              "Tell me something nice about the ocean.", "Why do birds sing in the morning?",
-              "How many legs does a spider have?", "Suggest a game we can play outside.",
-              "What is a good way to relax after work?"),
-    monologues=("Sure, let me tell you about the history of bread, which goes back "
-                "thousands of years to the first farmers who ground grain between stones",
-                "The weather tomorrow looks mild in the morning with some clouds moving in "
-                "from the west and a chance of light rain by the evening",
-                "Here is a recipe for pancakes: mix two cups of flour with a spoon of sugar, "
-                "add milk and eggs, and whisk it all until smooth",
-                "Octopuses are remarkable animals with three hearts, blue blood and arms that "
-                "can taste what they touch while they explore the sea floor",
-                "To learn a new language, start with the words you use every day, listen to "
-                "native speakers and practise a little bit each morning"),
-    interruptions=("Wait, stop for a second.", "Sorry, can I ask something else?",
-                   "Hold on, that is not what I meant.", "Actually, never mind that.",
-                   "Stop, I have another question.", "Hang on, let me interrupt you."),
-    backchannels=("mm-hm", "uh-huh", "yeah", "right"),
-    timed=("Say {word} in {n} seconds.", "In {n} seconds, say {word}.",
-           "Wait {n} seconds and then say {word}.", "Please say {word} after {n} seconds."),
-    when_passed=("Let me know when {n} seconds are up.",),
-    counting=("Count to {m}, saying one number every {n} seconds.",),
-    targets=("apple", "hello", "ready", "tiger", "river", "pizza", "rocket", "garden",
-             "music", "silver", "cookie", "planet"),
-    text_cues=("When I say {cue}, you say {word}.", "If you hear me say {cue}, reply {word}.",
-               "Every time I say {cue}, say {word}.", "Say {word} when I say {cue}."),
-    cue_words=("banana", "purple", "elephant", "window", "jump", "coffee", "magic", "yellow",
-               "monday", "guitar"),
-    chatter=("okay so I went to the market this morning and bought some",
-             "then my friend called me and we talked about the",
-             "after lunch I walked to the park to see the",
-             "my brother told me a funny story about a",
-             "we spent the whole afternoon cleaning the"),
-    audio_cues=("When you hear a {sound}, say {word}.", "If you hear a {sound}, say {word}.",
-                "Say {word} as soon as there is a {sound}."),
-    sound_names=(("beep", "beep"), ("click", "click")),
-    visual_colour_cues=("When the screen turns {colour}, say {word}.",
-                        "If the screen goes {colour}, say {word}."),
-    visual_shape_cues=("When you see a {shape}, say {word}.",),
-    colours=(("red", (220, 30, 30)), ("green", (30, 180, 40)), ("blue", (30, 60, 220)),
-             ("yellow", (240, 220, 40))),
-    shapes=("circle", "square"),
-    capital_questions=("What is the capital of {country}?",
-                       "Which city is the capital of {country}?"),
-    capitals=(("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
-              ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
-              ("Russia", "Moscow"), ("China", "Beijing"), ("Greece", "Athens"),
-              ("Canada", "Ottawa")),
-    sum_questions=("What is {a} plus {b}?", "What do you get when you add {a} and {b}?"),
-    colour_questions=("What colour is {thing}?",),
-    thing_colours=(("the sky on a clear day", "blue"), ("fresh grass", "green"),
-                   ("snow", "white"), ("a ripe banana", "yellow"), ("coal", "black")),
-    yes_no=(("Is the sun a star?", "yes"), ("Can fish breathe under water?", "yes"),
-            ("Is ice cold?", "yes"), ("Do cows lay eggs?", "no"),
-            ("Is the moon made of cheese?", "no")),
-)
 
 HELDOUT = Book(
     openers=("I am curious about", "Tell me, I would like to hear about",
@@ -173,6 +104,136 @@ HELDOUT = Book(
                    ("a crow", "black"), ("a summer leaf", "green")),
     yes_no=(("Is water wet?", "yes"), ("Do dogs have four legs?", "yes"),
             ("Can a car fly by itself?", "no"), ("Is fire cold?", "no")),
+)
+
+
+
+def _train_words(words: tuple[str, ...]) -> tuple[str, ...]:
+    """`words` without repeats and without any target or cue word of the held-out book."""
+    held = set(HELDOUT.targets) | set(HELDOUT.cue_words)
+    return tuple(dict.fromkeys(w for w in words if w not in held))
+
+
+TRAIN = Book(
+    openers=("So what I really want to know is", "I was wondering", "Could you tell me",
+             "My question is about", "The thing I keep thinking about is", "I need to figure out",
+             "Let me ask you about", "What bothers me is", "I have been trying to understand",
+             "Can you help me with"),
+    fillers=("um", "uh", "well", "like", "hmm"),
+    topics=("how long it takes to boil an egg", "why the sky looks blue in the day",
+            "the best way to learn to swim", "what to cook for dinner tonight",
+            "how trains stay on their tracks", "why cats like to sleep so much",
+            "where the nearest library is", "how to plant tomatoes in spring",
+            "what makes bread rise in the oven", "how far away the moon is",
+            "why leaves change colour in autumn", "how to fix a flat bicycle tyre"),
+    requests=("What time does the sun usually set in summer?",
+              "Can you tell me a fun fact about owls?", "How do I make a cup of tea?",
+              "Please give me a name for my new dog.", "What should I read next?",
+              "Tell me something nice about the ocean.", "Why do birds sing in the morning?",
+              "How many legs does a spider have?", "Suggest a game we can play outside.",
+              "What is a good way to relax after work?", "Tell me a joke about cats.",
+              "Give me an idea for a birthday present.", "Name three animals that live in "
+              "the desert.", "Explain what a rainbow is made of.", "List two things I need "
+              "for a picnic.", "Recommend a song for a rainy day.", "Share a tip for "
+              "staying focused.", "Describe the taste of a strawberry.", "Think of a name "
+              "for a boat.", "Give me a word that rhymes with cat.", "Who invented the "
+              "telephone?", "When do leaves fall from the trees?", "Where does rain come "
+              "from?", "Which animal is the fastest on land?", "Is it healthy to drink "
+              "coffee?", "Could you suggest a hobby for the winter?", "Would you explain "
+              "how a magnet works?", "Help me pick a colour for my kitchen.", "Tell me how "
+              "to say thank you in Spanish.", "Say something to cheer me up."),
+    monologues=("Sure, let me tell you about the history of bread, which goes back "
+                "thousands of years to the first farmers who ground grain between stones",
+                "The weather tomorrow looks mild in the morning with some clouds moving in "
+                "from the west and a chance of light rain by the evening",
+                "Here is a recipe for pancakes: mix two cups of flour with a spoon of sugar, "
+                "add milk and eggs, and whisk it all until smooth",
+                "Octopuses are remarkable animals with three hearts, blue blood and arms that "
+                "can taste what they touch while they explore the sea floor",
+                "To learn a new language, start with the words you use every day, listen to "
+                "native speakers and practise a little bit each morning"),
+    interruptions=("Wait, stop for a second.", "Sorry, can I ask something else?",
+                   "Hold on, that is not what I meant.", "Actually, never mind that.",
+                   "Stop, I have another question.", "Hang on, let me interrupt you.",
+                   "Wait.", "Stop please.", "Hey, quick question.", "Hmm, no, that is wrong.",
+                   "Can you stop talking?", "Let me say something.", "Sorry, one thing.",
+                   "Pause for a moment.", "Hold it right there.", "Alright, enough about that.",
+                   "Yes but wait a moment.", "Right, but I need something else.",
+                   "Sorry, I did not ask for that.", "Just a second, please."),
+    backchannels=("mm-hm", "uh-huh", "yeah", "right", "mm", "sure", "yes", "got it",
+                  "alright", "true", "exactly", "oh", "wow", "cool", "nice", "hmm",
+                  "yeah yeah", "right right", "makes sense", "of course", "uh huh", "ah",
+                  "oh really", "totally", "ok", "yes yes", "mm hmm", "I know", "go on"),
+    timed=("Say {word} in {n} seconds.", "In {n} seconds, say {word}.",
+           "Wait {n} seconds and then say {word}.", "Please say {word} after {n} seconds.",
+           "{n} seconds from now, say {word}.", "I want you to say {word} in {n} seconds.",
+           "Wait for {n} seconds, then tell me {word}.", "After waiting {n} seconds, say "
+           "{word}.", "Count {n} seconds silently and then say {word}.",
+           "In exactly {n} seconds, tell me {word}.", "Let {n} seconds pass, then say "
+           "{word}.", "Say the word {word} {n} seconds from now."),
+    when_passed=("Let me know when {n} seconds are up.", "Say something once {n} seconds "
+                 "are over.", "Tell me when {n} seconds have gone by.", "Speak up after "
+                 "{n} seconds.", "Let me know after {n} seconds.", "Ping me in {n} seconds."),
+    counting=("Count to {m}, saying one number every {n} seconds.", "Count up to {m}, one "
+              "number every {n} seconds.", "Every {n} seconds say the next number, up to "
+              "{m}.", "Say one number every {n} seconds until you reach {m}."),
+    targets=_train_words(("apple", "hello", "ready", "tiger", "river", "pizza", "garden",
+                          "music", "silver", "cookie", "planet") + COMMON_WORDS[::2]
+                         + invented_words(120, seed=1)),
+    text_cues=("When I say {cue}, you say {word}.", "If you hear me say {cue}, reply {word}.",
+               "Every time I say {cue}, say {word}.", "Say {word} when I say {cue}.",
+               "Whenever you hear {cue}, say {word}.", "Once I say {cue}, you say {word}.",
+               "If I mention {cue}, say {word}.", "When the word {cue} comes, reply {word}.",
+               "Listen for {cue} and then say {word}.", "Say {word} right after I say {cue}."),
+    cue_words=_train_words(("banana", "purple", "elephant", "window", "jump", "coffee",
+                            "magic", "yellow", "monday", "guitar") + COMMON_WORDS[1::2]
+                           + invented_words(120, seed=2)),
+    chatter=("okay so I went to the market this morning and bought some",
+             "then my friend called me and we talked about the",
+             "after lunch I walked to the park to see the",
+             "my brother told me a funny story about a",
+             "we spent the whole afternoon cleaning the",
+             "last night we watched a long film about a",
+             "my neighbour keeps a small garden with a",
+             "on the way home the bus stopped next to a",
+             "I could not find my keys so I looked under the",
+             "the teacher showed the class a picture of a"),
+    audio_cues=("When you hear a {sound}, say {word}.", "If you hear a {sound}, say {word}.",
+                "Say {word} as soon as there is a {sound}.", "Say {word} when a {sound} "
+                "sounds.", "Once you hear the {sound}, say {word}.", "Listen for a {sound} "
+                "and say {word} right away.", "If a {sound} goes off, reply {word}."),
+    sound_names=(("beep", "beep"), ("click", "click"), ("ding", "chime"), ("ring", "chime"),
+                 ("gong", "chime"), ("ping", "beep"), ("buzz", "beep"), ("whistle", "beep"),
+                 ("knock", "click"), ("tap", "click"), ("sound", "chime"), ("noise", "click"),
+                 ("signal", "beep")),
+    visual_colour_cues=("When the screen turns {colour}, say {word}.",
+                        "If the screen goes {colour}, say {word}.",
+                        "Say {word} when the screen becomes {colour}.",
+                        "Once the picture turns {colour}, say {word}.",
+                        "As the screen changes to {colour}, tell me {word}."),
+    visual_shape_cues=("When you see a {shape}, say {word}.", "If a {shape} appears, say "
+                       "{word}.", "Say {word} once you see a {shape}.", "Tell me {word} when "
+                       "a {shape} shows on the screen."),
+    colours=(("red", (220, 30, 30)), ("green", (30, 180, 40)), ("blue", (30, 60, 220)),
+             ("yellow", (240, 220, 40)), ("pink", (250, 150, 200)), ("black", (15, 15, 15)),
+             ("grey", (200, 200, 200)), ("brown", (120, 70, 30)), ("cyan", (40, 220, 230)),
+             ("gold", (230, 180, 40)), ("navy", (20, 30, 110)), ("lime", (170, 240, 60)),
+             ("cream", (250, 245, 215)), ("violet", (160, 90, 220)),
+             ("amber", (255, 170, 10))),
+    shapes=("circle", "square", "diamond", "cross"),
+    capital_questions=("What is the capital of {country}?",
+                       "Which city is the capital of {country}?"),
+    capitals=(("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
+              ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+              ("Russia", "Moscow"), ("China", "Beijing"), ("Greece", "Athens"),
+              ("Canada", "Ottawa")),
+    sum_questions=("What is {a} plus {b}?", "What do you get when you add {a} and {b}?"),
+    colour_questions=("What colour is {thing}?",),
+    thing_colours=(("the sky on a clear day", "blue"), ("fresh grass", "green"),
+                   ("snow", "white"), ("a ripe banana", "yellow"), ("coal", "black")),
+    yes_no=(("Is the sun a star?", "yes"), ("Can fish breathe under water?", "yes"),
+            ("Is ice cold?", "yes"), ("Do cows lay eggs?", "no"),
+            ("Is the moon made of cheese?", "no")),
 )
 
 BOOKS = {"train": TRAIN, "heldout": HELDOUT}

@@ -47,7 +47,7 @@ class Screen:
     background: tuple[int, int, int]
     change_ms: int | None = None
     colour: tuple[int, int, int] | None = None  # the whole screen turns this colour
-    shape: str | None = None  # or a shape appears: "circle" | "square" | "triangle"
+    shape: str | None = None  # or a shape appears: circle, square, diamond, cross, triangle
     shape_colour: tuple[int, int, int] = (255, 255, 255)
     noise: int = 6  # per-pixel noise amplitude, so frames are never exactly equal
 
@@ -189,6 +189,11 @@ def _draw_shape(image: np.ndarray, shape: str, colour: tuple[int, int, int]) -> 
         mask = (y - cy) ** 2 + (x - cx) ** 2 <= r * r
     elif shape == "square":
         mask = (abs(y - cy) <= r) & (abs(x - cx) <= r)
+    elif shape == "diamond":
+        mask = abs(y - cy) + abs(x - cx) <= r
+    elif shape == "cross":
+        mask = ((abs(y - cy) <= r / 3) & (abs(x - cx) <= r)) | \
+               ((abs(x - cx) <= r / 3) & (abs(y - cy) <= r))
     else:  # triangle, point up
         mask = (y >= cy - r) & (y <= cy + r) & (abs(x - cx) <= (y - (cy - r)) / 2)
     image[mask] = colour

@@ -14,6 +14,11 @@ class TimelineBatch:
     lengths: tuple[int, ...]
     audio: torch.Tensor | None = None  # dMel codes behind the audio placeholders, row order
     patches: torch.Tensor | None = None  # patches behind the patch placeholders, row order
+    loss_weight: torch.Tensor | None = None  # [B, T - 1] float where targets weigh unequally
+
+    def weights(self) -> torch.Tensor:
+        """Each target's weight in the loss: the mask, scaled where `loss_weight` says."""
+        return self.loss_mask.float() if self.loss_weight is None else self.loss_weight
 
     @classmethod
     def from_exports(cls, exports: list[dict], outputs_only: bool = True,

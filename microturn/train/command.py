@@ -23,6 +23,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                       help="train on the *.json exports in DIR instead of generated targets")
     data.add_argument("--families", default=None, help="comma-separated (default: all)")
     data.add_argument("--per-family", type=int, default=8, help="scenarios per family per seed")
+    data.add_argument("--family-weights", default=None, metavar="F=K,...",
+                      help="K times --per-family for family F (e.g. time=4,cue_audio=2)")
     data.add_argument("--rounds", type=int, default=8,
                       help="train-split seeds seed .. seed+rounds-1 make the pool")
     data.add_argument("--seed", type=int, default=0, help="scenario seeds and data order")
@@ -46,6 +48,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--train-frontend", action="store_true",
                      help="train the audio/video front-end too (saved with the adapter)")
     opt.add_argument("--checkpoint-every", type=int, default=50)
+    opt.add_argument("--moment-weight", type=float, default=1.0,
+                     help="loss weight of the slices where a behaviour is decided (a timed "
+                          "word, a reply's start, a stop) and the two before them")
+    opt.add_argument("--init-adapter", default=None, metavar="PATH",
+                     help="start from this trained adapter (same LoRA settings) instead of "
+                          "a fresh one")
     val = parser.add_argument_group("validation")
     val.add_argument("--val-every", type=int, default=100, help="steps (0: at the end only)")
     val.add_argument("--val-per-family", type=int, default=4,
@@ -70,10 +78,14 @@ def run_train(args: argparse.Namespace) -> None:
                         weight_decay=args.weight_decay, seed=args.seed,
                         deterministic=args.deterministic, full=args.full, lora=lora,
                         train_frontend=args.train_frontend, validate_every=args.val_every,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every,
+                        moment_weight=args.moment_weight, init_adapter=args.init_adapter)
     targets = TargetConfig(max_output_tokens=args.max_output_tokens,
                            reply_delay=args.reply_delay)
     families = parse_families(args.families)
+    weights = parse_family_weights(args.family_weights, families)
+    if args.init_adapter is not None and not Path(args.init_adapter).is_file():
+        raise MicroturnError(f"--init-adapter: {args.init_adapter} is not a file")
     for name in ("per_family", "rounds"):
         if getattr(args, name) < 1:
             raise MicroturnError(f"--{name.replace('_', '-')} must be >= 1, "
@@ -89,7 +101,10 @@ def run_train(args: argparse.Namespace) -> None:
     if args.data is not None:
         examples = ExportExamples(args.data)
     else:
-        scenarios = train_scenarios(args.seed, args.rounds, args.per_family, families)
+        scenarios = [sc for family in families
+                     for sc in train_scenarios(args.seed, args.rounds,
+                                               args.per_family * weights.get(family, 1),
+                                               [family])]
         teacher = ChatTeacher(loaded, args.teacher_tokens, out / "teacher.json")
         print(f"building {len(scenarios)} target timelines (teacher: the base model)",
               file=sys.stderr)
@@ -113,3 +128,25 @@ def run_train(args: argparse.Namespace) -> None:
         v = run.validations[-1]
         rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(v.pass_rate.items()))
         print(f"validation at step {v.step}: {v.overall:.0%} ({rates})", file=sys.stderr)
+
+
+def parse_family_weights(text: str | None, families: list[str]) -> dict[str, int]:
+    """"time=4,cue_audio=2" -> {"time": 4, "cue_audio": 2}, each a trained family."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in families:
+            raise MicroturnError(f"--family-weights: {name!r} is not a trained family "
+                                 f"({', '.join(families)})")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise MicroturnError(f"--family-weights: {item.strip()!r} is not F=K with an "
+                                 f"integer K") from None
+        if not 1 <= out[name] <= 100:
+            raise MicroturnError(f"--family-weights: {name} weight must be in [1, 100], "
+                                 f"got {out[name]}")
+    return out

@@ -143,23 +143,34 @@ def batches_from(examples: Examples, batch_size: int, seed: int,
         epoch, start = epoch + 1, 0
 
 
-def training_batch(exports: list[dict]) -> TimelineBatch:
+MOMENT_WINDOW = 2  # slices before a moment that weigh with it: going early is the failure
+
+
+def training_batch(exports: list[dict], moment_weight: float = 1.0) -> TimelineBatch:
     """`TimelineBatch.from_exports`, with the outputs of scripted turns (replayed speech, an
-    export's `scripted`) left out of the loss."""
+    export's `scripted`) left out of the loss, and the outputs of the turns at and just before
+    each of an export's `moments` weighing `moment_weight` times as much as the rest."""
     batch = TimelineBatch.from_exports(exports)
     mask = batch.loss_mask.clone()
+    weight = torch.ones(mask.shape) if moment_weight != 1.0 else None
     for row, export in enumerate(exports):
         scripted = set(export.get("scripted", ()))
-        if not scripted:
+        moments = {k for m in export.get("moments", ())
+                   for k in range(m - MOMENT_WINDOW, m + 1)} if weight is not None else set()
+        if not scripted and not moments:
             continue
         timeline = Timeline.from_export(export)
         at = 0
         for turn in timeline.turns:
             at += len(timeline.input_tokens(turn))
-            if turn.index in scripted:  # target t sits at mask column t - 1
-                mask[row, at - 1:at - 1 + len(turn.output_ids)] = False
+            span = slice(at - 1, at - 1 + len(turn.output_ids))  # target t: mask column t - 1
+            if turn.index in scripted:
+                mask[row, span] = False
+            elif turn.index in moments:
+                weight[row, span] = moment_weight
             at += len(turn.output_ids)
-    return TimelineBatch(batch.token_ids, mask, batch.lengths, batch.audio, batch.patches)
+    return TimelineBatch(batch.token_ids, mask, batch.lengths, batch.audio, batch.patches,
+                         None if weight is None else weight * mask)
 
 
 def tokens_in(batch: TimelineBatch) -> int:

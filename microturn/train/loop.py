@@ -26,13 +26,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from microturn.checkpoint.adapter import LoRAConfig
+from microturn.checkpoint.adapter import LoRAConfig, read_adapter
 from microturn.checkpoint.loader import LoadedModel
 from microturn.errors import MicroturnError
 from microturn.eval.scenario import Scenario
 from microturn.train.data import Examples, Position, batches_from, tokens_in, training_batch
 from microturn.train.logprobs import sequence_logprobs
-from microturn.train.lora import add_lora, lora_modules, save_adapter
+from microturn.train.lora import add_lora, load_adapter, lora_modules, save_adapter
 from microturn.train.optimizer_state import load_optimizer, optimizer_tensors
 from microturn.train.validate import Validation, validate
 
@@ -56,6 +56,8 @@ class LoopConfig:
     train_frontend: bool = False
     validate_every: int = 0  # steps; 0: only at the end (when there are validation scenarios)
     checkpoint_every: int = 50
+    moment_weight: float = 1.0  # loss weight of the slices where a behaviour is decided
+    init_adapter: str | None = None  # start from this adapter instead of a fresh one
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "checkpoint_every"):
@@ -65,6 +67,8 @@ class LoopConfig:
             raise MicroturnError(f"lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.validate_every < 0:
             raise MicroturnError("warmup and validate_every must be >= 0")
+        if not 1.0 <= self.moment_weight <= 100.0:
+            raise MicroturnError(f"moment_weight must be in [1, 100], got {self.moment_weight}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MicroturnError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -110,6 +114,8 @@ class TrainingRun:
             add_lora(model, config.lora)
         if self.frontend is not None:
             self.frontend.requires_grad_(config.train_frontend)
+        if config.init_adapter is not None:
+            self._start_from(Path(config.init_adapter))
         self.params = self._trainable()
         if not self.params:
             raise MicroturnError("training: nothing to train")
@@ -153,8 +159,9 @@ class TrainingRun:
         batches = []
         for _ in range(c.accumulate):
             self.position, indices = next(stream)
-            batches.append(training_batch([self.examples.export(i) for i in indices]))
-        counted = sum(int(b.loss_mask.sum()) for b in batches)
+            batches.append(training_batch([self.examples.export(i) for i in indices],
+                                          c.moment_weight))
+        counted = sum(float(b.weights().sum()) for b in batches)
         if counted == 0:
             raise MicroturnError(f"step {self.step}: no token is selected for the loss")
         self.loaded.model.train()
@@ -162,7 +169,7 @@ class TrainingRun:
         for batch in batches:
             logprobs = sequence_logprobs(self.loaded.model, batch.token_ids, c.deterministic,
                                          self.frontend, batch.audio, batch.patches)
-            loss = -(logprobs * batch.loss_mask).sum() / counted
+            loss = -(logprobs * batch.weights()).sum() / counted
             loss.backward()
             total += float(loss.detach())
         params = list(self.params.values())
@@ -232,6 +239,18 @@ class TrainingRun:
                      self.frontend if self.config.train_frontend else None,
                      {"step": str(self.step)})
         return path
+
+    def _start_from(self, path: Path) -> None:
+        """A run that goes on from a trained adapter (a new data mix or schedule): its A, B
+        and front-end become this run's starting point."""
+        if self.config.full:
+            raise MicroturnError("init_adapter: a full fine-tune starts from the base weights")
+        saved, _, _ = read_adapter(path)
+        if saved != self.config.lora:
+            raise MicroturnError(f"init_adapter: {path} has {saved}, this run has "
+                                 f"{self.config.lora}")
+        load_adapter(path, self.loaded.model,
+                     self.frontend if self.config.train_frontend else None)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         out = {n: p for n, p in self.loaded.model.named_parameters() if p.requires_grad}

@@ -69,6 +69,7 @@ class Target:
     scenario: Scenario
     outputs: tuple[str, ...]  # the ideal output text of every slice ("" is silence)
     scripted: tuple[bool, ...]  # replayed earlier speech: fed, not learned
+    moments: tuple[int, ...] = ()  # slices where the behaviour is decided (a loss may weigh them)
 
 
 class _Chunker:
@@ -106,7 +107,9 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     out = [s if s is not None else "" for s in spoken]
     scripted = [s is not None for s in spoken]
     e, family = scenario.expect, scenario.family
+    moments: tuple[int, ...] = ()
     if family in TIMED_FAMILIES:
+        moments = tuple(event.slice for event in e.events)
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
         if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
                                                  for ev in e.events if ev.keywords):
@@ -114,16 +117,20 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
         for event in e.events:
             out[event.slice] = _keyword_speech(event.keywords, chunker)
     elif family in DIALOGUE_FAMILIES:
+        moments = (e.turn_end + config.reply_delay,)
         _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
     elif family == "interruption":
         _go_on(out, scripted, e.stop_onset, scenario, teacher, chunker)
         start = max(e.turn_end + config.reply_delay, e.stop_onset + 1)
+        moments = (e.stop_onset, start)
         _reply(out, start, scenario, teacher, chunker, config)
     elif family == "backchannel":
+        moments = (e.keep_talking,)
         _go_on(out, scripted, scenario.slices, scenario, teacher, chunker)
     else:
         raise MicroturnError(f"scenario {scenario.id}: no target rule for family {family!r}")
-    return Target(scenario, tuple(out), tuple(scripted))
+    return Target(scenario, tuple(out), tuple(scripted),
+                  tuple(m for m in moments if 0 <= m < len(out)))
 
 
 def _keyword_speech(keywords: tuple[str, ...], chunker: _Chunker) -> str:
@@ -186,7 +193,8 @@ def target_output_ids(target: Target, tokenizer: Tokenizer, markers: MarkerToken
 def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, budget: int,
                   frame_spec: FrameSpec | None = None) -> dict:
     """The target as an engine export (`Engine.close`'s format: markers, turns, layout),
-    plus `scripted`: the indices of the turns whose output is replayed, not learned."""
+    plus `scripted`: the indices of the turns whose output is replayed, not learned, and
+    `moments`: the turns where the behaviour is decided."""
     sc, frame_spec = target.scenario, frame_spec or FrameSpec()
     layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None)
     media = SlicedMedia(sc, frame_spec)
@@ -196,5 +204,6 @@ def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, b
              for k, text in enumerate(sc.text_slices())]
     export = Timeline(markers, turns, layout).export()
     export["scripted"] = [k for k, s in enumerate(target.scripted) if s]
+    export["moments"] = list(target.moments)
     export["scenario"] = sc.id
     return export
