@@ -6,6 +6,8 @@ import torch
 
 from microturn.errors import MicroturnError
 
+FP32_TINY = torch.finfo(torch.float32).tiny  # a smaller temperature would round to 0 in fp32
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,7 +44,10 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """One token id from a [vocab] row of logits."""
     if params.greedy:  # fp32 argmax is vectorised (bf16's is ~8x slower); same index
         return int(logits.float().argmax())
-    scores = logits.float() / params.temperature
+    # shifted so the best score is 0 before the division: a temperature near zero then sends
+    # the others to -inf (greedy in the limit) instead of overflowing every score to +-inf
+    scores = logits.float()
+    scores = (scores - scores.max()) / max(params.temperature, FP32_TINY)
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -35,6 +35,24 @@ def test_top_k_and_top_p_restrict_the_support():
             for _ in range(300)} == {0, 1}
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 5e-324, 1e-30])
+def test_tiny_temperatures_are_near_greedy_not_an_overflow(temperature):
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(3)) * 4
+    logits[123] = logits.max() + 0.5
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=temperature, seed=1)
+    assert {sample(logits, params, generator) for _ in range(20)} == {123}
+    # negative control: the unshifted division overflows to inf - inf = nan everywhere
+    assert (logits / temperature).softmax(-1).isnan().all() or temperature == 1e-30
+
+
+def test_top_k_and_top_p_restrict_the_support_at_tiny_temperature():
+    logits = torch.tensor([5.0, 5.0, 3.0, -10.0])  # a tie at the top: either of the two
+    params = SamplingParams(temperature=1e-40, top_p=0.9)
+    draws = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws <= {0, 1} and draws
+
+
 @pytest.mark.parametrize("field,kwargs", [("temperature", {"temperature": -1}),
                                           ("top_p", {"top_p": 0.0}), ("top_k", {"top_k": -2})])
 def test_bad_sampling_params_name_the_field(field, kwargs):

@@ -157,6 +157,56 @@ def test_api_key_required(engine):
         run(main(served.url))
 
 
+def test_api_key_in_the_query_never_reaches_the_access_log(engine):
+    import logging
+
+    from microturn.server.log_redaction import redact
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    access = logging.getLogger("uvicorn.access")
+    with serving(engine, api_key="sesame") as served:
+        access.setLevel(logging.INFO)
+        handler = Keep()
+        access.addHandler(handler)
+        try:
+            assert httpx.get(f"{served.url}/metrics?api_key=sesame").status_code == 200
+            assert httpx.get(f"{served.url}/metrics?x=1&key=sesame").status_code == 401
+        finally:
+            access.removeHandler(handler)
+    logged = "\n".join(records)
+    assert "/metrics?api_key=[redacted]" in logged and "key=[redacted]" in logged
+    assert "sesame" not in logged
+    # negative control: the path as uvicorn hands it over carries the key
+    assert "sesame" in "/v1/metrics?api_key=sesame" != redact("/v1/metrics?api_key=sesame")
+
+
+def test_opens_waiting_behind_a_tick_are_refused_as_max_sessions(engine):
+    """Opens that arrive while the engine is busy (its lock held, as during a tick) and then
+    find the server full are refused with `max_sessions`, not `kv_pool_full`."""
+    from microturn.server.errors import ServerError
+    from microturn.server.metrics import ServerMetrics
+    from microturn.server.scheduler import Scheduler
+
+    async def main():
+        scheduler = Scheduler(engine, ServerLimits(max_sessions=2), ServerMetrics())
+        async with scheduler._engine_lock:  # a tick in progress
+            opens = [asyncio.create_task(scheduler.open(SessionOptions(), "client", print))
+                     for _ in range(5)]
+            await asyncio.sleep(0.05)  # every open has passed its first check and now waits
+        results = await asyncio.gather(*opens, return_exceptions=True)
+        refused = [r.code for r in results if isinstance(r, ServerError)]
+        assert len(refused) == 3 and set(refused) == {"max_sessions"}, results
+        for live in list(scheduler.sessions.values()):
+            await scheduler.close(live, "client", notify=False)
+
+    run(main())
+
+
 def test_max_sessions_refused_clearly(engine):
     async def main(url):
         async with SessionsClient(url) as http:

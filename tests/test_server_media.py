@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -125,6 +127,42 @@ def test_bad_media_gets_a_clear_error_and_the_session_goes_on(engine):
                                                                         1000)
 
     with serving(engine, limits) as served:
+        run(main(served.url))
+
+
+def hostile_pngs() -> dict[str, bytes]:
+    """Malformed PNGs as a hostile client would send them."""
+    good = png_bytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length + type, IHDR data, CRC
+    text = b"Comment\x00\x00" + zlib.compress(b"a" * (8 * 2**20))  # inflates to 8 MB
+    bomb = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(
+        ">I", zlib.crc32(b"zTXt" + text))
+    wrong_length = bytearray(good)
+    wrong_length[8:12] = struct.pack(">I", 12)  # IHDR's data is 13 bytes
+    return {"oversized text chunk": good[:ihdr_end] + bomb + good[ihdr_end:],
+            "truncated header": good[:20], "wrong chunk length": bytes(wrong_length)}
+
+
+def test_hostile_frames_get_an_error_and_the_session_goes_on(engine):
+    """Each frame is answered with the documented error event; the same connection's session
+    then still answers a slice (a crash would close the socket instead)."""
+    options = SessionOptions(max_output_tokens=2, video=VideoOptions(fps=5.0))
+    frames = [('{"type": "input", "text": "\\ud800 hi"}', "invalid", "text"),
+              ('[' * 1000 + ']' * 1000, "bad_json", None),
+              ('{"type": "input", "slice": ' + "9" * 5000 + "}", "bad_json", None)]
+    frames += [(b"\x02" + png, "invalid", "image") for png in hostile_pngs().values()]
+
+    async def main(url):
+        s = await StreamSession.connect(url, options, clock="client")
+        for frame, code, field in frames:
+            await s.send_raw(frame)
+            error = await next_of(s, ErrorEvent)
+            assert (error.code, error.field) == (code, field), (str(frame)[:40], error)
+        await s.send_raw(json.dumps({"type": "input", "text": " hello"}))
+        assert (await next_of(s, OutputEvent)).slice == 0  # the session goes on
+        await s.end()
+
+    with serving(engine) as served:
         run(main(served.url))
 
 

@@ -6,6 +6,7 @@ the cut. Frames are sampled on the session clock (`FrameSpec.frames_due`, in `se
 """
 
 import io
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,9 +45,12 @@ def decode_image(data: bytes, spec: FrameSpec) -> torch.Tensor:
             raise MicroturnError(f"image: expected PNG or JPEG, got {image.format}")
         check_pixels(image)  # from the header, before decoding
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        return fit_frame(image, spec)
+    # Pillow reports a malformed file as any of these (a bad chunk length is a SyntaxError,
+    # an oversized text chunk a ValueError, a cut header a struct.error)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError,
+            SyntaxError, EOFError, struct.error) as error:
         raise MicroturnError(f"image: cannot decode ({error})") from None
-    return fit_frame(image, spec)
 
 
 def frame_to_patches(frame: torch.Tensor, spec: FrameSpec) -> torch.Tensor:

@@ -37,6 +37,7 @@ from microturn.protocol import (
     StartMessage,
     client_message,
 )
+from microturn.server import log_redaction
 from microturn.server.errors import ServerError
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
@@ -67,6 +68,7 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 def create_app(engine: Engine, limits: ServerLimits | None = None,
                api_key: str | None = None) -> FastAPI:
     limits = limits or ServerLimits()
+    log_redaction.install()  # whoever runs the app: no key in its access log
     metrics = ServerMetrics()
     scheduler = Scheduler(engine, limits, metrics)
     public_limits = Limits(**limits.public())
@@ -259,6 +261,9 @@ class WebSocketSession:
                               400) from None
         except ValidationError as exc:
             raise validation_error(exc) from None
+        except (ValueError, RecursionError) as exc:  # a 4,300+ digit number, deep nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ServerError("bad_json", f"not valid JSON: {reason}", 400) from None
         live = self.live
         if live is not None:
             live.last_seen = time.monotonic()

@@ -34,6 +34,12 @@ class InputDecoder:
         if len(text) > self.limits.max_message_bytes:
             raise ServerError("limit", "text longer than max_message_bytes", 413, "text",
                               self.limits.max_message_bytes)
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate: JSON allows the escape
+                raise ServerError("invalid", f"text: not valid Unicode ({exc.reason} at "
+                                  f"character {exc.start})", 422, "text") from None
         return (self.tokenizer.encode(text) if text else []), "text"
 
     def audio(self, live: LiveSession, pcm16: bytes) -> None:

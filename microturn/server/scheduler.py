@@ -79,14 +79,17 @@ class Scheduler:
         await asyncio.gather(*(self.close(live, "shutdown") for live in
                                list(self.sessions.values())))
 
-    async def open(self, options: SessionOptions, clock: str, sink) -> LiveSession:
-        if self.draining:
-            raise ServerError("draining", "the server is shutting down", 503)
+    def _check_room(self) -> None:
         if len(self.sessions) >= self.limits.max_sessions:
             self.metrics.sessions_refused.labels("max_sessions").inc()
             raise ServerError("max_sessions", f"the server already has max_sessions "
                               f"{self.limits.max_sessions} open sessions; try again later",
                               503, "max_sessions", self.limits.max_sessions)
+
+    async def open(self, options: SessionOptions, clock: str, sink) -> LiveSession:
+        if self.draining:
+            raise ServerError("draining", "the server is shutting down", 503)
+        self._check_room()
         try:
             params = SessionParams(
                 max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
@@ -98,6 +101,7 @@ class Scheduler:
         except MicroturnError as exc:
             raise ServerError("invalid", str(exc), 422, "slice_ms") from None
         async with self._engine_lock:
+            self._check_room()  # opens that waited behind a tick: the count may be full now
             try:
                 engine_id = self.engine.open(params)
             except MicroturnError as exc:
