@@ -185,6 +185,21 @@ def test_api_key_in_the_query_never_reaches_the_access_log(engine):
     assert "sesame" in "/v1/metrics?api_key=sesame" != redact("/v1/metrics?api_key=sesame")
 
 
+def test_every_refusal_has_the_error_shape(engine):
+    with serving(engine) as served:
+        cases = [("GET", "/nope", 404, "not_found", "path"),
+                 ("DELETE", "/healthz", 405, "method_not_allowed", "method"),
+                 ("POST", "/v1/sessions/abc/slices", 404, "no_session", "session")]
+        for method, path, status, code, field in cases:
+            response = httpx.request(method, served.url + path, json={})
+            assert response.status_code == status, (path, response.text)
+            body = response.json()
+            assert "detail" not in body and body["error"]["code"] == code, body
+            assert body["error"]["field"] == field
+        metrics = httpx.get(served.url + "/metrics").text
+        assert 'microturn_client_errors_total{code="not_found"} 1.0' in metrics
+
+
 def test_opens_waiting_behind_a_tick_are_refused_as_max_sessions(engine):
     """Opens that arrive while the engine is busy (its lock held, as during a tick) and then
     find the server full are refused with `max_sessions`, not `kv_pool_full`."""

@@ -15,6 +15,8 @@ from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from microturn.engine.engine import Engine
 from microturn.protocol import (
@@ -44,6 +46,7 @@ from microturn.server.live_session import LiveSession
 from microturn.server.metrics import ServerMetrics
 from microturn.server.scheduler import Scheduler
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 429, 503)}
 
 
@@ -100,15 +103,20 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
     async def body_of(request: Request, model: type[BaseModel]) -> BaseModel:
         """The request body, size-checked before it is parsed."""
         declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > limits.max_message_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > \
+                limits.max_message_bytes:
             raise ServerError("limit", "request body over max_message_bytes", 413, "body",
                               limits.max_message_bytes)
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_message_bytes:
-                raise ServerError("limit", "request body over max_message_bytes", 413, "body",
-                                  limits.max_message_bytes)
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limits.max_message_bytes:
+                    raise ServerError("limit", "request body over max_message_bytes", 413,
+                                      "body", limits.max_message_bytes)
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log
+            raise ServerError("client_disconnected", "the client left mid-body", 400,
+                              "body") from None
         try:
             return model.model_validate_json(bytes(raw) or b"{}")
         except ValidationError as exc:
@@ -118,6 +126,19 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
     async def server_error(request: Request, exc: ServerError):
         metrics.client_errors.labels(exc.code).inc()
         return JSONResponse(ErrorBody(error=exc.info()).model_dump(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Routing's refusals (no such path, wrong method) in the same `{"error": ...}` shape."""
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return await server_error(request, ServerError(code, str(exc.detail), exc.status_code,
+                                                       "path" if exc.status_code == 404 else
+                                                       "method" if exc.status_code == 405
+                                                       else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError):
+        return await server_error(request, validation_error(exc))
 
     keyed = [Depends(require_key)]
 
