@@ -185,6 +185,52 @@ def test_api_key_in_the_query_never_reaches_the_access_log(engine):
     assert "sesame" in "/v1/metrics?api_key=sesame" != redact("/v1/metrics?api_key=sesame")
 
 
+def test_a_websocket_session_belongs_to_its_connection(engine):
+    """Its id, leaked, lets no HTTP client feed or end it; its owner goes on, and ids never
+    reach the access log. Negative control: an HTTP session is fed and ended over HTTP."""
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    async def main(url):
+        s = await StreamSession.connect(url, SessionOptions(max_output_tokens=2), clock="client")
+        async with httpx.AsyncClient(base_url=url) as http:
+            for method, path in (("POST", f"/v1/sessions/{s.session_id}/slices"),
+                                 ("DELETE", f"/v1/sessions/{s.session_id}")):
+                response = await http.request(method, path, json={"text": " hi"})
+                assert response.status_code == 403, response.text
+                assert response.json()["error"] == {
+                    "code": "not_owner", "field": "session", "limit": None,
+                    "message": "this session belongs to the WebSocket connection that opened "
+                               "it: feed and end it there"}
+            assert (await http.get(f"/v1/sessions/{s.session_id}")).status_code == 200  # read
+            await s.send_raw(json.dumps({"type": "input", "text": " hello"}))
+            assert (await next_of(s, OutputEvent)).slice == 0  # its owner goes on
+            ended = await s.end()
+            assert ended.reason == "client"
+            opened = (await http.post("/v1/sessions", json={})).json()["session"]
+            assert (await http.post(f"/v1/sessions/{opened}/slices", json={})).status_code == 200
+            assert (await http.delete(f"/v1/sessions/{opened}")).status_code == 200
+        return [s.session_id, opened]
+
+    access = logging.getLogger("uvicorn.access")
+    with serving(engine) as served:
+        access.setLevel(logging.INFO)
+        handler = Keep()
+        access.addHandler(handler)
+        try:
+            ids = run(main(served.url))
+        finally:
+            access.removeHandler(handler)
+    logged = "\n".join(records)
+    assert "/v1/sessions/[session]/slices" in logged
+    assert not any(i in logged for i in ids)
+
+
 def test_every_refusal_has_the_error_shape(engine):
     with serving(engine) as served:
         cases = [("GET", "/nope", 404, "not_found", "path"),

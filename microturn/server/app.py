@@ -47,7 +47,8 @@ from microturn.server.metrics import ServerMetrics
 from microturn.server.scheduler import Scheduler
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 429, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 429,
+                                                        503)}
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> ServerError:
@@ -167,7 +168,7 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
     @app.post("/v1/sessions/{session_id}/slices", dependencies=keyed, response_model=OutputEvent,
               responses=ERRORS, openapi_extra=body_schema(SliceRequest))
     async def append_slice(session_id: str, request: Request) -> OutputEvent:
-        live = scheduler.get(session_id)
+        live = scheduler.get(session_id, to_change=True)
         body = await body_of(request, SliceRequest)
         reply = scheduler.put_slice(live, body.text, body.tokens, None, want_reply=True)
         return await asyncio.shield(reply)  # a client that hangs up does not undo its slice
@@ -180,7 +181,8 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
     @app.delete("/v1/sessions/{session_id}", dependencies=keyed, response_model=EndedEvent,
                 responses=ERRORS)
     async def close_session(session_id: str, export: bool = False) -> EndedEvent:
-        ended = await scheduler.close(scheduler.get(session_id), "client", notify=False)
+        ended = await scheduler.close(scheduler.get(session_id, to_change=True), "client",
+                                      notify=False)
         return ended if export else ended.model_copy(update={"export": None})
 
     @app.websocket("/v1/stream")
@@ -295,7 +297,8 @@ class WebSocketSession:
                 raise ServerError("already_started", "this connection already has a session",
                                   409, "type")
             options = SessionOptions(**msg.model_dump(exclude={"type", "clock"}))
-            self.live = live = await self.scheduler.open(options, msg.clock, self.sink)
+            self.live = live = await self.scheduler.open(options, msg.clock, self.sink,
+                                                         owner="websocket")
             closes_in = ((live.next_close - time.monotonic()) * 1e3 if msg.clock == "server"
                          else None)
             self.outbox.put_nowait(started_event(live, self.public_limits, closes_in))

@@ -48,6 +48,7 @@ class LiveSession:
     output_tokens: int = 0
     deadline_misses: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    owner: str = "http"  # "websocket": only its connection may feed or end it
 
     @property
     def slice_s(self) -> float:

@@ -1,15 +1,17 @@
 """Secrets never reach a log: the access log's request paths lose the values of key-like
-query parameters (`?api_key=...` is accepted where a header cannot be sent)."""
+query parameters (`?api_key=...` is accepted where a header cannot be sent) and session ids
+(a client-clocked HTTP session's id is its capability)."""
 
 import logging
 import re
 
 SECRET_PARAMS = re.compile(r"((?:^|[?&])(?:api_key|key|token|access_token)=)[^&\s]*", re.I)
+SESSION_IDS = re.compile(r"(/v1/sessions/)[^/?\s]+")
 ACCESS_LOGGER = "uvicorn.access"
 
 
 def redact(path: str) -> str:
-    return SECRET_PARAMS.sub(r"\1[redacted]", path)
+    return SESSION_IDS.sub(r"\1[session]", SECRET_PARAMS.sub(r"\1[redacted]", path))
 
 
 class RedactSecrets(logging.Filter):

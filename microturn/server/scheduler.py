@@ -86,7 +86,8 @@ class Scheduler:
                               f"{self.limits.max_sessions} open sessions; try again later",
                               503, "max_sessions", self.limits.max_sessions)
 
-    async def open(self, options: SessionOptions, clock: str, sink) -> LiveSession:
+    async def open(self, options: SessionOptions, clock: str, sink,
+                   owner: str = "http") -> LiveSession:
         if self.draining:
             raise ServerError("draining", "the server is shutting down", 503)
         self._check_room()
@@ -113,7 +114,7 @@ class Scheduler:
             deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
             decoder=StreamingDecoder(self.tokenizer),
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
-            ended=asyncio.get_running_loop().create_future())
+            ended=asyncio.get_running_loop().create_future(), owner=owner)
         if params.audio or params.video:
             live.media = MediaAssembler(layout, self.limits.max_buffered_slices)
         if options.audio is not None:
@@ -152,12 +153,17 @@ class Scheduler:
             live.sink(event.model_copy(update={"export": None}))
         return event
 
-    def get(self, session_id: str) -> LiveSession:
+    def get(self, session_id: str, to_change: bool = False) -> LiveSession:
+        """The open session `session_id`; `to_change` (an HTTP call that would feed or end
+        it): refused for a session its WebSocket connection owns."""
         live = self.sessions.get(session_id)
         if live is None:
             raise ServerError("no_session", f"no open session {session_id!r} (closed or idle "
                               f"longer than idle_timeout_s {self.limits.idle_timeout_s})", 404,
                               "session", self.limits.idle_timeout_s)
+        if to_change and live.owner != "http":
+            raise ServerError("not_owner", "this session belongs to the WebSocket connection "
+                              "that opened it: feed and end it there", 403, "session")
         return live
 
     # -- input (decoded by `input_decoding.py`, placed here) --------------------------------
