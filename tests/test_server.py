@@ -424,6 +424,34 @@ def test_idle_sessions_are_closed_and_freed(engine):
         run(main(served.url))
 
 
+def test_waiting_on_a_slow_tick_is_not_idleness(engine, monkeypatch):
+    """A client-clocked slice waits behind ticks slower than the idle timeout: the client is
+    answered, and its session stays open; the idle clock starts at the answer. Negative
+    control: a client that then sends nothing is closed as idle."""
+    real_tick = engine.tick_async
+
+    async def slow_tick():
+        await asyncio.sleep(0.8)  # a long tick (a crowded server), longer than idle_timeout_s
+        return await real_tick()
+
+    monkeypatch.setattr(engine, "tick_async", slow_tick)
+
+    async def main(url):
+        async with SessionsClient(url) as http:
+            opened = await http.open()
+            for _ in range(2):
+                output = await http.slice(opened.session, " hi")
+                state = await http.state(opened.session)  # still open right after the answer
+                assert state.slices == output.slice + 1
+            await asyncio.sleep(1.5)  # now truly idle
+            with pytest.raises(ClientError) as gone:
+                await http.state(opened.session)
+            assert gone.value.status == 404
+
+    with serving(engine, ServerLimits(idle_timeout_s=0.5)) as served:
+        run(main(served.url))
+
+
 def test_abrupt_disconnect_frees_the_session(engine):
     async def main(url):
         async with SessionsClient(url) as http:

@@ -253,6 +253,8 @@ class Scheduler:
                             text=live.decoder.push_all(output.output_ids),
                             latency_ms=round(latency_ms, 3), missed_deadline=missed)
         live.answered += 1
+        if live.clock == "client":  # the idle clock starts again once the client is answered
+            live.last_seen = max(live.last_seen, done)
         live.input_tokens += len(d.tokens)
         live.output_tokens += len(output.output_ids)
         live.deadline_misses += missed
@@ -270,7 +272,11 @@ class Scheduler:
             live.sink(event)
 
     def _expire_idle(self, now: float) -> None:
+        """Idle: no client activity for idle_timeout_s while the server owed it nothing (a
+        client-clocked slice waiting for the engine is the server's debt, not idleness)."""
         for live in list(self.sessions.values()):
+            if live.requests:
+                continue
             if now - live.last_seen > self.limits.idle_timeout_s:
                 live.last_seen = math.inf  # closing now; not picked again
                 asyncio.create_task(self.close(live, "idle"))
