@@ -162,6 +162,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="input queued ahead of the open slice before backpressure")
     parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
                         help="seconds without a client message before a session is closed")
+    parser.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
+                        help="seconds a WebSocket may take to send its start message")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                        help="seconds an HTTP request body may take to arrive")
     parser.add_argument("--kv-budget-mb", type=int, default=1024)
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])

@@ -89,6 +89,8 @@ class Limits(BaseModel):
     max_input_tokens: int
     max_buffered_slices: int
     idle_timeout_s: float
+    start_timeout_s: float
+    body_timeout_s: float
 
 
 class StartedEvent(BaseModel):

@@ -452,6 +452,39 @@ def test_waiting_on_a_slow_tick_is_not_idleness(engine, monkeypatch):
         run(main(served.url))
 
 
+def test_silent_connections_and_slow_bodies_time_out(engine):
+    """A WebSocket that never sends `start` gets `start_timeout` and is closed; an HTTP body
+    that stops arriving gets 408 `body_timeout`. Negative control: a prompt start is served."""
+    import socket
+
+    from websockets.asyncio.client import connect
+
+    limits = ServerLimits(start_timeout_s=0.5, body_timeout_s=0.5)
+
+    async def main(url):
+        ws_url = url.replace("http", "ws") + "/v1/stream"
+        async with connect(ws_url) as ws:
+            started = time.monotonic()
+            event = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert event["type"] == "error" and event["code"] == "start_timeout"
+            assert (event["field"], event["limit"]) == ("start", 0.5)
+            assert 0.4 < time.monotonic() - started < 3
+            await asyncio.wait_for(ws.wait_closed(), 5)
+        prompt = await StreamSession.connect(url)  # negative control
+        await prompt.end()
+
+    with serving(engine, limits) as served:
+        run(main(served.url))
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{\"max_")
+            reply = sock.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in reply, reply
+        health = httpx.get(served.url + "/healthz").json()
+        assert health["sessions"] == 0
+
+
 def test_abrupt_disconnect_frees_the_session(engine):
     async def main(url):
         async with SessionsClient(url) as http:

@@ -110,14 +110,19 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
                               limits.max_message_bytes)
         raw = bytearray()
         try:
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > limits.max_message_bytes:
-                    raise ServerError("limit", "request body over max_message_bytes", 413,
-                                      "body", limits.max_message_bytes)
+            async with asyncio.timeout(limits.body_timeout_s):  # a slow body holds no worker
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > limits.max_message_bytes:
+                        raise ServerError("limit", "request body over max_message_bytes", 413,
+                                          "body", limits.max_message_bytes)
         except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log
             raise ServerError("client_disconnected", "the client left mid-body", 400,
                               "body") from None
+        except TimeoutError:
+            raise ServerError("body_timeout", f"the request body took longer than "
+                              f"body_timeout_s {limits.body_timeout_s}", 408, "body",
+                              limits.body_timeout_s) from None
         try:
             return model.model_validate_json(bytes(raw) or b"{}")
         except ValidationError as exc:
@@ -244,9 +249,22 @@ class WebSocketSession:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
+        start_by = time.monotonic() + self.limits.start_timeout_s
         try:
             while True:
-                message = await self.ws.receive()
+                if self.live is None:  # a connection that never starts holds no slot for long
+                    try:
+                        message = await asyncio.wait_for(self.ws.receive(),
+                                                         max(0.0, start_by - time.monotonic()))
+                    except TimeoutError:
+                        self.scheduler.metrics.client_errors.labels("start_timeout").inc()
+                        self.outbox.put_nowait(ServerError(
+                            "start_timeout", f"no start message within start_timeout_s "
+                            f"{self.limits.start_timeout_s}", 408, "start",
+                            self.limits.start_timeout_s).event())
+                        break
+                else:
+                    message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 if self.live is not None and not self.live.open:

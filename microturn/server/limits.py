@@ -13,6 +13,8 @@ class ServerLimits:
     max_input_tokens: int = 64  # per input slice
     max_buffered_slices: int = 25  # input queued ahead of the open slice (5 s at 200 ms)
     idle_timeout_s: float = 60.0  # no message from the client for this long: session closed
+    start_timeout_s: float = 10.0  # a WebSocket that sends no `start` for this long is closed
+    body_timeout_s: float = 10.0  # an HTTP request body still arriving after this is refused
     max_queued_events: int = 64  # output events a slow reader may leave unread
 
     def __post_init__(self):

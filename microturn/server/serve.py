@@ -56,7 +56,9 @@ def run_serve(args: argparse.Namespace) -> None:
                           max_media_bytes=args.max_media_bytes,
                           max_input_tokens=args.max_input_tokens,
                           max_buffered_slices=args.max_buffered_slices,
-                          idle_timeout_s=args.idle_timeout)
+                          idle_timeout_s=args.idle_timeout,
+                          start_timeout_s=args.start_timeout,
+                          body_timeout_s=args.body_timeout)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
     # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
     loaded = run_on_torch_thread(load_interaction_model, args.model, args.adapter,
