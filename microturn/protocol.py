@@ -152,7 +152,7 @@ class SessionSummary(BaseModel):
 
 class EndedEvent(BaseModel):
     type: Literal["ended"] = "ended"
-    reason: Literal["client", "idle", "shutdown", "slow_consumer"]
+    reason: Literal["client", "idle", "shutdown", "slow_consumer", "kv_pool_full"]
     summary: SessionSummary
     export: dict[str, Any] | None = None
 

@@ -240,3 +240,41 @@ def test_long_sessions_evict_and_match_the_dense_reference(tiny, kernel_choice, 
     # negative control: a reference that forgets to evict disagrees
     s = engine.sessions[next(iter(engine.sessions))]
     assert relative_error(torch.cat(s.logits), full_forward_logits(tiny, s.fed)) > TOLERANCE
+
+
+def test_a_session_the_full_pool_cannot_grow_fails_alone(tiny):
+    """The pool is full, and session B needs a block it cannot take or free (it has only its
+    sink): B alone is marked `kv_pool_full` and takes no step; A and C, in the same tick, get
+    exactly what they get in a run where B asked for nothing. Negative control: C fed
+    something else does differ."""
+    def run(b_grows: bool, c_word: int = 11):
+        engine = Engine(tiny, EngineConfig(kv_budget_mb=1, block_size=256, max_sessions=4,
+                                           deterministic=True))
+        params = SessionParams(max_output_tokens=3)
+        b, c, a = engine.open(params), engine.open(params), engine.open(params)
+        for sid in (b, c):
+            engine.append(sid, [5, 6, 7])
+        engine.tick()
+        while engine.pool.free_blocks:  # A takes every block left
+            engine.append(a, list(range(100, 350)))
+            engine.tick()
+        engine.append(b, list(range(400, 700)) if b_grows else [])
+        engine.append(c, [c_word, 12])
+        engine.append(a, [13])
+        outputs = engine.tick()
+        return engine, outputs, (a, b, c)
+
+    engine, outputs, (a, b, c) = run(b_grows=True)
+    assert outputs[b].failed == "kv_pool_full" and outputs[a].failed is None
+    quiet, quiet_outputs, _ = run(b_grows=False)
+    assert quiet_outputs[b].failed is None
+    for sid in (a, c):
+        assert outputs[sid] == quiet_outputs[sid]
+        assert engine.export(sid)["logprobs"] == quiet.export(sid)["logprobs"]
+    engine.append(b, [1])  # a failed session takes no more steps; closing it frees its blocks
+    assert engine.tick()[b].failed == "kv_pool_full"
+    free = len(engine.pool.free_blocks)
+    engine.close(b)
+    assert len(engine.pool.free_blocks) > free
+    other, other_outputs, _ = run(b_grows=True, c_word=99)
+    assert other.export(c)["logprobs"] != engine.export(c)["logprobs"]

@@ -203,24 +203,45 @@ class Engine:
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
         """The input step for every active session, then decode steps for those still
-        speaking; each step is prepare -> forward -> sample -> record."""
+        speaking; each step is prepare -> forward -> sample -> record. A session that cannot
+        get room in the pool leaves the tick alone (`failed`): the others' steps go on."""
         feeds, turns, draws = [], [], []
         for s in active:
             turn = s.pending.popleft()
             s.timeline.turns.append(turn)
-            turns.append(turn)
             feeds.append(s.unfed + s.timeline.input_tokens(turn) + turn.output_ids)
-            draws.append(not turn.output_ids)  # a scripted slice is fed whole, never sampled
             s.unfed = []
-        audio, patches = turn_media(turns)
-        self._step(active, feeds, audio, patches, draws)
-        speaking = [s for s, drew in zip(active, draws, strict=True)
+        stepping = self._admit(active, feeds)
+        feeds = [f for s, f in zip(active, feeds, strict=True) if s in stepping]
+        turns = [s.timeline.turns[-1] for s in stepping]
+        draws = [not t.output_ids for t in turns]  # a scripted slice is fed whole, never sampled
+        if stepping:
+            audio, patches = turn_media(turns)
+            self._step(stepping, feeds, audio, patches, draws)
+        speaking = [s for s, drew in zip(stepping, draws, strict=True)
                     if drew and not self._slice_done(s)]
         while speaking:
-            self._step(speaking, [s.unfed for s in speaking])
+            speaking = self._admit(speaking, [s.unfed for s in speaking])
+            if speaking:
+                self._step(speaking, [s.unfed for s in speaking])
             speaking = [s for s in speaking if not self._slice_done(s)]
         return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
-                                  list(s.timeline.turns[-1].output_ids)) for s in active}
+                                  list(s.timeline.turns[-1].output_ids), s.failed)
+                for s in active}
+
+    def _admit(self, sessions: list[Session], feeds: list[list[int]]) -> list[Session]:
+        """The sessions that have room for their feed (reserved now); the rest are marked
+        failed and take no step, here or later, before anything of theirs is fed."""
+        admitted = []
+        for s, feed in zip(sessions, feeds, strict=True):
+            if s.failed is None:
+                try:
+                    self._reserve(s, len(feed))
+                except PoolFull as exc:
+                    s.failed = exc.reason
+                    continue
+                admitted.append(s)
+        return admitted
 
     async def tick_async(self) -> dict[int, SliceOutput]:
         """The tick on the process's torch thread (`torch_thread.py`), so an asyncio server
@@ -327,7 +348,7 @@ class Engine:
         while s.num_blocks * self.pool.block_size < s.length + new_tokens:
             if not self.pool.grow(s.row, s.num_blocks):
                 if s.num_blocks <= self.sink_blocks + 1:
-                    raise MicroturnError(f"session {s.id}: kv pool full, cannot grow")
+                    raise PoolFull(f"session {s.id}: kv pool full, cannot grow")
                 self._evict(s, s.length + new_tokens - s.num_blocks * self.pool.block_size)
                 continue
             s.num_blocks += 1
@@ -346,6 +367,11 @@ class Engine:
         s.num_blocks -= evict
         s.length -= evict * bs
         s.evictions.append((len(s.fed), start * bs, evict * bs))
+
+
+class PoolFull(MicroturnError):
+    """A session needs a block, the pool has none, and it has none of its own to evict."""
+    reason = "kv_pool_full"
 
 
 @dataclass(frozen=True)

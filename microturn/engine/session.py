@@ -55,6 +55,7 @@ class Session:
     logprobs: dict[int, float] = field(default_factory=dict)
     evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
     closed: bool = False
+    failed: str | None = None  # why the session can take no more steps (e.g. kv_pool_full)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SliceOutput:
     session_id: int
     index: int  # micro-turn index
     output_ids: list[int]
+    failed: str | None = None  # the session could not take this slice (its reason); close it
 
 
 @dataclass(frozen=True)

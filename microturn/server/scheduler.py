@@ -236,7 +236,16 @@ class Scheduler:
         self.metrics.tick_seconds.observe(done - started)
         self.metrics.tick_sessions.observe(len(due))
         for d in due:
-            self._deliver(d, outputs[d.live.engine_id], done)
+            output = outputs[d.live.engine_id]
+            if output.failed is None:
+                self._deliver(d, output, done)
+                continue
+            # this session alone could not take its slice: it ends, the others were served
+            if d.reply is not None and not d.reply.done():
+                d.reply.set_exception(ServerError(
+                    output.failed, "the KV pool is full and this session has no turns of "
+                    "its own to evict; open a new session later", 503))
+            asyncio.create_task(self.close(d.live, output.failed))
         self._pool_metrics()
 
     def _deliver(self, d: DueSlice, output: SliceOutput, done: float) -> None:
