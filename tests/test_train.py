@@ -9,7 +9,8 @@ from test_determinism import stream_target, tiny
 
 from microturn import MicroturnError
 from microturn.kernels import build
-from microturn.train import TimelineBatch, TrainConfig, Trainer
+from microturn.sequence.timeline import Timeline
+from microturn.train import TimelineBatch, TrainConfig, Trainer, verify_alignment
 from microturn.train.logprobs import sequence_logprobs
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")
@@ -90,3 +91,38 @@ def test_training_step_on_the_default_model(smollm_fp32):
     first = trainer.step(batch)
     later = [trainer.step(batch) for _ in range(2)]
     assert torch.isfinite(torch.tensor(first.loss)) and later[-1].loss < first.loss
+
+
+def test_targets_after_an_eviction_stay_out_of_the_loss_with_a_warning(smollm_fp32):
+    """A long session's export evicts; a full-sequence pass cannot reproduce what the sampler
+    attended to after that, so those targets leave the loss (with a warning) and the ones
+    before stay. Negative control: the same export without its eviction records keeps all."""
+    from microturn.engine.engine import Engine, EngineConfig
+    from microturn.engine.session import SessionParams
+
+    loaded = tiny(smollm_fp32, torch.float32)
+    engine = Engine(loaded, EngineConfig(kv_budget_mb=8, block_size=8, context_limit=64,
+                                         sink_tokens=8, deterministic=True, keep_logits=True))
+    sid = engine.open(SessionParams(max_output_tokens=4, force_output=True))
+    for k in range(12):
+        engine.append(sid, [100 + k, 101, 102])
+        engine.tick()
+    export = engine.close(sid)
+    at = export["evictions"][0]["at_token"]
+    assert 0 < at < len(Timeline.from_export(export).tokens())
+    with pytest.warns(UserWarning, match=r"target\(s\) after a KV eviction left out"):
+        batch = TimelineBatch.from_exports([export])
+    plain = TimelineBatch.from_exports([{k: v for k, v in export.items() if k != "evictions"}])
+    assert torch.equal(batch.loss_mask[0, :at], plain.loss_mask[0, :at])
+    assert not batch.loss_mask[0, at:].any() and plain.loss_mask[0, at:].any()
+
+    # verify-alignment compares up to the eviction's own token (computed before it), bitwise
+    report = verify_alignment(export, loaded.model)
+    assert report.aligned and report.compared == at and report.skipped > 0
+    tampered = copy.deepcopy(export)
+    tampered["logprobs"][at] += 1e-3  # negative control: a change at the eviction point
+    assert verify_alignment(tampered, loaded.model).first_mismatch == at
+    tampered = copy.deepcopy(export)
+    tampered["evictions"].append({"at_token": 10**6, "first_slot": 8, "slots": 8})
+    with pytest.raises(ValueError, match="an eviction outside"):
+        verify_alignment(tampered, loaded.model)

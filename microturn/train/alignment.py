@@ -32,8 +32,12 @@ def verify_alignment(export: dict, model: Decoder,
     if len(sampled) != len(tokens):
         raise ValueError(f"export: {len(sampled)} logprobs for {len(tokens)} tokens")
     # after an eviction the engine's window no longer starts at token 0; a full-sequence pass
-    # reproduces only the tokens before it
-    limit = min([e["at_token"] for e in export.get("evictions", [])] + [len(tokens)])
+    # reproduces the tokens up to it, the eviction's own token included (its log-probability
+    # came from the step before the eviction)
+    evicted = [int(e["at_token"]) for e in export.get("evictions", [])]
+    if any(not 0 < at < len(tokens) for at in evicted):
+        raise ValueError(f"export: an eviction outside the session's {len(tokens)} tokens")
+    limit = min(evicted + [len(tokens) - 1]) + 1  # tokens the pass covers
     kept = Timeline(timeline.markers, _turns_within(timeline, limit), timeline.layout)
     audio, patches = kept.media()
     with torch.enable_grad():  # the trainer's forward, autograd on

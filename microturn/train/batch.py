@@ -1,5 +1,6 @@
 """Training batches from timeline exports: the same sequences the engine fed, padded."""
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,20 @@ class TimelineBatch:
             raise ValueError("a training batch needs a sequence of at least 2 tokens")
         token_ids = torch.full((len(sequences), steps), pad_id, dtype=torch.long)
         mask = torch.zeros(len(sequences), steps - 1, dtype=torch.bool)
+        excluded = 0
         for row, (timeline, tokens) in enumerate(zip(timelines, sequences, strict=True)):
             token_ids[row, :len(tokens)] = torch.tensor(tokens)
             wanted = timeline.output_mask() if outputs_only else [True] * len(tokens)
             mask[row, :len(tokens) - 1] = torch.tensor(wanted[1:])
+            if evicted := unreproducible_from(exports[row]):
+                # after the session's first eviction the sampler attended to a window this
+                # full-sequence pass does not reproduce: those targets stay out of the loss
+                excluded += int(mask[row, evicted:].sum())
+                mask[row, evicted:] = False
+        if excluded:
+            warnings.warn(f"training batch: {excluded} target(s) after a KV eviction left out "
+                          f"of the loss (the trainer does not yet replay evicted windows)",
+                          stacklevel=2)
         media = [t.media() for t in timelines]
         audio = [a for a, _ in media if a is not None]
         patches = [p for _, p in media if p is not None]
@@ -43,3 +54,13 @@ class TimelineBatch:
             mask &= token_ids[:, 1:] < vocab
         return cls(token_ids, mask, tuple(len(s) for s in sequences),
                    torch.cat(audio) if audio else None, torch.cat(patches) if patches else None)
+
+
+def unreproducible_from(export: dict) -> int | None:
+    """The first loss column (target index - 1) a full-sequence pass cannot reproduce for this
+    export: the targets after its first eviction's token (that token's own log-probability
+    came from the window before it); None without evictions."""
+    evictions = export.get("evictions") or []
+    if not evictions:
+        return None
+    return min(int(e["at_token"]) for e in evictions)
