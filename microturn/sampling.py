@@ -42,8 +42,27 @@ def draw_seed(seed: int, token_index: int) -> int:
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None = None) -> int:
     """One token id from a [vocab] row of logits."""
+    return sample_with_logprob(logits, params, generator)[0]
+
+
+def sample_with_logprob(logits: torch.Tensor, params: SamplingParams,
+                        generator: torch.Generator | None = None) -> tuple[int, float]:
+    """(token id, its log-probability under the distribution it was drawn from: temperature,
+    top-k and top-p applied; 0.0 for greedy). The model's own log-probability is another
+    number (the engine records both)."""
     if params.greedy:  # fp32 argmax is vectorised (bf16's is ~8x slower); same index
-        return int(logits.float().argmax())
+        return int(logits.float().argmax()), 0.0
+    scores = policy_scores(logits, params)
+    # inverse CDF with one uniform draw: ~10x cheaper than torch.multinomial on a 49k vocab
+    cdf = scores.softmax(-1).cumsum(0)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    token = int(torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1))
+    return token, float(scores.log_softmax(-1)[token])
+
+
+def policy_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution's logits: scaled by the temperature, cut by top-k and top-p
+    (a cut token scores -inf)."""
     # shifted so the best score is 0 before the division: a temperature near zero then sends
     # the others to -inf (greedy in the limit) instead of overflowing every score to +-inf
     scores = logits.float()
@@ -57,7 +76,4 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         # drop a token once the mass before it already reaches top_p (the first always stays)
         drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
         scores = scores.scatter(0, order[drop], float("-inf"))
-    # inverse CDF with one uniform draw: ~10x cheaper than torch.multinomial on a 49k vocab
-    cdf = scores.softmax(-1).cumsum(0)
-    u = torch.rand((), generator=generator) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1))
+    return scores

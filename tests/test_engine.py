@@ -278,3 +278,18 @@ def test_a_session_the_full_pool_cannot_grow_fails_alone(tiny):
     assert len(engine.pool.free_blocks) > free
     other, other_outputs, _ = run(b_grows=True, c_word=99)
     assert other.export(c)["logprobs"] != engine.export(c)["logprobs"]
+
+
+def test_export_carries_the_policy_logprob_of_every_sampled_token(tiny):
+    engine = Engine(tiny, EngineConfig(kv_budget_mb=8, block_size=16, deterministic=True))
+    sid = engine.open(SessionParams(max_output_tokens=3, sampling=SamplingParams(
+        temperature=0.5, top_p=0.8, seed=3)))
+    for k in range(4):
+        engine.append(sid, [200 + k])
+        engine.tick()
+    export = engine.close(sid)
+    policy, model = export["policy_logprobs"], export["logprobs"]
+    sampled = [i for i, v in enumerate(policy) if v is not None]
+    assert sampled and sampled == [i for i, v in enumerate(model) if v is not None]
+    assert all(policy[i] <= 0.0 for i in sampled)
+    assert any(abs(policy[i] - model[i]) > 1e-3 for i in sampled)  # two different numbers

@@ -5,7 +5,7 @@ import torch
 
 from microturn import MicroturnError
 from microturn.checkpoint.tokenizer import StreamingDecoder
-from microturn.sampling import SamplingParams, sample
+from microturn.sampling import SamplingParams, sample, sample_with_logprob
 
 
 def test_greedy_is_argmax():
@@ -68,3 +68,20 @@ def test_streaming_decoder_holds_back_partial_characters(smollm_fp32):
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_the_policy_logprob_is_the_drawn_distributions():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(4)) * 3
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=2)
+    token, policy = sample_with_logprob(logits, params, torch.Generator().manual_seed(5))
+    kept = torch.topk(logits, 20).indices
+    probs = torch.zeros(300)
+    probs[kept] = (logits[kept] / 0.7).softmax(-1)
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    nucleus = order[before < 0.9]
+    expected = (probs[token] / probs[nucleus].sum()).log()
+    assert token in nucleus.tolist() and abs(policy - float(expected)) < 1e-5
+    model = float(logits.log_softmax(-1)[token])  # negative control: the model's own differs
+    assert abs(policy - model) > 0.1
+    assert sample_with_logprob(logits, SamplingParams(), None) == (int(logits.argmax()), 0.0)

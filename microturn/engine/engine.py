@@ -28,7 +28,7 @@ from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
-from microturn.sampling import draw_seed, sample
+from microturn.sampling import draw_seed, sample_with_logprob
 from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.media_specs import FrameSpec
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_media
@@ -162,6 +162,7 @@ class Engine:
                              "top_k": s.params.sampling.top_k, "top_p": s.params.sampling.top_p,
                              "seed": s.params.sampling.seed},
                 "logprobs": [s.logprobs.get(i) for i in range(len(tokens))],
+                "policy_logprobs": [s.policy_logprobs.get(i) for i in range(len(tokens))],
                 "evictions": [{"at_token": fed, "first_slot": slot, "slots": n}
                               for fed, slot, n in s.evictions]}
 
@@ -335,7 +336,8 @@ class Engine:
         params = s.params.sampling
         if not params.greedy:  # the draw depends on the seed and the token's index only
             s.generator.manual_seed(draw_seed(params.seed, len(s.fed)))
-        return sample(logits, params, s.generator)
+        token, s.policy_logprobs[len(s.fed)] = sample_with_logprob(logits, params, s.generator)
+        return token
 
     def _reserve(self, s: Session, new_tokens: int) -> None:
         """Make room for new_tokens slots: grow by whole blocks; at the context limit (or when

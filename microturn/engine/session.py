@@ -53,6 +53,9 @@ class Session:
     # sequence index -> log p(token at that index | everything before), as the sampler computed
     # it: every sampled token, and with keep_logits every fed token too
     logprobs: dict[int, float] = field(default_factory=dict)
+    # sequence index -> log p(sampled token) under the distribution it was drawn from
+    # (temperature, top-k, top-p; 0.0 greedy): the behaviour policy's, for importance ratios
+    policy_logprobs: dict[int, float] = field(default_factory=dict)
     evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
     closed: bool = False
     failed: str | None = None  # why the session can take no more steps (e.g. kv_pool_full)
