@@ -160,7 +160,7 @@ def test_api_key_required(engine):
 def test_api_key_in_the_query_never_reaches_the_access_log(engine):
     import logging
 
-    from microturn.server.log_redaction import redact
+    from microturn.server.logs import redact
 
     records: list[str] = []
 
@@ -266,6 +266,47 @@ def test_opens_waiting_behind_a_tick_are_refused_as_max_sessions(engine):
             await scheduler.close(live, "client", notify=False)
 
     run(main())
+
+
+def test_client_faults_are_counted_not_logged_as_errors(engine):
+    """An invalid UTF-8 text frame (closed 1007, as RFC 6455 says) and a refused key: counted
+    in the metric, no error record. Negative control: the filter lets other errors through."""
+    import logging
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    async def main(url):
+        ws_url = url.replace("http", "ws") + "/v1/stream"
+        async with connect(ws_url + "?api_key=sesame") as ws:
+            await ws.send(b'{"type": "start"}\xff', text=True)
+            with pytest.raises(ConnectionClosedError) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd.code == 1007
+        with pytest.raises(InvalidStatus):
+            async with connect(ws_url + "?api_key=wrong"):
+                pass
+
+    errors = logging.getLogger("uvicorn.error")
+    handler = Keep()
+    with serving(engine, api_key="sesame") as served:
+        errors.addHandler(handler)  # after uvicorn configured its loggers
+        try:
+            run(main(served.url))
+            metrics = httpx.get(served.url + "/metrics?api_key=sesame").text
+            errors.error("a real server error")
+        finally:
+            errors.removeHandler(handler)
+    assert 'microturn_client_errors_total{code="invalid_utf8"} 1.0' in metrics
+    assert 'microturn_client_errors_total{code="unauthorized"} 1.0' in metrics
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == [
+        "a real server error"]
 
 
 def test_max_sessions_refused_clearly(engine):

@@ -39,7 +39,7 @@ from microturn.protocol import (
     StartMessage,
     client_message,
 )
-from microturn.server import log_redaction
+from microturn.server import logs
 from microturn.server.errors import ServerError
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
@@ -72,8 +72,8 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 def create_app(engine: Engine, limits: ServerLimits | None = None,
                api_key: str | None = None) -> FastAPI:
     limits = limits or ServerLimits()
-    log_redaction.install()  # whoever runs the app: no key in its access log
     metrics = ServerMetrics()
+    logs.install(lambda code: metrics.client_errors.labels(code).inc())
     scheduler = Scheduler(engine, limits, metrics)
     public_limits = Limits(**limits.public())
 
