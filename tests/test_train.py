@@ -124,5 +124,9 @@ def test_targets_after_an_eviction_stay_out_of_the_loss_with_a_warning(smollm_fp
     assert verify_alignment(tampered, loaded.model).first_mismatch == at
     tampered = copy.deepcopy(export)
     tampered["evictions"].append({"at_token": 10**6, "first_slot": 8, "slots": 8})
-    with pytest.raises(ValueError, match="an eviction outside"):
+    with pytest.raises(ValueError, match="evictions must fall in order inside"):
+        verify_alignment(tampered, loaded.model)
+    tampered = copy.deepcopy(export)
+    tampered["evictions"][0]["first_slot"] = 0  # the sink is never evicted
+    with pytest.raises(ValueError, match="is not one the engine makes"):
         verify_alignment(tampered, loaded.model)

@@ -164,7 +164,9 @@ class Engine:
                 "logprobs": [s.logprobs.get(i) for i in range(len(tokens))],
                 "policy_logprobs": [s.policy_logprobs.get(i) for i in range(len(tokens))],
                 "evictions": [{"at_token": fed, "first_slot": slot, "slots": n}
-                              for fed, slot, n in s.evictions]}
+                              for fed, slot, n in s.evictions],
+                "kv": {"block_size": self.pool.block_size, "context_limit": self.context_limit,
+                       "sink_slots": self.sink_blocks * self.pool.block_size}}
 
     # -- what callers may read ---------------------------------------------------------------
 

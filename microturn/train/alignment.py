@@ -34,9 +34,7 @@ def verify_alignment(export: dict, model: Decoder,
     # after an eviction the engine's window no longer starts at token 0; a full-sequence pass
     # reproduces the tokens up to it, the eviction's own token included (its log-probability
     # came from the step before the eviction)
-    evicted = [int(e["at_token"]) for e in export.get("evictions", [])]
-    if any(not 0 < at < len(tokens) for at in evicted):
-        raise ValueError(f"export: an eviction outside the session's {len(tokens)} tokens")
+    evicted = check_evictions(export, len(tokens))
     limit = min(evicted + [len(tokens) - 1]) + 1  # tokens the pass covers
     kept = Timeline(timeline.markers, _turns_within(timeline, limit), timeline.layout)
     audio, patches = kept.media()
@@ -56,6 +54,25 @@ def verify_alignment(export: dict, model: Decoder,
             first = index
     skipped = sum(v is not None for v in sampled[limit:])
     return AlignmentReport(compared, worst, first, skipped)
+
+
+def check_evictions(export: dict, length: int) -> list[int]:
+    """The evictions' token indices, once each record is what the engine's policy writes: in
+    order, inside the session, whole blocks right after the sink, never past the context limit
+    (a forged record would hide what comes after it)."""
+    evictions, kv = export.get("evictions", []), export.get("kv")
+    at = [int(e["at_token"]) for e in evictions]
+    if any(not 0 < a < length for a in at) or at != sorted(set(at)):
+        raise ValueError(f"export: evictions must fall in order inside the session's "
+                         f"{length} tokens")
+    if kv is not None:
+        for e in evictions:
+            if e["first_slot"] != kv["sink_slots"] or e["slots"] <= 0 or \
+                    e["slots"] % kv["block_size"] or e["slots"] > kv["context_limit"]:
+                raise ValueError(f"export: eviction at token {e['at_token']} is not one the "
+                                 f"engine makes (whole blocks after the {kv['sink_slots']}-slot "
+                                 f"sink)")
+    return at
 
 
 def _turns_within(timeline: Timeline, limit: int) -> list:
