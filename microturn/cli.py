@@ -104,7 +104,8 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
     print(f"positions compared: {report.compared}\nmax |delta logprob|: {report.max_abs_diff:.3g}"
           f"\nfirst differing position: {first}")
     if report.skipped:
-        print(f"not compared: {report.skipped} positions after the first KV eviction")
+        print(f"not compared: {report.skipped} positions after the first KV eviction (the "
+              "export does not say its KV layout)")
     if not report.aligned:
         raise SystemExit(1)
 

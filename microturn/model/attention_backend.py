@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from microturn.errors import MicroturnError
 from microturn.kernels import ops, policy
+from microturn.kernels.windowed_attention import ResidentWindows, windowed_attention
 from microturn.model.config import ModelConfig
 
 # Decode-sized passes (measured: up to ~4 queries) use the CPU kernel; longer fp32 passes use
@@ -68,6 +69,23 @@ class CausalAttention:
 
     def attend(self, layer, q, k, v):
         return ops.causal_attention(q, k, v)
+
+
+class WindowedAttention:
+    """No cache, like `CausalAttention`, but each token sees only what its session had
+    resident when the engine computed it (`kernels/windowed_attention.py`): the trainer's
+    replay of a long session with evictions."""
+
+    paged = None
+
+    def __init__(self, windows: ResidentWindows):
+        self.windows = windows
+
+    def prepare(self, num_new_tokens: int) -> None:
+        pass
+
+    def attend(self, layer, q, k, v):
+        return windowed_attention(q, k, v, self.windows)
 
 
 class DenseKVCache:

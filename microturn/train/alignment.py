@@ -8,6 +8,7 @@ import torch
 from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
 from microturn.sequence.timeline import Timeline
+from microturn.train.batch import resident_windows
 from microturn.train.logprobs import sequence_logprobs
 
 
@@ -16,7 +17,7 @@ class AlignmentReport:
     compared: int  # positions with a sampler log-probability that the trainer recomputed
     max_abs_diff: float
     first_mismatch: int | None  # sequence index of the first differing position
-    skipped: int  # positions after the first eviction (a full pass cannot see their window)
+    skipped: int  # positions after the first eviction of an export without its KV layout
 
     @property
     def aligned(self) -> bool:
@@ -31,17 +32,19 @@ def verify_alignment(export: dict, model: Decoder,
     sampled = export["logprobs"]
     if len(sampled) != len(tokens):
         raise ValueError(f"export: {len(sampled)} logprobs for {len(tokens)} tokens")
-    # after an eviction the engine's window no longer starts at token 0; a full-sequence pass
-    # reproduces the tokens up to it, the eviction's own token included (its log-probability
-    # came from the step before the eviction)
+    # after an eviction the engine's window no longer starts at token 0: with the export's KV
+    # layout the pass replays each token's resident window; without it, it reproduces the
+    # tokens up to the first eviction, whose own token it includes (its log-probability came
+    # from the step before the eviction)
     evicted = check_evictions(export, len(tokens))
-    limit = min(evicted + [len(tokens) - 1]) + 1  # tokens the pass covers
+    windows = resident_windows([export])
+    limit = len(tokens) if windows is not None else min(evicted + [len(tokens) - 1]) + 1
     kept = Timeline(timeline.markers, _turns_within(timeline, limit), timeline.layout)
     audio, patches = kept.media()
     with torch.enable_grad():  # the trainer's forward, autograd on
         trainer = sequence_logprobs(model, torch.tensor([tokens[:limit]]),
                                     export.get("deterministic", True), frontend, audio,
-                                    patches)[0].detach()
+                                    patches, windows)[0].detach()
     compared, worst, first = 0, 0.0, None
     for index in range(1, limit):
         if sampled[index] is None:

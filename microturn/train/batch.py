@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from microturn.kernels.windowed_attention import ResidentWindows
 from microturn.sequence.timeline import Timeline
 
 
@@ -16,6 +17,7 @@ class TimelineBatch:
     audio: torch.Tensor | None = None  # dMel codes behind the audio placeholders, row order
     patches: torch.Tensor | None = None  # patches behind the patch placeholders, row order
     loss_weight: torch.Tensor | None = None  # [B, T - 1] float where targets weigh unequally
+    windows: ResidentWindows | None = None  # rows that evicted: what each token had resident
 
     def weights(self) -> torch.Tensor:
         """Each target's weight in the loss: the mask, scaled where `loss_weight` says."""
@@ -32,20 +34,20 @@ class TimelineBatch:
             raise ValueError("a training batch needs a sequence of at least 2 tokens")
         token_ids = torch.full((len(sequences), steps), pad_id, dtype=torch.long)
         mask = torch.zeros(len(sequences), steps - 1, dtype=torch.bool)
+        windows = resident_windows(exports)
         excluded = 0
         for row, (timeline, tokens) in enumerate(zip(timelines, sequences, strict=True)):
             token_ids[row, :len(tokens)] = torch.tensor(tokens)
             wanted = timeline.output_mask() if outputs_only else [True] * len(tokens)
             mask[row, :len(tokens) - 1] = torch.tensor(wanted[1:])
-            if evicted := unreproducible_from(exports[row]):
-                # after the session's first eviction the sampler attended to a window this
-                # full-sequence pass does not reproduce: those targets stay out of the loss
+            if windows is None and (evicted := first_eviction(exports[row])):
+                # an export without its KV layout (`kv`): the window after its first eviction
+                # cannot be replayed, so those targets stay out of the loss
                 excluded += int(mask[row, evicted:].sum())
                 mask[row, evicted:] = False
         if excluded:
             warnings.warn(f"training batch: {excluded} target(s) after a KV eviction left out "
-                          f"of the loss (the trainer does not yet replay evicted windows)",
-                          stacklevel=2)
+                          f"of the loss (the export does not say its KV layout)", stacklevel=2)
         media = [t.media() for t in timelines]
         audio = [a for a, _ in media if a is not None]
         patches = [p for _, p in media if p is not None]
@@ -53,14 +55,30 @@ class TimelineBatch:
         if vocab:  # a media position has no token probability to learn
             mask &= token_ids[:, 1:] < vocab
         return cls(token_ids, mask, tuple(len(s) for s in sequences),
-                   torch.cat(audio) if audio else None, torch.cat(patches) if patches else None)
+                   torch.cat(audio) if audio else None, torch.cat(patches) if patches else None,
+                   windows=windows)
 
 
-def unreproducible_from(export: dict) -> int | None:
-    """The first loss column (target index - 1) a full-sequence pass cannot reproduce for this
-    export: the targets after its first eviction's token (that token's own log-probability
-    came from the window before it); None without evictions."""
+def first_eviction(export: dict) -> int | None:
+    """The first loss column (target index - 1) after the export's first eviction: that
+    token's own log-probability came from the window before it; None without evictions."""
     evictions = export.get("evictions") or []
-    if not evictions:
+    return min(int(e["at_token"]) for e in evictions) if evictions else None
+
+
+def resident_windows(exports: list[dict]) -> ResidentWindows | None:
+    """What each row's tokens had resident, for exports that evicted and say their KV layout
+    (one layout for the batch); None when no row evicted or one cannot be replayed."""
+    if not any(e.get("evictions") for e in exports):
         return None
-    return min(int(e["at_token"]) for e in evictions)
+    layouts = {(e["kv"]["block_size"], e["kv"]["sink_slots"]) for e in exports if "kv" in e}
+    if len(layouts) != 1 or any(e.get("evictions") and "kv" not in e for e in exports):
+        return None
+    (block_size, sink_slots), rows = layouts.pop(), []
+    for export in exports:
+        evicted, row = 0, []
+        for e in export.get("evictions") or []:
+            evicted += int(e["slots"])
+            row.append((int(e["at_token"]), evicted))
+        rows.append(tuple(row))
+    return ResidentWindows(block_size, sink_slots, tuple(rows))

@@ -170,7 +170,7 @@ def training_batch(exports: list[dict], moment_weight: float = 1.0) -> TimelineB
                 weight[row, span] = moment_weight
             at += len(turn.output_ids)
     return TimelineBatch(batch.token_ids, mask, batch.lengths, batch.audio, batch.patches,
-                         None if weight is None else weight * mask)
+                         None if weight is None else weight * mask, batch.windows)
 
 
 def tokens_in(batch: TimelineBatch) -> int:

@@ -10,18 +10,22 @@ import torch
 
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
-from microturn.model.attention_backend import CausalAttention
+from microturn.kernels.windowed_attention import ResidentWindows
+from microturn.model.attention_backend import CausalAttention, WindowedAttention
 from microturn.model.decoder import Decoder
 
 
 def sequence_logprobs(model: Decoder, token_ids: torch.Tensor, deterministic: bool = True,
                       frontend: FrontEnd | None = None, audio: torch.Tensor | None = None,
-                      patches: torch.Tensor | None = None) -> torch.Tensor:
+                      patches: torch.Tensor | None = None,
+                      windows: ResidentWindows | None = None) -> torch.Tensor:
     """token_ids [B, T] -> [B, T - 1]: entry t - 1 is log p(token t | tokens before it),
     at positions 0..T-1. Sequences shorter than T are right-padded: padding never changes the
     log-probabilities of the tokens before it (attention is causal, kernels row-invariant).
     Media positions (ids past the vocabulary) take their vectors from `frontend` with `audio`
-    and `patches` in row order; their own entries are 0 (a dMel frame has no probability)."""
+    and `patches` in row order; their own entries are 0 (a dMel frame has no probability).
+    `windows`: the rows are long sessions that evicted; each token attends to what was
+    resident when the engine computed it."""
     if token_ids.dim() != 2:
         raise ValueError(f"token_ids must be [batch, steps], got {tuple(token_ids.shape)}")
     batch, steps = token_ids.shape
@@ -32,7 +36,8 @@ def sequence_logprobs(model: Decoder, token_ids: torch.Tensor, deterministic: bo
         embeds = None
         if frontend is not None and bool((token_ids >= vocab).any()):
             embeds = frontend.embed(model.embed_tokens, token_ids, audio, patches)
-        logits = model(token_ids, positions, CausalAttention(), embeds=embeds)
+        backend = CausalAttention() if windows is None else WindowedAttention(windows)
+        logits = model(token_ids, positions, backend, embeds=embeds)
         targets = token_ids[:, 1:].reshape(-1)
         is_text = targets < vocab
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])

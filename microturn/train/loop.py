@@ -168,7 +168,8 @@ class TrainingRun:
         total = 0.0
         for batch in batches:
             logprobs = sequence_logprobs(self.loaded.model, batch.token_ids, c.deterministic,
-                                         self.frontend, batch.audio, batch.patches)
+                                         self.frontend, batch.audio, batch.patches,
+                                         batch.windows)
             loss = -(logprobs * batch.weights()).sum() / counted
             loss.backward()
             total += float(loss.detach())

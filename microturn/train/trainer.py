@@ -46,7 +46,7 @@ class Trainer:
     def loss(self, batch: TimelineBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean negative log-likelihood over the masked tokens, and all log-probabilities."""
         logprobs = sequence_logprobs(self.model, batch.token_ids, self.config.deterministic,
-                                     self.frontend, batch.audio, batch.patches)
+                                     self.frontend, batch.audio, batch.patches, batch.windows)
         mask = batch.loss_mask.to(logprobs.device)
         if not mask.any():
             raise MicroturnError("training batch: no token is selected for the loss")
