@@ -124,6 +124,9 @@ def test_long_sessions_stay_on_policy_through_evictions(smollm_fp32, dtype):
     tampered = copy.deepcopy(export)
     tampered["logprobs"][second + 3] += 1e-3
     assert verify_alignment(tampered, loaded.model).first_mismatch == second + 3
+    forged = copy.deepcopy(export)  # a well-formed eviction the session never made
+    forged["evictions"].insert(1, {"at_token": first + 3, "first_slot": 8, "slots": 8})
+    assert verify_alignment(forged, loaded.model).first_mismatch is not None
 
     batch = TimelineBatch.from_exports([export])
     assert batch.windows is not None and batch.loss_mask[0, first:].any()
