@@ -6,13 +6,14 @@ import random
 import pytest
 import torch
 from conftest import relative_error
+from dense_kv_cache import DenseKVCache
 
 from microturn import MicroturnError
 from microturn.checkpoint.loader import Checkpoint, LoadedModel
 from microturn.engine import paged_attention
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
+from microturn.model import CausalAttention, Decoder, ModelConfig
 from microturn.model.decoder import init_random_weights
 from microturn.sampling import SamplingParams
 from microturn.sequence.timeline import Timeline

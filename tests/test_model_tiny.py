@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 from conftest import relative_error
+from dense_kv_cache import DenseKVCache
 
 from microturn import MicroturnError, load_checkpoint, load_model
-from microturn.model import CausalAttention, Decoder, DenseKVCache, ModelConfig
+from microturn.model import CausalAttention, Decoder, ModelConfig
 from microturn.model.decoder import init_random_weights
 
 

@@ -1581,48 +1581,6 @@ std::vector<RowGroup> row_groups(int64_t heads, int64_t group, TokensOf tokens, 
 
 }  // namespace
 
-// Attention of q [B, Hq, T, D] over a KV buffer [B, Hkv, capacity, D] whose first
-// `start + T` slots are filled; query t sits at slot start + t and sees slots [0, start + t].
-// Each (batch row, kv head) is a history of one block: the paged kernel's arithmetic.
-torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               int64_t start) {
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "cached_attention: 4-D tensors expected");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
-              v_cache.strides() == k_cache.strides(), "cached_attention: rows must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "cached_attention: dtype mismatch");
-  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3);
-  const int64_t hkv = k_cache.size(1), group = hq / hkv, span = start + t;
-  TORCH_CHECK(span <= k_cache.size(2), "cached_attention: slots past the buffer");
-  auto q32 = (q.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(d)))).contiguous();
-  auto out = torch::empty({b, hq, t, d}, torch::kFloat32);
-  const float* qp = q32.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), capacity = k_cache.size(2);
-  // head id = batch row * hkv + kv head; its row r = (token r / group, head r % group)
-  auto row_offset = [&](int64_t h, int64_t r) {
-    return (((h / hkv) * hq + (h % hkv) * group + r % group) * t + r / group) * d;
-  };
-  auto n_keys = [&](int64_t, int64_t r) { return start + r / group + 1; };
-  auto groups = row_groups(b * hkv, group, [&](int64_t) { return t; }, n_keys);
-  auto body = [&](auto* kp, auto* vp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
-    auto head = [&](int64_t h) {
-      const int64_t offset = (h / hkv) * sb + (h % hkv) * sh;
-      return KvHead<T>{kp + offset, vp + offset, nullptr, 0, capacity, d, false};
-    };
-    attend_planned<T>(plan_attention<T>(groups, d, head), d, head,
-                      [&](int64_t h, int64_t r) { return qp + row_offset(h, r); },
-                      [&](int64_t h, int64_t r) { return op + row_offset(h, r); }, n_keys);
-  };
-  if (q.scalar_type() == torch::kBFloat16) {
-    body(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
-  } else {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "cached_attention: fp32 or bf16 only");
-    body(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
-  }
-  return out.to(q.scalar_type());
-}
-
 namespace {
 
 // Ragged attention through block tables. The batch holds segments: segment g is tokens
@@ -2429,7 +2387,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wide_attention", [](bool on) { return g_wide_attention.exchange(on) && cpu_has_avx512(); },
         "decode attention in 16-lane vectors where the CPU has them (same bits); returns the old");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
-  m.def("cached_attention", &cached_attention, nogil, "attention over an in-place KV buffer");
   py::class_<LayerStack>(m, "LayerStack", py::module_local())  // builds may coexist (A/B runs)
       .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
   m.def("layer_stack", &layer_stack, "a decoder's weights, checked and arranged once");
