@@ -167,6 +167,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds a WebSocket may take to send its start message")
     parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                         help="seconds an HTTP request body may take to arrive")
+    parser.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                        help="seconds an HTTP request's head may take to arrive")
     parser.add_argument("--kv-budget-mb", type=int, default=1024)
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])

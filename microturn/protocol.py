@@ -91,6 +91,7 @@ class Limits(BaseModel):
     idle_timeout_s: float
     start_timeout_s: float
     body_timeout_s: float
+    header_timeout_s: float
 
 
 class StartedEvent(BaseModel):

@@ -10,6 +10,7 @@ import uvicorn
 
 from microturn.engine.engine import Engine
 from microturn.server.app import create_app
+from microturn.server.http_protocol import header_timeout_protocol
 from microturn.server.limits import ServerLimits
 
 
@@ -28,7 +29,8 @@ def serving(engine: Engine, limits: ServerLimits | None = None, api_key: str | N
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="on",
-                            ws_max_size=limits.ws_max_size)
+                            ws_max_size=limits.ws_max_size,
+                            http=header_timeout_protocol(limits.header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

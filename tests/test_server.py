@@ -496,11 +496,12 @@ def test_waiting_on_a_slow_tick_is_not_idleness(engine, monkeypatch):
 def test_silent_connections_and_slow_bodies_time_out(engine):
     """A WebSocket that never sends `start` gets `start_timeout` and is closed; an HTTP body
     that stops arriving gets 408 `body_timeout`. Negative control: a prompt start is served."""
+    import logging
     import socket
 
     from websockets.asyncio.client import connect
 
-    limits = ServerLimits(start_timeout_s=0.5, body_timeout_s=0.5)
+    limits = ServerLimits(start_timeout_s=0.5, body_timeout_s=0.5, header_timeout_s=0.5)
 
     async def main(url):
         ws_url = url.replace("http", "ws") + "/v1/stream"
@@ -522,6 +523,29 @@ def test_silent_connections_and_slow_bodies_time_out(engine):
                          b"application/json\r\nContent-Length: 100\r\n\r\n{\"max_")
             reply = sock.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in reply, reply
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # a slow head
+            started = time.monotonic()
+            assert sock.recv(4096) == b""  # closed, no answer
+            assert 0.4 < time.monotonic() - started < 3
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # negative control
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert sock.recv(4096) == b""  # the next head is timed from the response on
+        errors = logging.getLogger("uvicorn.error")
+        records: list[logging.LogRecord] = []
+        keep = logging.Handler()
+        keep.emit = records.append
+        errors.addHandler(keep)
+        try:  # a client that leaves mid-body: a counted refusal, no traceback
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{")
+                time.sleep(0.1)
+            time.sleep(0.3)
+        finally:
+            errors.removeHandler(keep)
+        assert not [r for r in records if r.levelno >= logging.ERROR], records
         health = httpx.get(served.url + "/healthz").json()
         assert health["sessions"] == 0
 

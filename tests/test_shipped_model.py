@@ -12,7 +12,7 @@ from microturn.kernels import build
 pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")
 
 # families the shipped model handles, four held-out scenarios each (docs/MODEL_CARD.md)
-SMOKE_FAMILIES = ("pause", "turn_taking", "interruption", "cue_text")
+SMOKE_FAMILIES = ("pause", "turn_taking", "interruption", "backchannel")
 
 
 def passes(loaded, scenarios) -> dict[str, int]:

@@ -55,7 +55,7 @@ def layer_stack(model, kernels):
     empty = torch.empty(0, dtype=model.dtype, device=model.device)
     # every packed weight moves to one huge-page allocation, in the order a step reads them:
     # the decode team alternates which thread takes a matrix's first half, so one thread's
-    # stream runs straight on into the next matrix (cpu_kernels.cpp, decoder_layers)
+    # stream runs straight on into the next matrix (csrc/decoder_pass.cpp, decoder_layers)
     linears = [lin for layer in model.layers for lin in (
         layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
         layer.mlp.down_proj)] + [model.lm_head]

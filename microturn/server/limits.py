@@ -15,6 +15,7 @@ class ServerLimits:
     idle_timeout_s: float = 60.0  # no message from the client for this long: session closed
     start_timeout_s: float = 10.0  # a WebSocket that sends no `start` for this long is closed
     body_timeout_s: float = 10.0  # an HTTP request body still arriving after this is refused
+    header_timeout_s: float = 10.0  # a request head still arriving after this: connection closed
     max_queued_events: int = 64  # output events a slow reader may leave unread
 
     def __post_init__(self):

@@ -17,6 +17,7 @@ from microturn.checkpoint.shipped import load_interaction_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.torch_thread import run_on_torch_thread
 from microturn.server.app import create_app
+from microturn.server.http_protocol import header_timeout_protocol
 from microturn.server.limits import ServerLimits
 
 
@@ -58,7 +59,8 @@ def run_serve(args: argparse.Namespace) -> None:
                           max_buffered_slices=args.max_buffered_slices,
                           idle_timeout_s=args.idle_timeout,
                           start_timeout_s=args.start_timeout,
-                          body_timeout_s=args.body_timeout)
+                          body_timeout_s=args.body_timeout,
+                          header_timeout_s=args.header_timeout)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
     # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
     loaded = run_on_torch_thread(load_interaction_model, args.model, args.adapter,
@@ -71,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> None:
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             ws_max_size=limits.ws_max_size, ws="websockets-sansio",
+                            http=header_timeout_protocol(limits.header_timeout_s),
                             lifespan="on", timeout_graceful_shutdown=5)
     server = GracefulServer(config, app.state.scheduler)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

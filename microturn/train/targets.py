@@ -11,7 +11,9 @@ The scenario gives the timing, a teacher (`teacher.py`) the words. Per family:
 - backchannel: the monologue goes on through the "mm-hm" (then the teacher's continuation of
   it, or another of the model's monologues if the teacher says too little).
 - time and cue families: silence, an optional acknowledgement in the slice after the
-  instruction (never a keyword), and the keyword exactly in each event's slice.
+  instruction (never a keyword), and the keyword exactly in each event's slice, spelt as the
+  user said it (the same tokens: a small model copies tokens far better than it re-cases a
+  word it has never seen).
 
 Speech is cut into slices of 1-3 words that fit the per-slice token budget with room for
 <end_of_slice>; a word never straddles two slices (the metrics read words per slice).
@@ -137,7 +139,7 @@ def _keyword_speech(keywords: tuple[str, ...], chunker: _Chunker) -> str:
     if not keywords:
         return ANY_SPEECH
     word = keywords[-1]  # the spoken form ("seven", not "7") where there are two
-    said = f"{word[0].upper()}{word[1:]}."
+    said = f"{word}."  # as the user wrote it: the same tokens, so saying it is copying them
     return said if chunker.fits(said) else word
 
 

@@ -1,0 +1,30 @@
+// Every entry point the Python module binds (one definition each, in its family's file).
+#pragma once
+#include "layer_stack.h"
+#include "paged.h"
+
+torch::Tensor pack_linear_weight(torch::Tensor w);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
+                            c10::optional<torch::Tensor> bias);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                              torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
+                              torch::Tensor starts);
+void paged_write_(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor k, torch::Tensor v,
+                  torch::Tensor blocks, torch::Tensor offsets);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+void rotary_qkv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t q_heads,
+                 int64_t kv_heads, int64_t head_dim, bool interleaved);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq);
+torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets);
+LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> sources,
+                       int64_t vocab);
+torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token_ids,
+                                    c10::optional<torch::Tensor> embeds, torch::Tensor positions,
+                                    torch::Tensor inv_freq, c10::optional<torch::Tensor> logits_at,
+                                    double eps, int64_t hq, int64_t hkv, int64_t d,
+                                    int64_t intermediate, bool interleaved,
+                                    torch::Tensor k_pools, torch::Tensor v_pools,
+                                    torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
+                                    torch::Tensor starts, torch::Tensor write_blocks,
+                                    torch::Tensor write_offsets);

@@ -1,0 +1,27 @@
+// The Python module: every entry point, with the long calls releasing the GIL.
+#include "api.h"
+
+// The long calls release the GIL, so a server's event loop keeps running during a tick.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("pack_linear_weight", &pack_linear_weight, "pack a linear weight for packed_linear");
+  m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "bf16 linears use the CPU's bf16 dot product");
+  m.def("key_panel_slots", &key_panel_slots,
+        "slots per key panel of a pool with blocks of the given size (KVPool's key layout)");
+  m.def("dot_attention", &dot_attention,
+        "bf16 attention of this head size takes the bf16 dot-product kernel (its key layout)");
+  m.def("wide_attention", [](bool on) { return g_wide_attention.exchange(on) && cpu_has_avx512(); },
+        "decode attention in 16-lane vectors where the CPU has them (same bits); returns the old");
+  m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
+  py::class_<LayerStack>(m, "LayerStack", py::module_local())  // builds may coexist (A/B runs)
+      .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
+  m.def("layer_stack", &layer_stack, "a decoder's weights, checked and arranged once");
+  m.def("paged_decoder_forward", &paged_decoder_forward, nogil, "a whole paged forward pass, one call");
+  m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");
+  m.def("paged_attention", &paged_attention, nogil, "ragged attention through block tables");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, fp32 arithmetic");
+  m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
+  m.def("rotary_angles", &rotary_angles, "cos/sin of rotary angles, per element in double");
+  m.def("token_logprobs", &token_logprobs, "log-probability of one target per row of logits");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+}
