@@ -75,8 +75,12 @@ def layer_stack(model, kernels):
                     mlp.down_proj.weight] + ([] if bias is None else [bias])
     weights += [model.embed_tokens.weight, model.norm.weight, model.lm_head.panels()]
     sources += [model.embed_tokens.weight, model.norm.weight, model.lm_head.weight]
+    c = model.config
+    shape = kernels.ModelShape(c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.head_dim,
+                               c.intermediate_size, c.rope_layout == "interleaved",
+                               model.inv_freq)
     stack = kernels.layer_stack([w.detach() for w in weights], [t.detach() for t in sources],
-                                model.config.vocab_size)
+                                c.vocab_size, shape)
     _stacks[model] = (generation, stack)
     return stack
 
@@ -86,11 +90,11 @@ def run_forward(model, token_ids: torch.Tensor, positions: torch.Tensor,
                 logits_at: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
     """The whole forward pass (embedding to logits at `logits_at`) in one native call: the
     Python modules' kernels in their order, so the same bits, without ~10 dispatched ops."""
-    c, paged = model.config, backend.paged
+    paged = backend.paged
     kernels = ops.kernels_for(token_ids)
     b, pool = paged.batch, paged.pool
-    return kernels.paged_decoder_forward(
-        layer_stack(model, kernels), token_ids, None if embeds is None else embeds[0], positions,
-        model.inv_freq, logits_at, c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.head_dim,
-        c.intermediate_size, c.rope_layout == "interleaved", pool.k, pool.v, pool.block_table,
-        b.rows, b.keys, b.starts, b.write_blocks, b.write_offsets)
+    where = kernels.PagedPass(pool.k, pool.v, pool.block_table, b.rows, b.keys, b.starts,
+                              b.write_blocks, b.write_offsets)
+    return kernels.paged_decoder_forward(layer_stack(model, kernels), where, token_ids,
+                                         None if embeds is None else embeds[0], positions,
+                                         logits_at)

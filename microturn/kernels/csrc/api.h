@@ -18,13 +18,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq);
 torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets);
 LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> sources,
-                       int64_t vocab);
-torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token_ids,
-                                    c10::optional<torch::Tensor> embeds, torch::Tensor positions,
-                                    torch::Tensor inv_freq, c10::optional<torch::Tensor> logits_at,
-                                    double eps, int64_t hq, int64_t hkv, int64_t d,
-                                    int64_t intermediate, bool interleaved,
-                                    torch::Tensor k_pools, torch::Tensor v_pools,
-                                    torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
-                                    torch::Tensor starts, torch::Tensor write_blocks,
-                                    torch::Tensor write_offsets);
+                       int64_t vocab, ModelShape shape);
+torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pass,
+                                    torch::Tensor token_ids, c10::optional<torch::Tensor> embeds,
+                                    torch::Tensor positions,
+                                    c10::optional<torch::Tensor> logits_at);

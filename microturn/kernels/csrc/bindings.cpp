@@ -15,6 +15,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
   py::class_<LayerStack>(m, "LayerStack", py::module_local())  // builds may coexist (A/B runs)
       .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
+  py::class_<ModelShape>(m, "ModelShape", py::module_local())
+      .def(py::init<double, int64_t, int64_t, int64_t, int64_t, bool, torch::Tensor>(),
+           py::arg("eps"), py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("intermediate"),
+           py::arg("interleaved"), py::arg("inv_freq"));
+  py::class_<PagedPass>(m, "PagedPass", py::module_local())
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                    torch::Tensor, torch::Tensor, torch::Tensor>(),
+           py::arg("k_pools"), py::arg("v_pools"), py::arg("table"), py::arg("rows"),
+           py::arg("keys"), py::arg("starts"), py::arg("write_blocks"),
+           py::arg("write_offsets"));
   m.def("layer_stack", &layer_stack, "a decoder's weights, checked and arranged once");
   m.def("paged_decoder_forward", &paged_decoder_forward, nogil, "a whole paged forward pass, one call");
   m.def("paged_write_", &paged_write_, "store new K/V rows into the block pool, in place");

@@ -105,7 +105,10 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
 }
 
 LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> sources,
-                       int64_t vocab) {
+                       int64_t vocab, ModelShape shape) {
+  TORCH_CHECK(shape.inv_freq.scalar_type() == torch::kFloat32 && shape.inv_freq.dim() == 1 &&
+              shape.inv_freq.is_contiguous() && shape.inv_freq.numel() == shape.d / 2,
+              "layer_stack: inv_freq [head_dim / 2] fp32 expected");
   TORCH_CHECK(weights.size() >= 10 && (weights.size() - 3) % 7 == 0,
               "layer_stack: 7 tensors per layer, then embedding, final norm and head panels");
   const int64_t layers = static_cast<int64_t>(weights.size() - 3) / 7;
@@ -122,7 +125,7 @@ LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Te
   TORCH_CHECK(weights[7 * layers].dim() == 2 && weights[7 * layers].size(0) == vocab,
               "layer_stack: embedding [vocab, hidden] expected");
   return {std::move(weights), std::vector<SourceState>(sources.begin(), sources.end()), dtype,
-          layers, vocab};
+          layers, vocab, std::move(shape)};
 }
 
 // A contiguous int64 view of t: t itself when it is one already (no op dispatched)
@@ -132,14 +135,15 @@ torch::Tensor as_int64(const torch::Tensor& t) {
 }
 
 // Every layer over x [N, hidden] (contiguous, the weights' dtype), in place.
-void paged_decoder_layers_(torch::Tensor& x, const LayerStack& stack, double eps,
-                           const float* cos, const float* sin,
-                           int64_t hq, int64_t hkv, int64_t d, int64_t intermediate,
-                           bool interleaved, const torch::Tensor& k_pools,
-                           const torch::Tensor& v_pools, const torch::Tensor& table,
-                           const torch::Tensor& rows, const torch::Tensor& keys,
-                           const torch::Tensor& starts, const torch::Tensor& write_blocks,
-                           const torch::Tensor& write_offsets) {
+void paged_decoder_layers_(torch::Tensor& x, const LayerStack& stack, const float* cos,
+                           const float* sin, const PagedPass& pass) {
+  const ModelShape& shape = stack.shape;
+  const double eps = shape.eps;
+  const int64_t hq = shape.hq, hkv = shape.hkv, d = shape.d, intermediate = shape.intermediate;
+  const bool interleaved = shape.interleaved;
+  const torch::Tensor &k_pools = pass.k_pools, &v_pools = pass.v_pools, &table = pass.table,
+                      &rows = pass.rows, &keys = pass.keys, &starts = pass.starts,
+                      &write_blocks = pass.write_blocks, &write_offsets = pass.write_offsets;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == stack.dtype && x.is_contiguous(),
               "paged_decoder_layers: x [N, hidden] of the weights' dtype");
   const int64_t layers = stack.layers, n = x.size(0);
@@ -178,15 +182,13 @@ void paged_decoder_layers_(torch::Tensor& x, const LayerStack& stack, double eps
 // logits_at only: logits [1, M, vocab]. The same kernels the Python modules call, in the same
 // order: the same bits. What it removes is ~10 Python-dispatched ops around the layers, which
 // after a pass over 270 MB of weights run with cold caches (~0.3 ms a decode step).
-torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token_ids,
-                                    c10::optional<torch::Tensor> embeds, torch::Tensor positions,
-                                    torch::Tensor inv_freq, c10::optional<torch::Tensor> logits_at,
-                                    double eps, int64_t hq, int64_t hkv, int64_t d,
-                                    int64_t intermediate, bool interleaved,
-                                    torch::Tensor k_pools, torch::Tensor v_pools,
-                                    torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
-                                    torch::Tensor starts, torch::Tensor write_blocks,
-                                    torch::Tensor write_offsets) {
+torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pass,
+                                    torch::Tensor token_ids, c10::optional<torch::Tensor> embeds,
+                                    torch::Tensor positions,
+                                    c10::optional<torch::Tensor> logits_at) {
+  const double eps = stack.shape.eps;
+  const int64_t d = stack.shape.d;
+  const torch::Tensor& inv_freq = stack.shape.inv_freq;
   // After a pass over the weights every ATen op meets cold caches (~10 µs each): the pass reads
   // its small inputs through pointers and allocates only its hidden rows and its logits.
   const auto& embedding = stack.embedding();
@@ -210,8 +212,6 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token
     char* xp = static_cast<char*>(x.data_ptr());
     for (int64_t i = 0; i < n; ++i) std::memcpy(xp + i * row_bytes, table + ip[i] * row_bytes, row_bytes);
   }
-  TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.dim() == 1 && inv_freq.is_contiguous() &&
-              inv_freq.numel() == d / 2, "paged_decoder_forward: inv_freq [head_dim / 2] fp32 expected");
   const int64_t half = d / 2;
   std::vector<float> cos(n * half), sin(n * half);
   if (positions.scalar_type() == torch::kInt64 && positions.is_contiguous()) {  // as .to(fp32)
@@ -224,9 +224,7 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, torch::Tensor token
     angles_into(n, [&](int64_t t) { return pp[t]; }, inv_freq.data_ptr<float>(), half, cos.data(),
                 sin.data());
   }
-  paged_decoder_layers_(x, stack, eps, cos.data(), sin.data(), hq, hkv, d, intermediate,
-                        interleaved, k_pools, v_pools, table, rows, keys, starts, write_blocks,
-                        write_offsets);
+  paged_decoder_layers_(x, stack, cos.data(), sin.data(), pass);
   std::vector<int64_t> picked;  // the rows whose logits are asked for, Python's negative indices too
   if (logits_at.has_value()) {
     const auto at = as_int64(*logits_at);

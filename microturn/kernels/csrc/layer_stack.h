@@ -34,11 +34,27 @@ struct SourceState {
 // made from: fresh() says whether each still has the storage and version it had (an optimizer
 // step or a `.data` swap changes one), in C++ because a decode step asks every time and ~200
 // Python attribute reads on objects the weight stream has evicted from cache cost ~0.2 ms.
+// The decoder's shape and rotary frequencies: fixed for as long as its stack lives.
+struct ModelShape {
+  double eps;                          // RMSNorm epsilon
+  int64_t hq, hkv, d, intermediate;    // query and kv heads, head size, MLP width
+  bool interleaved;                    // rotary pairs (2i, 2i + 1); else (i, i + d / 2)
+  torch::Tensor inv_freq;              // [d / 2] fp32
+};
+
+// One pass's place in the paged pool: the pools [layers, blocks, kv heads, ...] and the batch's
+// metadata (`engine/paged_attention.py`: block table, each token's row and key count, segment
+// starts, and the block and offset each new token's K/V is written to).
+struct PagedPass {
+  torch::Tensor k_pools, v_pools, table, rows, keys, starts, write_blocks, write_offsets;
+};
+
 struct LayerStack {
   std::vector<torch::Tensor> weights;
   std::vector<SourceState> sources;
   torch::ScalarType dtype;
   int64_t layers, vocab;
+  ModelShape shape;
 
   bool fresh() const {
     for (const SourceState& s : sources)
