@@ -71,6 +71,8 @@ def test_content_reply_names_the_answer_and_scripted_speech_is_kept(tokenizer, s
             reply = " ".join(target.outputs[sc.expect.turn_end:])
             assert says(reply, sc.expect.answer)
             assert reply.strip() == "No. Is there anything else?" or "The answer is" in reply
+            plain = build_target(sc, curt, tokenizer, TargetConfig(checked_answers=False))
+            assert "The answer is" not in " ".join(plain.outputs)  # the teacher's words only
         if sc.spoken:
             n = len(sc.spoken)
             assert target.outputs[:n] == sc.spoken and all(target.scripted[:n])

@@ -33,6 +33,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-output-tokens", type=int, default=4, help="per slice")
     data.add_argument("--teacher-tokens", type=int, default=64,
                       help="longest teacher reply, tokens")
+    data.add_argument("--teacher-answers-only", action="store_true",
+                      help="keep the teacher's content answers as they are (no \"The answer "
+                           "is X.\" where it missed)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=1000)
     opt.add_argument("--batch-size", type=int, default=4)
@@ -81,7 +84,8 @@ def run_train(args: argparse.Namespace) -> None:
                         checkpoint_every=args.checkpoint_every,
                         moment_weight=args.moment_weight, init_adapter=args.init_adapter)
     targets = TargetConfig(max_output_tokens=args.max_output_tokens,
-                           reply_delay=args.reply_delay)
+                           reply_delay=args.reply_delay,
+                           checked_answers=not args.teacher_answers_only)
     families = parse_families(args.families)
     weights = parse_family_weights(args.family_weights, families)
     if args.init_adapter is not None and not Path(args.init_adapter).is_file():

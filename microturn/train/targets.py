@@ -5,7 +5,8 @@ The scenario gives the timing, a teacher (`teacher.py`) the words. Per family:
 - pause, turn_taking, content: silence while the user talks (and through a pause); the reply
   starts `reply_delay` slices after the slice of the user's last word. A content reply must
   name the answer: if the teacher's does not, it becomes "The answer is X." (prepending the
-  keyword to a wrong answer would teach the contradiction too), in its spoken form.
+  keyword to a wrong answer would teach the contradiction too), in its spoken form; with
+  `checked_answers=False` the teacher's words stay as they are.
 - interruption: the model's own speech (scripted, then continued) until the user's first
   word reaches the lane, silence from that slice, the reply after the user's turn.
 - backchannel: the monologue goes on through the "mm-hm" (then the teacher's continuation of
@@ -54,6 +55,7 @@ class TargetConfig:
     reply_delay: int = 0  # slices between the user's last word's slice and the reply
     max_reply_words: int = 30
     ack: str = "Okay."  # "" for none
+    checked_answers: bool = True  # a content reply lacking the answer becomes "The answer is X."
 
     def __post_init__(self):
         if not 2 <= self.max_output_tokens <= 256:
@@ -150,7 +152,7 @@ def _reply(out: list[str], start: int, sc: Scenario, teacher: Teacher, chunker: 
     room = len(out) - start
     chunks = chunker.chunks(_clean(teacher(prompt), config.max_reply_words), 3)[:room]
     answer = sc.expect.answer
-    if answer and not says(" ".join(chunks), answer):
+    if config.checked_answers and answer and not says(" ".join(chunks), answer):
         chunks = chunker.chunks(f"The answer is {answer[-1]}.".split(), 3)[:room]
     if not takes_turn(chunks, sc.slice_ms):  # too short to count as a reply
         chunks = chunker.chunks(" ".join(chunks + ["Is there anything else?"]).split(), 3)
