@@ -54,10 +54,11 @@ def sample_with_logprob(logits: torch.Tensor, params: SamplingParams,
         return int(logits.float().argmax()), 0.0
     scores = policy_scores(logits, params)
     # inverse CDF with one uniform draw: ~10x cheaper than torch.multinomial on a 49k vocab
-    cdf = scores.softmax(-1).cumsum(0)
+    probs = scores.softmax(-1)
+    cdf = probs.cumsum(0)
     u = torch.rand((), generator=generator) * cdf[-1]
     token = int(torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1))
-    return token, float(scores.log_softmax(-1)[token])
+    return token, float(probs[token].log())  # the probability it was drawn with
 
 
 def policy_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

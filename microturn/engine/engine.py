@@ -271,11 +271,10 @@ class Engine:
         self._record(step, logits, drawn)
 
     def _prepare(self, sessions: list[Session], feeds: list[list[int]]) -> "_Step":
-        """Room in the pool, then one row of tokens and positions with each session's
-        segment; the sessions' counters advance past the feeds."""
+        """One row of tokens and positions with each session's segment (room in the pool was
+        reserved by `_admit`); the sessions' counters advance past the feeds."""
         segments, tokens, positions = [], [], []
         for s, feed in zip(sessions, feeds, strict=True):
-            self._reserve(s, len(feed))
             segments.append(Segment(s.row, len(tokens), len(tokens) + len(feed), s.length))
             tokens += feed
             positions += range(s.next_position, s.next_position + len(feed))
