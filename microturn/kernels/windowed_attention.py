@@ -10,6 +10,7 @@ the resident ones, so every query's arithmetic is the one it had while streaming
 its gradient is autograd through the masked torch formula.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,18 @@ def _paged_windows(kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         t = F.pad(t, (0, 0, 0, pad)).view(batch, kv_heads, blocks, bs, dim)
         return t.permute(0, 2, 1, 3, 4).reshape(batch * blocks, kv_heads, bs, dim).contiguous()
 
-    sink_blocks = windows.sink_slots // bs
+    flat_q = q.transpose(1, 2).reshape(batch * steps, q_heads, dim).contiguous()
+    out = kernels.paged_attention(flat_q, pool(k), pool(v), *_metadata(windows, batch, steps))
+    return out.view(batch, steps, q_heads, dim).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata(windows: ResidentWindows, batch: int, steps: int) -> tuple[torch.Tensor, ...]:
+    """(table, rows, keys, starts) for the paged kernel: one segment per stretch between
+    evictions, its table row the sink's blocks then the resident ones. The same for every
+    layer of a pass, so built once."""
+    bs = windows.block_size
+    blocks, sink_blocks = -(-steps // bs), windows.sink_slots // bs
     table, rows, keys, starts = [], [], [], [0]
     for b in range(batch):
         for first, end, evicted in windows.epochs(b, steps):
@@ -84,10 +96,5 @@ def _paged_windows(kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             keys += [p + 1 - evicted for p in range(first, end)]
             starts.append(starts[-1] + end - first)
     width = max(len(t) for t in table)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in table], dtype=torch.int32)
-    flat_q = q.transpose(1, 2).reshape(batch * steps, q_heads, dim).contiguous()
-    out = kernels.paged_attention(flat_q, pool(k), pool(v), table,
-                                  torch.tensor(rows, dtype=torch.int32),
-                                  torch.tensor(keys, dtype=torch.int32),
-                                  torch.tensor(starts, dtype=torch.int32))
-    return out.view(batch, steps, q_heads, dim).transpose(1, 2)
+    padded = [t + [0] * (width - len(t)) for t in table]
+    return tuple(torch.tensor(x, dtype=torch.int32) for x in (padded, rows, keys, starts))
