@@ -95,8 +95,9 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
     """Merge an adapter into a loaded model for serving (in place): each target `Linear`
     gets W' = `merged_weight`, the same bits the trainer's forward ran. The front-end, when
     the file has one, becomes the model's."""
-    config, tensors, _ = read_adapter(path)
+    config, tensors, metadata = read_adapter(path)
     model = loaded.model
+    loaded.clock = metadata.get("clock") == "true"
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             for target in config.targets:

@@ -61,7 +61,9 @@ def install_markers(model: Decoder, tokenizer: Tokenizer) -> MarkerTokens:
             ids[name] = tokenizer.token_id(text)
             tokenizer.special_ids.add(ids[name])
         grow_vocabulary(model, len(missing))
-    return MarkerTokens(**ids, added=tuple(missing), vocab_size=model.config.vocab_size)
+    digits = tuple(tokenizer.token_id(str(d)) for d in range(10))
+    return MarkerTokens(**ids, added=tuple(missing), vocab_size=model.config.vocab_size,
+                        digits=digits if None not in digits else ())
 
 
 def grow_vocabulary(model: Decoder, extra: int) -> None:

@@ -47,6 +47,9 @@ class LoadedModel(Checkpoint):
     vocabulary (`config.vocab_size` counts them) and, on request, its audio/video front-end.
     Engines read it and never change it."""
     markers: MarkerTokens
+    # its sessions' silent slices tell the seconds of quiet (`SliceLayout.clock`): set by the
+    # adapter it was trained with, or by the trainer
+    clock: bool = field(default=False, init=False)
     _frontend: FrontEnd | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -84,7 +84,7 @@ class Engine:
 
     def open(self, params: SessionParams | None = None) -> int:
         params = params or SessionParams()
-        layout = SliceLayout(params.slice_ms, params.audio, params.video)
+        layout = SliceLayout(params.slice_ms, params.audio, params.video, self.loaded.clock)
         if (params.audio or params.video) and self.frontend is None:
             self.frontend = self.loaded.load_frontend()
         with self._lock:
@@ -211,7 +211,7 @@ class Engine:
         feeds, turns, draws = [], [], []
         for s in active:
             turn = s.pending.popleft()
-            s.timeline.turns.append(turn)
+            s.timeline.append(turn)
             feeds.append(s.unfed + s.timeline.input_tokens(turn) + turn.output_ids)
             s.unfed = []
         stepping = self._admit(active, feeds)

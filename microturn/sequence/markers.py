@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
+from microturn.errors import MicroturnError
+
 
 @dataclass(frozen=True)
 class MediaTokens:
@@ -55,6 +57,7 @@ class MarkerTokens:
     end_of_slice: int  # the model ends its output slice early
     added: tuple[str, ...] = ()  # markers that were not in the checkpoint's vocabulary
     vocab_size: int = 0  # the model's vocabulary with the markers: media ids start here
+    digits: tuple[int, ...] = ()  # the tokens "0".."9": the quiet clock's (`SliceLayout.clock`)
 
     @cached_property
     def media(self) -> MediaTokens:
@@ -64,8 +67,15 @@ class MarkerTokens:
         return token in (self.silence, self.end_of_slice)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"added": list(self.added)}
+        return dataclasses.asdict(self) | {"added": list(self.added), "digits": list(self.digits)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "MarkerTokens":
-        return cls(**(data | {"added": tuple(data.get("added", ()))}))
+        return cls(**(data | {"added": tuple(data.get("added", ())),
+                              "digits": tuple(data.get("digits", ()))}))
+
+    def number(self, value: int) -> list[int]:
+        """`value` spelt in digit tokens, as the tokenizer spells numbers in text."""
+        if len(self.digits) != 10:
+            raise MicroturnError("the quiet clock needs the tokenizer's digit tokens 0-9")
+        return [self.digits[int(d)] for d in str(value)]

@@ -4,7 +4,9 @@ Micro-turn k is
 
     <in> TEXT [AUDIO] [VIDEO] <out> output tokens of slice k
 
-- TEXT: the text tokens that arrived in slice k, or `<silence>`.
+- TEXT: the text tokens that arrived in slice k, or `<silence>`. With the quiet clock
+  (`SliceLayout.clock`), a silent slice in which the text lane's quiet reaches a whole second
+  says so: `<silence> 1 2` is the slice where 12 s have passed since text last arrived.
 - AUDIO (sessions with audio): `<audio>` then exactly `frames_per_slice` dMel frames
   (16 for 200 ms: one per 12.5 ms hop), or `<audio> <absent>` when no audio arrived.
 - VIDEO (sessions with video): `<video>`, then for each frame the slice carries
@@ -35,6 +37,18 @@ class SliceLayout:
     slice_ms: int = 200
     audio: bool = False
     video: FrameSpec | None = None
+    # Silent slices carry the seconds since the text lane last carried anything, at each whole
+    # second: counting 75 identical slices to within one is hard for a small model, reading
+    # "12" after "say it in 12 seconds" is not. Part of the format a model was trained on.
+    clock: bool = False
+
+    def clock_seconds(self, quiet_slices: int) -> int | None:
+        """The whole seconds the clock announces in the `quiet_slices`-th quiet slice in a
+        row, or None when it does not cross one."""
+        if not self.clock or quiet_slices < 1:
+            return None
+        now = quiet_slices * self.slice_ms // 1000
+        return now if now > (quiet_slices - 1) * self.slice_ms // 1000 else None
 
     @cached_property
     def audio_frames(self) -> int:
@@ -77,14 +91,16 @@ class SliceLayout:
 
     def to_dict(self) -> dict:
         video = None if self.video is None else dataclasses.asdict(self.video)
-        return {"slice_ms": self.slice_ms, "audio": self.audio, "video": video}
+        data = {"slice_ms": self.slice_ms, "audio": self.audio, "video": video}
+        return data | ({"clock": True} if self.clock else {})
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SliceLayout":
         if not data:
             return cls()
         video = data.get("video")
-        return cls(data["slice_ms"], data["audio"], FrameSpec(**video) if video else None)
+        return cls(data["slice_ms"], data["audio"], FrameSpec(**video) if video else None,
+                   bool(data.get("clock", False)))
 
 
 @dataclass
@@ -94,6 +110,7 @@ class MicroTurn:
     output_ids: list[int] = field(default_factory=list)
     audio: torch.Tensor | None = None  # uint8 [frames_per_slice, 80] dMel codes, or absent
     frames: list[torch.Tensor] = field(default_factory=list)  # uint8 [patches, 3, 40, 40] each
+    quiet: int = 0  # slices in a row, this one included, with no text in (set by `Timeline`)
 
 
 @dataclass
@@ -102,10 +119,23 @@ class Timeline:
     turns: list[MicroTurn] = field(default_factory=list)
     layout: SliceLayout = field(default_factory=SliceLayout)
 
+    def __post_init__(self):
+        turns, self.turns = self.turns, []
+        for turn in turns:
+            self.append(turn)
+
+    def append(self, turn: MicroTurn) -> None:
+        """Add the next micro-turn, counting the text lane's quiet for the clock."""
+        before = self.turns[-1].quiet if self.turns else 0
+        turn.quiet = 0 if turn.input_ids else before + 1
+        self.turns.append(turn)
+
     def input_tokens(self, turn: MicroTurn) -> list[int]:
         """What the model is fed for the input half of a micro-turn, markers included."""
         m, media, layout = self.markers, self.markers.media, self.layout
         out = [m.input_start, *(turn.input_ids or [m.silence])]
+        if (seconds := layout.clock_seconds(turn.quiet)) is not None:
+            out += m.number(seconds)
         if layout.audio:
             out += ([media.audio_start, *[media.audio_frame] * layout.audio_frames]
                     if turn.audio is not None else [media.audio_start, media.absent])

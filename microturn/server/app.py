@@ -44,6 +44,7 @@ from microturn.server.errors import ServerError
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
 from microturn.server.metrics import ServerMetrics
+from microturn.server.realtime import RealtimeSession
 from microturn.server.scheduler import Scheduler
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -70,7 +71,7 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 
 
 def create_app(engine: Engine, limits: ServerLimits | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, model_name: str = "microturn") -> FastAPI:
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
     logs.install(lambda code: metrics.client_errors.labels(code).inc())
@@ -200,6 +201,19 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
             return
         await ws.accept()
         await WebSocketSession(ws, scheduler, limits, public_limits).run()
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket) -> None:
+        """The OpenAI Realtime protocol over a micro-turn session (`server/realtime.py`)."""
+        if not authorized(ws.headers, ws.query_params):
+            metrics.client_errors.labels("unauthorized").inc()
+            body = {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
+                              "message": "missing or wrong API key", "param": None}}
+            await ws.send_denial_response(JSONResponse(body, status_code=401))
+            return
+        await ws.accept()
+        model = ws.query_params.get("model") or model_name
+        await RealtimeSession(ws, scheduler, limits, model[:200]).run()
 
     return app
 

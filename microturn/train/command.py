@@ -33,6 +33,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-output-tokens", type=int, default=4, help="per slice")
     data.add_argument("--teacher-tokens", type=int, default=64,
                       help="longest teacher reply, tokens")
+    data.add_argument("--clock", action=argparse.BooleanOptionalAction, default=True,
+                      help="silent slices tell the seconds of quiet, so timed requests are "
+                           "read off a clock, not counted (default: on; saved in the adapter)")
     data.add_argument("--teacher-answers-only", action="store_true",
                       help="keep the teacher's content answers as they are (no \"The answer "
                            "is X.\" where it missed)")
@@ -85,7 +88,7 @@ def run_train(args: argparse.Namespace) -> None:
                         moment_weight=args.moment_weight, init_adapter=args.init_adapter)
     targets = TargetConfig(max_output_tokens=args.max_output_tokens,
                            reply_delay=args.reply_delay,
-                           checked_answers=not args.teacher_answers_only)
+                           checked_answers=not args.teacher_answers_only, clock=args.clock)
     families = parse_families(args.families)
     weights = parse_family_weights(args.family_weights, families)
     if args.init_adapter is not None and not Path(args.init_adapter).is_file():
@@ -101,6 +104,7 @@ def run_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
 
     loaded = load_model(args.model, args.dtype, args.device or "cpu")
+    loaded.clock = args.clock
     markers = loaded.markers
     if args.data is not None:
         examples = ExportExamples(args.data)

@@ -46,11 +46,11 @@ class Examples:
 
 class TargetExamples(Examples):
     def __init__(self, targets: list[Target], tokenizer: Tokenizer, markers: MarkerTokens,
-                 budget: int):
+                 budget: int, clock: bool = False):
         if not targets:
             raise MicroturnError("training data: no scenarios")
         self.targets, self.tokenizer, self.markers = targets, tokenizer, markers
-        self.budget = budget
+        self.budget, self.clock = budget, clock
         self._exports: dict[int, dict] = {}
         self._lengths: dict[int, int] = {}
 
@@ -64,7 +64,7 @@ class TargetExamples(Examples):
             targets.append(build_target(sc, teacher, tokenizer, config))
             if progress:
                 progress(1)
-        return cls(targets, tokenizer, markers, config.max_output_tokens)
+        return cls(targets, tokenizer, markers, config.max_output_tokens, config.clock)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -72,7 +72,7 @@ class TargetExamples(Examples):
     def export(self, index: int) -> dict:
         if index not in self._exports:
             self._exports[index] = target_export(self.targets[index], self.tokenizer,
-                                                 self.markers, self.budget)
+                                                 self.markers, self.budget, clock=self.clock)
         return self._exports[index]
 
     def length(self, index: int) -> int:

@@ -238,7 +238,7 @@ class TrainingRun:
         path = self.out_dir / "adapter.safetensors"
         save_adapter(path, self.loaded.model, self.config.lora,
                      self.frontend if self.config.train_frontend else None,
-                     {"step": str(self.step)})
+                     {"step": str(self.step), "clock": str(self.loaded.clock).lower()})
         return path
 
     def _start_from(self, path: Path) -> None:

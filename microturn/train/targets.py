@@ -37,7 +37,7 @@ from microturn.eval.generator import ACK_SLICES
 from microturn.eval.metrics import says, takes_turn, words_of
 from microturn.eval.micro_turn import SlicedMedia, script_ids
 from microturn.eval.phrasebook import BOOKS
-from microturn.eval.scenario import Scenario
+from microturn.eval.scenario import Scenario, TimedEvent
 from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.media_specs import FrameSpec
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline
@@ -56,6 +56,7 @@ class TargetConfig:
     max_reply_words: int = 30
     ack: str = "Okay."  # "" for none
     checked_answers: bool = True  # a content reply lacking the answer becomes "The answer is X."
+    clock: bool = False  # the timelines carry the quiet clock (`SliceLayout.clock`)
 
     def __post_init__(self):
         if not 2 <= self.max_output_tokens <= 256:
@@ -113,13 +114,15 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     e, family = scenario.expect, scenario.family
     moments: tuple[int, ...] = ()
     if family in TIMED_FAMILIES:
-        moments = tuple(event.slice for event in e.events)
+        at = [_on_the_clock(event, scenario) if config.clock and family == "time"
+              else event.slice for event in e.events]
+        moments = tuple(at)
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
         if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
                                                  for ev in e.events if ev.keywords):
             out[start + 1] = config.ack
-        for event in e.events:
-            out[event.slice] = _keyword_speech(event.keywords, chunker)
+        for event, k in zip(e.events, at, strict=True):
+            out[k] = _keyword_speech(event.keywords, chunker)
     elif family in DIALOGUE_FAMILIES:
         moments = (e.turn_end + config.reply_delay,)
         _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
@@ -135,6 +138,20 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
         raise MicroturnError(f"scenario {scenario.id}: no target rule for family {family!r}")
     return Target(scenario, tuple(out), tuple(scripted),
                   tuple(m for m in moments if 0 <= m < len(out)))
+
+
+def _on_the_clock(event: TimedEvent, sc: Scenario) -> int:
+    """The slice within the event's tolerance where the quiet clock ticks (nearest first),
+    so that a timed word is said when the clock reads it, not a slice before; the event's own
+    slice where no tick falls in the window."""
+    layout, quiet, ticks = SliceLayout(sc.slice_ms, clock=True), 0, set()
+    for k, text in enumerate(sc.text_slices()):
+        quiet = 0 if text else quiet + 1
+        if layout.clock_seconds(quiet) is not None:
+            ticks.add(k)
+    window = range(event.slice - event.early, event.slice + event.late + 1)
+    return min((k for k in window if k in ticks), key=lambda k: abs(k - event.slice),
+               default=event.slice)
 
 
 def _keyword_speech(keywords: tuple[str, ...], chunker: _Chunker) -> str:
@@ -195,12 +212,12 @@ def target_output_ids(target: Target, tokenizer: Tokenizer, markers: MarkerToken
 
 
 def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, budget: int,
-                  frame_spec: FrameSpec | None = None) -> dict:
+                  frame_spec: FrameSpec | None = None, clock: bool = False) -> dict:
     """The target as an engine export (`Engine.close`'s format: markers, turns, layout),
     plus `scripted`: the indices of the turns whose output is replayed, not learned, and
     `moments`: the turns where the behaviour is decided."""
     sc, frame_spec = target.scenario, frame_spec or FrameSpec()
-    layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None)
+    layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None, clock)
     media = SlicedMedia(sc, frame_spec)
     outputs = target_output_ids(target, tokenizer, markers, budget)
     turns = [MicroTurn(k, tokenizer.encode(" " + text) if text else [], outputs[k],
