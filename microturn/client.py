@@ -64,6 +64,7 @@ class StreamSession:
         self.answered = 0  # output events received: slices 0 .. answered - 1
         self.last_sent = self.started_at
         self.ended: EndedEvent | None = None
+        self.speech = bytearray()  # `speech` sessions: the spoken output received, PCM16
 
     @classmethod
     async def connect(cls, url: str, options: SessionOptions | None = None,
@@ -123,8 +124,11 @@ class StreamSession:
         return self.started_at + (first + index * self.started.slice_ms) / 1e3
 
     async def recv(self) -> ServerEvent:
-        """The next event; ConnectionClosed once the server has closed after `ended`."""
-        event = server_event.validate_json(await self.ws.recv())
+        """The next event; ConnectionClosed once the server has closed after `ended`. Spoken
+        output (binary frames) is gathered in `speech` on the way."""
+        while isinstance(frame := await self.ws.recv(), bytes):
+            self.speech += frame[1:]
+        event = server_event.validate_json(frame)
         if isinstance(event, OutputEvent):
             self.answered = max(self.answered, event.slice + 1)
         elif isinstance(event, EndedEvent):

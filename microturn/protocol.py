@@ -3,7 +3,9 @@
 Client -> server over the WebSocket: `start`, `input`, `end`, `ping` (JSON text frames), and
 binary frames of media: one kind byte (`MEDIA_AUDIO`: PCM16 little-endian at the session's
 rate and channels; `MEDIA_IMAGE`: one PNG or JPEG image), then the payload. Server -> client:
-`started`, `output`, `notice`, `error`, `ended`, `pong`. The HTTP API reuses the same pieces.
+`started`, `output`, `speech_cut`, `notice`, `error`, `ended`, `pong`, and with `speech` on,
+binary frames of the spoken output (`MEDIA_AUDIO`, PCM16 mono at `speech.sample_rate`). The
+HTTP API reuses the same pieces.
 Models are strict: a string where a number belongs is an error, not a conversion, and unknown
 fields are refused.
 """
@@ -32,6 +34,13 @@ class VideoOptions(Strict):
                        "(each resized to 160x120: 12 patches of 40x40)")
 
 
+class SpeechOptions(Strict):
+    voice: str = Field("en-us", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9+-]+$",
+                       description="an espeak-ng voice")
+    sample_rate: int = Field(24_000, ge=8_000, le=48_000, description="of the PCM16 sent back")
+    words_per_minute: int = Field(175, ge=80, le=450)
+
+
 class SessionOptions(Strict):
     """What a client chooses when it opens a session (WebSocket `start`, POST /v1/sessions)."""
     slice_ms: int = Field(200, ge=20, le=10_000, description="length of one micro-turn")
@@ -48,6 +57,8 @@ class SessionOptions(Strict):
     audio: AudioOptions | None = Field(None, description="every input slice carries audio "
                                        "(slice_ms must be a multiple of 12.5)")
     video: VideoOptions | None = Field(None, description="every input slice carries video")
+    speech: SpeechOptions | None = Field(None, description="WebSocket only: the output lane "
+                                         "spoken (espeak-ng), as binary PCM16 frames")
 
 
 # -- client -> server (WebSocket) ------------------------------------------------------------
@@ -162,8 +173,14 @@ class PongEvent(BaseModel):
     type: Literal["pong"] = "pong"
 
 
+class SpeechCutEvent(BaseModel):
+    """The model stopped mid-sentence (interrupted): drop speech not yet played."""
+    type: Literal["speech_cut"] = "speech_cut"
+    slice: int
+
+
 ServerEvent = Annotated[StartedEvent | OutputEvent | NoticeEvent | ErrorEvent | EndedEvent
-                        | PongEvent, Field(discriminator="type")]
+                        | PongEvent | SpeechCutEvent, Field(discriminator="type")]
 server_event = TypeAdapter(ServerEvent)
 
 

@@ -204,3 +204,29 @@ def test_falling_silent_mid_sentence_is_an_interruption_and_a_full_stop_is_not()
     whole_kinds = [e["type"] for e in whole]
     assert whole[whole_kinds.index("response.done")]["response"]["status"] == "completed"
     assert "input_audio_buffer.speech_started" not in whole_kinds
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_stream_speaks_the_output_lane_as_binary_frames(shipped_engine):
+    from microturn.client import StreamSession
+    from microturn.protocol import OutputEvent as Output
+    from microturn.protocol import SessionOptions, SpeechOptions
+
+    async def run(url):
+        options = SessionOptions(max_output_tokens=4, speech=SpeechOptions(sample_rate=16_000))
+        async with await StreamSession.connect(url, options, api_key=KEY) as s:
+            await s.send("Tell me about the ocean.")
+            said, slices = "", 0
+            async with asyncio.timeout(30):
+                while slices < 10:  # two seconds of the model's answer
+                    event = await s.recv()
+                    if isinstance(event, Output):
+                        said, slices = said + event.text, slices + 1
+            await s.end()
+            return said, bytes(s.speech)
+
+    with serving(shipped_engine, api_key=KEY) as served:
+        said, speech = asyncio.run(run(served.url))
+    assert said.strip()
+    samples = np.frombuffer(speech, dtype="<i2").astype(np.float32) / 32768
+    assert len(samples) > 16_000 // 4 and np.sqrt(np.mean(samples ** 2)) > 0.01

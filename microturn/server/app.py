@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from microturn.engine.engine import Engine
+from microturn.errors import MicroturnError
 from microturn.protocol import (
     MEDIA_AUDIO,
     MEDIA_IMAGE,
@@ -35,6 +36,7 @@ from microturn.protocol import (
     SessionOptions,
     SessionState,
     SliceRequest,
+    SpeechCutEvent,
     StartedEvent,
     StartMessage,
     client_message,
@@ -46,6 +48,7 @@ from microturn.server.live_session import LiveSession
 from microturn.server.metrics import ServerMetrics
 from microturn.server.realtime import RealtimeSession
 from microturn.server.scheduler import Scheduler
+from microturn.server.speech import Speaker, Voice, cut_off
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 ERRORS = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 429,
@@ -164,8 +167,9 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
               responses=ERRORS, openapi_extra=body_schema(SessionOptions))
     async def open_session(request: Request) -> StartedEvent:
         options = await body_of(request, SessionOptions)
-        if options.audio is not None or options.video is not None:
-            media = "audio" if options.audio is not None else "video"
+        if options.audio is not None or options.video is not None or options.speech:
+            media = ("audio" if options.audio is not None else "video"
+                     if options.video is not None else "speech")
             raise ServerError("invalid", f"{media} streams over the WebSocket /v1/stream (binary "
                               "frames); HTTP slices carry text", 422, media)
         live = await scheduler.open(options, "client", lambda event: None)
@@ -253,13 +257,43 @@ class WebSocketSession:
         self.public_limits = public_limits
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.live: LiveSession | None = None
+        self.speaker: Speaker | None = None  # `speech` sessions: events and speech, in order
+        self.said = ""  # the utterance being spoken
 
     def sink(self, event: BaseModel) -> None:
         live = self.live
         if (live is not None and live.open and not isinstance(event, EndedEvent)
                 and self.outbox.qsize() >= self.limits.max_queued_events):
             asyncio.create_task(self.scheduler.close(live, "slow_consumer"))
-        self.outbox.put_nowait(event)
+        if self.speaker is None:
+            self.outbox.put_nowait(event)
+            return
+        self.speaker.event(event)
+        if isinstance(event, OutputEvent):
+            if event.text:
+                self.said += event.text
+                self.speaker.say(event.text)
+            elif self.said:  # fell silent: the utterance is over, finished or cut
+                if cut_off(self.said):
+                    self.speaker.cut()
+                    self.speaker.event(SpeechCutEvent(slice=event.slice))
+                else:
+                    self.speaker.flush()
+                self.said = ""
+
+    def _out(self, event: BaseModel) -> None:
+        """An event of this connection's own (not a slice's), in order with the rest."""
+        if self.speaker is not None:
+            self.speaker.event(event)
+        else:
+            self.outbox.put_nowait(event)
+
+    def _finish_output(self) -> None:
+        """The writer stops after everything queued (an `ended` event, speech) is sent."""
+        if self.speaker is not None:
+            self.speaker.event(None)
+        else:
+            self.outbox.put_nowait(None)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
@@ -272,7 +306,7 @@ class WebSocketSession:
                                                          max(0.0, start_by - time.monotonic()))
                     except TimeoutError:
                         self.scheduler.metrics.client_errors.labels("start_timeout").inc()
-                        self.outbox.put_nowait(ServerError(
+                        self._out(ServerError(
                             "start_timeout", f"no start message within start_timeout_s "
                             f"{self.limits.start_timeout_s}", 408, "start",
                             self.limits.start_timeout_s).event())
@@ -288,15 +322,17 @@ class WebSocketSession:
                         break
                 except ServerError as exc:
                     self.scheduler.metrics.client_errors.labels(exc.code).inc()
-                    self.outbox.put_nowait(exc.event())
+                    self._out(exc.event())
         except WebSocketDisconnect:
             pass
         finally:
             if self.live is not None and self.live.open:  # abrupt disconnect: free the KV
                 await self.scheduler.close(self.live, "client", notify=False)
-            self.outbox.put_nowait(None)  # the writer stops (after `ended`, if it is queued)
+            self._finish_output()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(writer, 5.0)
+            if self.speaker is not None:
+                self.speaker.close()
 
     async def _handle(self, message: dict) -> bool:
         """One client frame; True once the session has ended."""
@@ -323,24 +359,29 @@ class WebSocketSession:
         if live is not None:
             live.last_seen = time.monotonic()
         if isinstance(msg, PingMessage):
-            self.outbox.put_nowait(PongEvent())
+            self._out(PongEvent())
         elif isinstance(msg, StartMessage):
             if live is not None:
                 raise ServerError("already_started", "this connection already has a session",
                                   409, "type")
             options = SessionOptions(**msg.model_dump(exclude={"type", "clock"}))
+            if msg.speech is not None:
+                s = msg.speech
+                self.speaker = Speaker(Voice(s.voice, s.words_per_minute, s.sample_rate),
+                                       self.outbox.put_nowait,
+                                       lambda pcm, _: bytes([MEDIA_AUDIO]) + pcm)
             self.live = live = await self.scheduler.open(options, msg.clock, self.sink,
                                                          owner="websocket")
             closes_in = ((live.next_close - time.monotonic()) * 1e3 if msg.clock == "server"
                          else None)
-            self.outbox.put_nowait(started_event(live, self.public_limits, closes_in))
+            self._out(started_event(live, self.public_limits, closes_in))
         elif live is None:
             raise ServerError("not_started", "send a start message first", 409, "type")
         elif isinstance(msg, InputMessage):
             self._input(live, msg)
         elif isinstance(msg, EndMessage):
             ended = await self.scheduler.close(live, "client", notify=False)
-            self.outbox.put_nowait(ended if msg.export else
+            self._out(ended if msg.export else
                                    ended.model_copy(update={"export": None}))
             return True
         return False
@@ -370,12 +411,12 @@ class WebSocketSession:
             return
         placement = self.scheduler.put_input(live, msg.text, msg.tokens, msg.slice)
         if placement.late:
-            self.outbox.put_nowait(NoticeEvent(
+            self._out(NoticeEvent(
                 code="late_input", slice=placement.slice,
                 message=f"slice {msg.slice} had already closed; the input went into the open "
                         f"slice {placement.slice}"))
         elif placement.spilled:
-            self.outbox.put_nowait(NoticeEvent(
+            self._out(NoticeEvent(
                 code="spilled_input", slice=placement.slice,
                 message=f"more than max_input_tokens {self.limits.max_input_tokens} for one "
                         f"slice; the input continues from slice {placement.slice} on"))
@@ -384,6 +425,11 @@ class WebSocketSession:
         """Send events in order; after `ended`, close the socket."""
         with contextlib.suppress(Exception):
             while (event := await self.outbox.get()) is not None:
+                if isinstance(event, bytes):
+                    await self.ws.send_bytes(event)
+                    continue
+                if isinstance(event, MicroturnError):  # the speaker lost its voice
+                    event = ServerError("speech_unavailable", str(event), 503, "speech").event()
                 await self.ws.send_text(event.model_dump_json())
                 if isinstance(event, EndedEvent):
                     await self.ws.close(1000)

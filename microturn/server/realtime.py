@@ -29,10 +29,9 @@ from microturn.server.errors import ServerError
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
 from microturn.server.scheduler import Scheduler
-from microturn.server.speech import Speaker, Voice
+from microturn.server.speech import Speaker, Voice, cut_off
 
 RATE = 24_000  # the Realtime API's PCM16 rate, in and out
-SENTENCE_ENDS = (".", "!", "?", "…", '"', "'", ")")
 
 
 class Loose(BaseModel):
@@ -310,7 +309,7 @@ class RealtimeSession:
         if not out.text:  # silent: a response in progress has ended
             s.muted = False
             if s.response is not None:
-                interrupted = not s.response.text.rstrip().endswith(SENTENCE_ENDS)
+                interrupted = cut_off(s.response.text)
                 self._finish(s.response, "cancelled" if interrupted else "completed",
                              "turn_detected" if interrupted else None, out.slice)
             return

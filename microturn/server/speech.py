@@ -15,6 +15,13 @@ import soxr
 from microturn.errors import MicroturnError
 
 ESPEAK_RATE = 22_050  # espeak-ng's native output rate
+SENTENCE_ENDS = (".", "!", "?", "…", '"', "'", ")")
+
+
+def cut_off(said: str) -> bool:
+    """Did speech that has just stopped stop mid-sentence? A model that falls silent there
+    was interrupted; one that falls silent after a full stop had finished."""
+    return bool(said.strip()) and not said.rstrip().endswith(SENTENCE_ENDS)
 
 
 @dataclass(frozen=True)
