@@ -10,10 +10,12 @@ import contextlib
 import hmac
 import json
 import time
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -51,6 +53,7 @@ from microturn.server.scheduler import Scheduler
 from microturn.server.speech import Speaker, Voice, cut_off
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+STATIC = Path(__file__).parent / "static"
 ERRORS = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 429,
                                                         503)}
 
@@ -151,6 +154,12 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
         return await server_error(request, validation_error(exc))
 
     keyed = [Depends(require_key)]
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The browser client (`server/static/`): it asks for the API key itself."""
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
