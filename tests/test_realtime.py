@@ -150,16 +150,37 @@ def test_bad_events_get_error_events_naming_the_field_and_the_session_goes_on(sh
                 await send()
                 errors.append(await conn.recv())
             await conn.session.update(session={"type": "realtime"})
-            return errors, await conn.recv()
+            after = await conn.recv()
+
+            async def next_of(kind):
+                while (event := await conn.recv()).type != kind:
+                    pass
+                return event
+
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "id": "item_mine", "content": [
+                                                          {"type": "input_text", "text": ""}]})
+            await conn.send({"type": "conversation.item.retrieve", "item_id": "item_mine"})
+            retrieved = await next_of("conversation.item.retrieved")
+            await conn.send({"type": "conversation.item.truncate", "item_id": "item_mine",
+                             "content_index": 0, "audio_end_ms": 120})
+            truncated = await next_of("conversation.item.truncated")
+            await conn.send({"type": "conversation.item.truncate", "item_id": "nope",
+                             "content_index": 0, "audio_end_ms": 0})
+            unknown = await next_of("error")
+            return errors, after, (retrieved, truncated, unknown)
 
     with serving(shipped_engine, api_key=KEY) as served:
-        errors, after = asyncio.run(run(served.url))
+        errors, after, (retrieved, truncated, unknown) = asyncio.run(run(served.url))
     assert [e.type for e in errors] == ["error"] * 4
     assert errors[0].error.param == "type" and "conversation.item.delete" in errors[0].error.message
     assert errors[1].error.param == "audio"
     assert errors[2].error.param == "session.audio.input.format.type"
     assert errors[3].error.param == "session.microturn.slice_ms"
     assert after.type == "session.updated"
+    assert retrieved.item.id == "item_mine" and truncated.audio_end_ms == 120
+    assert unknown.error.code == "item_truncate_invalid_item_id"
+    assert unknown.error.param == "item_id"
 
 
 # -- the mapping on its own: micro-turn outputs in, Realtime events out ----------------------

@@ -113,6 +113,10 @@ class RealtimeState:
     unheard_audio: bool = False  # audio appended since the last commit
     audio_samples: int = 0  # input samples received, at RATE
     last_item: str | None = None
+    items: dict[str, dict] = field(default_factory=dict)  # the latest items, for retrieve
+
+
+MAX_ITEMS = 256
 
 
 def _id(prefix: str) -> str:
@@ -208,7 +212,9 @@ class RealtimeSession:
                    "input_audio_buffer.clear": self._clear,
                    "conversation.item.create": self._item_create,
                    "response.create": self._response_create,
-                   "response.cancel": self._response_cancel}.get(kind)
+                   "response.cancel": self._response_cancel,
+                   "conversation.item.truncate": self._item_truncate,
+                   "conversation.item.retrieve": self._item_retrieve}.get(kind)
         if handler is None:
             raise ServerError("unsupported_event", f"type: {kind!r} is not supported by "
                               "microturn's Realtime endpoint (docs/PROTOCOL.md)", 400, "type")
@@ -232,8 +238,8 @@ class RealtimeSession:
             if output.speed is not None:
                 s.speed = output.speed
         self.speaker.voice = self._voice()
-        if config.instructions is not None:
-            s.instructions = config.instructions
+        if config.instructions is not None and config.instructions != s.instructions:
+            s.instructions = config.instructions  # clients resend the session: type it once
             if self.live is not None and config.instructions:
                 self.scheduler.put_input(self.live, " " + config.instructions, None, None)
         self._emit("session.updated", session=self._session())
@@ -265,9 +271,32 @@ class RealtimeSession:
         item_id = item.id or _id("item")
         done = item.model_dump(exclude_none=True) | {"id": item_id, "object": "realtime.item",
                                                      "status": "completed"}
-        previous, self.state.last_item = self.state.last_item, item_id
+        previous = self._remember(done)
         self._emit("conversation.item.added", previous_item_id=previous, item=done)
         self._emit("conversation.item.done", previous_item_id=previous, item=done)
+
+    async def _item_truncate(self, event: dict) -> None:
+        """A client that stopped playing an answer (its user barged in): the rest of that
+        answer's speech is not sent. The timeline keeps the words (the model said them)."""
+        item_id, end_ms = event.get("item_id"), event.get("audio_end_ms", 0)
+        if not isinstance(item_id, str) or item_id not in self.state.items:
+            raise ServerError("item_truncate_invalid_item_id", f"item_id: no item {item_id!r}",
+                              400, "item_id")
+        if not isinstance(end_ms, int) or end_ms < 0:
+            raise ServerError("invalid_value", "audio_end_ms: a whole number >= 0", 400,
+                              "audio_end_ms", 0)
+        r = self.state.response
+        if r is not None and r.item_id == item_id:
+            self.speaker.cut()
+        self._emit("conversation.item.truncated", item_id=item_id, audio_end_ms=end_ms,
+                   content_index=event.get("content_index", 0))
+
+    async def _item_retrieve(self, event: dict) -> None:
+        item = self.state.items.get(event.get("item_id"))
+        if item is None:
+            raise ServerError("item_retrieve_invalid_item_id",
+                              f"item_id: no item {event.get('item_id')!r}", 400, "item_id")
+        self._emit("conversation.item.retrieved", item=item)
 
     async def _response_create(self, event: dict) -> None:
         await self._started()  # the model decides when to speak; nothing to trigger
@@ -335,7 +364,7 @@ class RealtimeSession:
         self._emit("response.created", response=self._response(r, "in_progress"))
         item = self._item(r, "in_progress")
         self._emit("response.output_item.added", response_id=r.id, output_index=0, item=item)
-        previous, s.last_item = s.last_item, r.item_id
+        previous = self._remember(item)
         self._emit("conversation.item.added", previous_item_id=previous, item=item)
         self._emit("response.content_part.added", response_id=r.id, item_id=r.item_id,
                    output_index=0, content_index=0, part=self._part(r))
@@ -361,6 +390,7 @@ class RealtimeSession:
             self._emit("response.output_audio_transcript.done", transcript=r.text, **ids)
         self._emit("response.content_part.done", part=self._part(r), **ids)
         item = self._item(r, "completed" if status == "completed" else "incomplete")
+        s.items[r.item_id] = item
         self._emit("response.output_item.done", response_id=r.id, output_index=0, item=item)
         self._emit("conversation.item.done", previous_item_id=None, item=item)
         details = None if reason is None else {"type": status, "reason": reason}
@@ -372,12 +402,21 @@ class RealtimeSession:
             return
         s.unheard_audio = False
         item_id = _id("item")
-        previous, s.last_item = s.last_item, item_id
-        self._emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         item = {"id": item_id, "type": "message", "role": "user", "object": "realtime.item",
                 "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}
+        previous = self._remember(item)
+        self._emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         self._emit("conversation.item.added", previous_item_id=previous, item=item)
         self._emit("conversation.item.done", previous_item_id=previous, item=item)
+
+    def _remember(self, item: dict) -> str | None:
+        """Keep the item (the latest MAX_ITEMS) and make it the last; the previous last."""
+        s = self.state
+        s.items[item["id"]] = item
+        if len(s.items) > MAX_ITEMS:
+            del s.items[next(iter(s.items))]
+        previous, s.last_item = s.last_item, item["id"]
+        return previous
 
     # -- shapes -------------------------------------------------------------------------------
 
