@@ -11,7 +11,7 @@ from microturn.checkpoint.adapter import LoRAConfig, apply_adapter
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
-from microturn.eval.generator import generate
+from microturn.eval.generator import ACK_SLICES, generate
 from microturn.eval.metrics import score
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline
 from microturn.train.lora import add_lora, save_adapter
@@ -79,10 +79,15 @@ def test_timed_targets_speak_when_the_clock_reads_the_number(tokenizer):
         timeline = Timeline(None, [MicroTurn(k, [1] if text else [])
                                    for k, text in enumerate(sc.text_slices())],
                             SliceLayout(sc.slice_ms, clock=True))
-        for k in target.moments:
-            on_tick += timeline.layout.clock_seconds(timeline.turns[k].quiet) is not None
+        spoken = [k for k in target.moments if target.outputs[k]]
+        ticks = {k for k, t in enumerate(timeline.turns)
+                 if timeline.layout.clock_seconds(t.quiet) is not None}
+        assert len(spoken) == len(sc.expect.events)
+        on_tick += sum(k in ticks for k in spoken)
+        after = sc.expect.quiet_from - ACK_SLICES
+        assert ticks & set(target.moments) == {k for k in ticks if k > after}
     events = sum(len(sc.expect.events) for sc in scenarios)
-    assert on_tick == events  # every timed word falls on a clock tick
+    assert on_tick == events  # every timed word falls on a clock tick, and every tick weighs
 
 
 def test_the_adapter_carries_the_clock_to_serving(loaded, tmp_path):

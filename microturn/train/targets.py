@@ -114,10 +114,13 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     e, family = scenario.expect, scenario.family
     moments: tuple[int, ...] = ()
     if family in TIMED_FAMILIES:
-        at = [_on_the_clock(event, scenario) if config.clock and family == "time"
-              else event.slice for event in e.events]
-        moments = tuple(at)
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
+        on_clock = config.clock and family == "time"
+        ticks = _clock_ticks(scenario) if on_clock else set()
+        at = [_on_the_clock(event, ticks) if on_clock else event.slice for event in e.events]
+        # with the clock, every tick after the instruction is a decision too: say it now, or
+        # not yet (the model's typical slip is the right word at a neighbouring tick)
+        moments = tuple(sorted(set(at) | {k for k in ticks if k > start}))
         if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
                                                  for ev in e.events if ev.keywords):
             out[start + 1] = config.ack
@@ -140,15 +143,20 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
                   tuple(m for m in moments if 0 <= m < len(out)))
 
 
-def _on_the_clock(event: TimedEvent, sc: Scenario) -> int:
-    """The slice within the event's tolerance where the quiet clock ticks (nearest first),
-    so that a timed word is said when the clock reads it, not a slice before; the event's own
-    slice where no tick falls in the window."""
+def _clock_ticks(sc: Scenario) -> set[int]:
+    """The slices where the quiet clock tells a whole second."""
     layout, quiet, ticks = SliceLayout(sc.slice_ms, clock=True), 0, set()
     for k, text in enumerate(sc.text_slices()):
         quiet = 0 if text else quiet + 1
         if layout.clock_seconds(quiet) is not None:
             ticks.add(k)
+    return ticks
+
+
+def _on_the_clock(event: TimedEvent, ticks: set[int]) -> int:
+    """The slice within the event's tolerance where the quiet clock ticks (nearest first),
+    so that a timed word is said when the clock reads it, not a slice before; the event's own
+    slice where no tick falls in the window."""
     window = range(event.slice - event.early, event.slice + event.late + 1)
     return min((k for k in window if k in ticks), key=lambda k: abs(k - event.slice),
                default=event.slice)
