@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The shipped interaction model, from scratch: four `microturn train` runs, each from the
-# previous one's adapter (docs/MODEL_CARD.md says why each). About 3 h 30 min on 2 vCPUs.
-# Runs 1-3 predate the quiet clock (`--no-clock`); run 5 teaches it (`--clock`, the default).
+# The shipped interaction model, from scratch: five `microturn train` runs, each from the
+# previous one's adapter (docs/MODEL_CARD.md says why each). About 4 h on 2 vCPUs.
+# Runs 1-3 predate the quiet clock (`--no-clock`); runs 5-6 learn it (`--clock`, the default).
 # (Run 4 was an experiment that was not shipped: docs/LOG.md.)
 # Run it again after a stop: each run resumes from its last checkpoint, a finished one is done.
 set -euo pipefail
@@ -20,5 +20,9 @@ microturn train --out runs/im5 --init-adapter runs/im3/adapter.safetensors --per
   --rounds 8 --family-weights time=4,cue_audio=3,cue_visual=2,cue_text=2,backchannel=2 \
   --moment-weight 3 --steps 400 --batch-size 4 --lr 5e-4 --warmup 10 --lora-rank 8 \
   --lora-alpha 16 --train-frontend --val-every 0 --val-per-family 0 --checkpoint-every 25 && \
-cp runs/im5/adapter.safetensors microturn/models/interaction-smollm2-135m.safetensors
+microturn train --out runs/im6 --init-adapter runs/im5/adapter.safetensors --per-family 24 \
+  --rounds 8 --family-weights time=6,cue_audio=3,cue_visual=2,cue_text=2,backchannel=2 \
+  --moment-weight 3 --steps 200 --batch-size 4 --lr 3e-4 --warmup 5 --lora-rank 8 \
+  --lora-alpha 16 --train-frontend --val-every 0 --val-per-family 0 --checkpoint-every 25 && \
+cp runs/im6/adapter.safetensors microturn/models/interaction-smollm2-135m.safetensors
 
