@@ -20,6 +20,9 @@ from microturn.server.realtime import RATE, RealtimeSession
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
+# In an audio session the shipped model acknowledges an instruction and waits for its cue (it
+# was trained so); a typed question there it often leaves unanswered (docs/MODEL_CARD.md).
+INSTRUCTION = "When you hear a beep, say lantern."
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,10 @@ async def talk(url: str, modality: str, wav_pcm: bytes, question: str, most_s: f
 
         async def send():
             chunk = RATE * 2 // 10  # 100 ms of PCM16
-            for i in range(int(most_s * 10)):
-                piece = wav_pcm[i * chunk:(i + 1) * chunk] or bytes(chunk)
+            room = np.random.default_rng(0)  # after the words, a room's quiet, as a microphone
+            for i in range(int(most_s * 10)):  # hears it (digital zeros are not what it hears)
+                piece = wav_pcm[i * chunk:(i + 1) * chunk] or (
+                    room.standard_normal(chunk // 2) * 300).astype("<i2").tobytes()
                 await conn.input_audio_buffer.append(audio=base64.b64encode(piece).decode())
                 if i == len(wav_pcm) // chunk + 1:
                     await conn.conversation.item.create(item={
@@ -81,7 +86,7 @@ def of(events, kind):
 def test_openai_sdk_streams_audio_and_text_in_and_gets_text_deltas(shipped_engine, tmp_path):
     wav = pcm24k(speech_wav(tmp_path, "Hello, can you hear me?"))
     with serving(shipped_engine, api_key=KEY) as served:
-        events = asyncio.run(talk(served.url, "text", wav, "What is the capital of France?"))
+        events = asyncio.run(talk(served.url, "text", wav, INSTRUCTION))
     kinds = [e.type for e in events]
     assert kinds[0] == "session.created" and "session.updated" in kinds
     assert not of(events, "error"), of(events, "error")
@@ -106,7 +111,7 @@ def test_openai_sdk_streams_audio_and_text_in_and_gets_text_deltas(shipped_engin
 def test_openai_sdk_gets_spoken_output_as_pcm16_deltas(shipped_engine, tmp_path):
     wav = pcm24k(speech_wav(tmp_path, "Hi there."))
     with serving(shipped_engine, api_key=KEY) as served:
-        events = asyncio.run(talk(served.url, "audio", wav, "Tell me about the ocean."))
+        events = asyncio.run(talk(served.url, "audio", wav, INSTRUCTION))
     assert not of(events, "error"), of(events, "error")
     audio = b"".join(base64.b64decode(e.delta) for e in of(events, "response.output_audio.delta"))
     transcript = "".join(e.delta for e in of(events, "response.output_audio_transcript.delta"))

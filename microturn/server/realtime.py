@@ -32,6 +32,7 @@ from microturn.server.scheduler import Scheduler
 from microturn.server.speech import Speaker, Voice, cut_off
 
 RATE = 24_000  # the Realtime API's PCM16 rate, in and out
+WORDS_PER_SLICE = 2  # typed text goes in at a speaking pace
 
 
 class Loose(BaseModel):
@@ -241,7 +242,7 @@ class RealtimeSession:
         if config.instructions is not None and config.instructions != s.instructions:
             s.instructions = config.instructions  # clients resend the session: type it once
             if self.live is not None and config.instructions:
-                self.scheduler.put_input(self.live, " " + config.instructions, None, None)
+                self._type(self.live, config.instructions, "session.instructions")
         self._emit("session.updated", session=self._session())
 
     async def _append(self, event: dict) -> None:
@@ -267,7 +268,7 @@ class RealtimeSession:
                 self.scheduler.inputs.audio(live, pcm)
                 self.state.audio_samples += len(pcm) // 2
             elif part.text:
-                self.scheduler.put_input(live, " " + part.text, None, None)
+                self._type(live, part.text, "item.content.text")
         item_id = item.id or _id("item")
         done = item.model_dump(exclude_none=True) | {"id": item_id, "object": "realtime.item",
                                                      "status": "completed"}
@@ -317,11 +318,29 @@ class RealtimeSession:
             self.live = await self.scheduler.open(options, "server", self._sink,
                                                   owner="websocket")
             if self.state.instructions:
-                self.scheduler.put_input(self.live, " " + self.state.instructions, None, None)
+                self._type(self.live, self.state.instructions, "session.instructions")
         if not self.live.open:
             raise ServerError("session_ended", "the micro-turn session has ended", 409)
         self.live.last_seen = time.monotonic()
         return self.live
+
+    def _type(self, live: LiveSession, text: str, name: str) -> None:
+        """Typed text at a speaking pace: WORDS_PER_SLICE words a slice from the open slice
+        on. The model learnt words as they are spoken; a whole sentence landing in one slice
+        is not what it was trained to answer."""
+        words = text.split()
+        slices = -(-len(words) // WORDS_PER_SLICE)
+        if slices > self.limits.max_buffered_slices:
+            raise ServerError("limit", f"{name}: {len(words)} words would take {slices} slices "
+                              f"at {WORDS_PER_SLICE} a slice, over max_buffered_slices "
+                              f"{self.limits.max_buffered_slices}", 413, name,
+                              self.limits.max_buffered_slices * WORDS_PER_SLICE)
+        first = None
+        for i in range(slices):
+            chunk = " " + " ".join(words[i * WORDS_PER_SLICE:(i + 1) * WORDS_PER_SLICE])
+            placed = self.scheduler.put_input(live, chunk, None,
+                                              None if first is None else first + i)
+            first = placed.slice if first is None else first
 
     def _sink(self, event: BaseModel) -> None:
         if isinstance(event, OutputEvent):

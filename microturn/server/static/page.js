@@ -131,7 +131,9 @@ function onEvent(e) {
 async function start() {
   const mic = $("mic").checked, cam = $("camera").checked, speak = $("speak").checked;
   audio = new AudioContext();
-  if (mic || cam) media = await navigator.mediaDevices.getUserMedia({ audio: mic, video: cam });
+  // raw audio: the model hears the room as it is (no echo cancelling, denoising or gain)
+  const raw = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
+  if (mic || cam) media = await navigator.mediaDevices.getUserMedia({ audio: mic && raw, video: cam });
   const options = { type: "start", max_output_tokens: 4 };
   if (mic) options.audio = { sample_rate: audio.sampleRate, channels: 1 };
   if (cam) options.video = { fps: 2 };
@@ -176,6 +178,15 @@ $("typing").addEventListener("submit", (e) => {
   const text = $("text").value.trim();
   if (!text) return;
   if (!ws || ws.readyState !== WebSocket.OPEN) { status("press Start first"); return; }
-  ws.send(JSON.stringify({ type: "input", text }));
+  // at a speaking pace, two words a slice: the model learnt words as they are spoken
+  const words = text.split(/\s+/);
+  words.forEach((_, i) => {
+    if (i % 2) return;
+    setTimeout(() => {
+      if (ws && ws.readyState === WebSocket.OPEN) {
+        ws.send(JSON.stringify({ type: "input", text: " " + words.slice(i, i + 2).join(" ") }));
+      }
+    }, (i / 2) * sliceMs);
+  });
   $("text").value = "";
 });
