@@ -13,10 +13,10 @@ Pipecat's pins clash with microturn's venv, so it runs from its own:
     python3 -m venv /work/pipecat-venv
     /work/pipecat-venv/bin/pip install 'pipecat-ai[openai]==1.14.0'
     microturn serve --port 8765 &                       # from microturn's venv
-    espeak-ng -w /tmp/hello.wav "Hello there. What is the capital of France?"
+    espeak-ng -w /tmp/hello.wav "Hello there."
     /work/pipecat-venv/bin/python examples/pipecat_realtime.py \\
         --url ws://127.0.0.1:8765/v1/realtime --wav /tmp/hello.wav \\
-        --text "What is the capital of France?"
+        --text "When you hear a beep, say lantern."
 
 `--url` also takes the HTTP base (`http://127.0.0.1:8765`); `--api-key` is the server's
 `--api-key`, if it has one.
@@ -130,7 +130,7 @@ async def main() -> int:
     ap.add_argument("--modality", choices=["audio", "text"], default="audio")
     ap.add_argument("--instructions", default=None)
     ap.add_argument("--silence", type=float, default=1.0,
-                    help="seconds of silence streamed after the WAV")
+                    help="seconds of a quiet room streamed after the WAV")
     ap.add_argument("--timeout", type=float, default=20.0,
                     help="seconds after the WAV ends to wait for the responses")
     ap.add_argument("--responses", type=int, default=1, help="how many responses to wait for")
@@ -167,9 +167,11 @@ async def main() -> int:
         await started.wait()
         t0, chunk = time.monotonic(), rate * 2 * CHUNK_MS // 1000
         total = len(pcm) + int(args.silence * rate) * 2
-        for i, at in enumerate(range(0, total, chunk)):  # the WAV, then silence, in real time
+        room = np.random.default_rng(0)  # after the words a room's quiet, not digital zeros
+        for i, at in enumerate(range(0, total, chunk)):  # the WAV, then quiet, in real time
             piece = pcm[at:at + chunk]
-            await worker.queue_frame(InputAudioRawFrame(audio=piece + bytes(chunk - len(piece)),
+            quiet = (room.standard_normal((chunk - len(piece)) // 2) * 300).astype("<i2")
+            await worker.queue_frame(InputAudioRawFrame(audio=piece + quiet.tobytes(),
                                                         sample_rate=rate, num_channels=1))
             if at < len(pcm) <= at + chunk and args.text:  # the audio is in: ask in text
                 context = LLMContext(messages=[{"role": "user", "content": args.text}])

@@ -24,11 +24,12 @@ SCRIPT = Path(__file__).parents[1] / "examples" / "pipecat_realtime.py"
 def test_pipecat_realtime_service_talks_to_microturn(tmp_path):
     engine = Engine(load_interaction_model(), EngineConfig(kv_budget_mb=64, max_sessions=4))
     engine.warm_up(media=True)
-    wav = speech_wav(tmp_path, "Hello there. What is the capital of France?")
+    wav = speech_wav(tmp_path, "Hello there.")
     with serving(engine) as served:
         run = subprocess.run([PYTHON, str(SCRIPT), "--url", served.url.replace("http", "ws") +
                               "/v1/realtime", "--wav", str(wav), "--text",
-                              "What is the capital of France?", "--timeout", "40"],
+                              "When you hear a beep, say lantern.", "--silence", "3",
+                              "--timeout", "40"],
                              capture_output=True, text=True, timeout=120)
     sys.stdout.write(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
