@@ -34,6 +34,8 @@ from microturn.sequence.media_specs import FrameSpec
 # session name -> (family, longest scenario in slices): short enough to watch
 SESSIONS = {"pause": ("pause", 40), "reply": ("content", 30), "interrupt": ("interruption", 40),
             "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40)}
+# the reminder is one word at one time ("say X in N seconds"), not a count
+SHOWS = {"time": lambda sc: len(sc.expect.events) == 1 and bool(sc.expect.events[0].keywords)}
 
 
 @dataclass
@@ -47,10 +49,12 @@ class DemoSession:
 
 
 def pick(family: str, longest: int, slice_ms: int) -> Scenario:
-    """The first held-out scenario of `family` (seeds 0, 1, ...) that fits in `longest`."""
+    """The first held-out scenario of `family` (seeds 0, 1, ...) that fits in `longest` and
+    shows the session's behaviour."""
+    shows = SHOWS.get(family, lambda sc: True)
     for seed in range(100):
         scenario = generate("heldout", seed, 1, [family], slice_ms)[0]
-        if scenario.slices <= longest:
+        if scenario.slices <= longest and shows(scenario):
             return scenario
     raise MicroturnError(f"no {family} scenario of at most {longest} slices")
 
