@@ -58,7 +58,10 @@ class ShapeResult:
     kv_blocks_peak: int
     kv_blocks_total: int
     evictions: int
+    mean_feed: float  # positions one session feeds in a tick's input step (markers, media)
+    mean_context: float  # KV slots one session's input step reads back
     capacity_sessions: int | None = None
+    roofline_sessions: int | None = None  # the most sessions whose tick floor fits the slice
     # --audio / --video: the front-end's work per tick (dMel, patching, embedding) and the
     # positions each modality adds to one input slice, on average
     frontend_ms: float | None = None
@@ -96,6 +99,19 @@ class Floors:
                 total_flops += 2 * c.vocab_size * c.hidden_size  # one logits row
         return total_bytes / self.bandwidth + total_flops / self.peak
 
+    def roofline(self, loaded: LoadedModel, feed: float, context: float, output_tokens: int,
+                 slice_ms: float, most: int = 4096) -> int:
+        """Roofline capacity: the most sessions, each feeding `feed` positions at `context`
+        and then sampling `output_tokens`, whose tick floor fits in the slice."""
+        def fits(n: int) -> bool:
+            rows = [(round(feed), round(context))] * n
+            steps = [[(1, round(context) + s)] * n for s in range(1, output_tokens)]
+            return self.tick(loaded, [rows, *steps]) * 1e3 <= slice_ms
+        n = 0
+        while n < most and fits(n + 1):
+            n += 1
+        return n
+
 
 class ShapeRun:
     """One engine streaming the load shape, a tick at a time (so that two modes can be
@@ -124,6 +140,8 @@ class ShapeRun:
         self.media_positions = {"audio": 0, "video": 0}
         self.latencies: list[float] = []
         self.floors_ms: list[float] = []
+        self.fed = self.read = 0.0  # sums over sessions and measured ticks, for the means
+        self.samples = 0
         self.tokens = self.misses = self.peak_blocks = 0
         self.busy = 0.0  # seconds spent in ticks (throughput excludes the other mode's turns)
 
@@ -157,6 +175,9 @@ class ShapeRun:
             self.latencies.append(latency)
             self.floors_ms.append(self.floors.tick(self.loaded, passes) * 1e3)
             self.tokens += sum(feeds.values()) + len(ids) * (self.output_tokens - 1)
+            self.fed += sum(feeds.values())
+            self.read += sum(after.values())
+            self.samples += len(ids)
             self.misses += latency * 1e3 > self.slice_ms
             self.busy += latency
             self.frontend_s += host_s + embed_s
@@ -193,7 +214,8 @@ class ShapeRun:
             tokens_per_s=self.tokens / self.busy, deadline_misses=self.misses,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool_stats().blocks_total,
-            evictions=evictions, **self._media_result(ms))
+            evictions=evictions, mean_feed=self.fed / max(1, self.samples),
+            mean_context=self.read / max(1, self.samples), **self._media_result(ms))
 
     def _media_result(self, ms: list[float]) -> dict:
         if not self.media:
@@ -263,26 +285,32 @@ def mode_name(deterministic: bool) -> str:
     return "deterministic" if deterministic else "shape-dependent"
 
 
-def find_capacity(loaded, floors, shape, args, console, deterministic: bool) -> int:
-    """Largest N whose p99 tick latency stays under the slice: doubling, then bisection."""
+def find_capacity(loaded, floors, shape, args, console,
+                  deterministic: bool) -> tuple[int, int]:
+    """Largest N whose p99 tick latency stays under the slice (doubling, then bisection),
+    and the roofline capacity at the probes' session length: what the floor would allow."""
     in_tokens, out_tokens = SHAPES[shape]
+    probes: dict[int, ShapeResult] = {}
 
     def fits(n: int) -> bool:
         result, = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
                             out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
                             [deterministic], args.audio, args.video)
+        probes[n] = result
         console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
         return result.p99_ms < args.slice_ms
 
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    low = 0
+    if fits(1):
+        low, high = 1, 2
+        while fits(high):
+            low, high = high, high * 2
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+    probe = probes[max(low, 1)]
+    return low, floors.roofline(loaded, probe.mean_feed, probe.mean_context, out_tokens,
+                                args.slice_ms)
 
 
 @torch.inference_mode()
@@ -308,8 +336,8 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                                 out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
                                 console, modes, args.audio, args.video):
             if args.find_capacity and shape in SHAPES:
-                result.capacity_sessions = find_capacity(loaded, floors, shape, args, console,
-                                                         result.deterministic)
+                result.capacity_sessions, result.roofline_sessions = find_capacity(
+                    loaded, floors, shape, args, console, result.deterministic)
             results.append(result)
     out = Console(width=160)
     out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
@@ -319,7 +347,8 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     table = Table(title=f"microturn bench engine: {args.sessions} session(s) x {args.turns} "
                         "micro-turns")
     columns = ["shape", "mode", "p50 ms", "p99 ms", "floor ms", "x floor", "tail/head",
-               "eff. tail/head", "tokens/s", "misses", "capacity", "evictions", "RSS MiB"]
+               "eff. tail/head", "tokens/s", "misses", "capacity", "roofline", "cap/roof",
+               "evictions", "RSS MiB"]
     for column in columns:
         table.add_column(column, justify="right")
     for r in results:
@@ -329,6 +358,9 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                       f"{r.tail_head_ratio:.2f}", f"{r.efficiency_tail_head_ratio:.2f}",
                       f"{r.tokens_per_s:.0f}", str(r.deadline_misses),
                       "-" if r.capacity_sessions is None else str(r.capacity_sessions),
+                      "-" if r.roofline_sessions is None else str(r.roofline_sessions),
+                      "-" if not r.roofline_sessions else
+                      f"{r.capacity_sessions / r.roofline_sessions:.0%}",
                       str(r.evictions), f"{r.peak_rss_mb:.0f}")
     out.print(table)
     for r in results:

@@ -1,0 +1,29 @@
+"""The engine benchmark's roofline capacity: the most sessions whose tick floor fits the slice."""
+
+import pytest
+from test_engine import tiny_loaded
+
+from microturn.bench.engine_bench import Floors
+from microturn.checkpoint.loader import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded(load_tokenizer())
+
+
+def test_roofline_is_the_last_session_count_whose_floor_fits(loaded):
+    floors = Floors(bandwidth=20e9, peak=50e9, weights=4_000_000, layer_weights=3_000_000)
+
+    def floor_ms(n, feed=20, context=400, out=2):
+        rows = [(feed, context)] * n
+        steps = [[(1, context + s)] * n for s in range(1, out)]
+        return floors.tick(loaded, [rows, *steps]) * 1e3
+
+    for slice_ms in (1.0, 5.0, 200.0):
+        n = floors.roofline(loaded, 20, 400, 2, slice_ms)
+        assert n == 0 or floor_ms(n) <= slice_ms
+        assert floor_ms(n + 1) > slice_ms  # one more session would not fit
+    assert floors.roofline(loaded, 20, 400, 2, 0.01) == 0
+    small, big = floors.roofline(loaded, 20, 400, 2, 50), floors.roofline(loaded, 20, 4000, 2, 50)
+    assert big < small  # a longer history reads more KV: fewer sessions fit
