@@ -31,6 +31,7 @@ from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample_with_logprob
 from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.segments import MAX_RESULT_TOKENS
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_media
 
 
@@ -114,12 +115,15 @@ class Engine:
         self.close(sid)
 
     def append(self, sid: int, input_ids: list[int], audio: torch.Tensor | None = None,
-               frames: list[torch.Tensor] = (), output_ids: list[int] | None = None) -> None:
+               frames: list[torch.Tensor] = (), output_ids: list[int] | None = None,
+               result_ids: list[int] = ()) -> None:
         """Queue the input slice that arrived (no ids: silence). One slice per tick. Media
         sessions may add the slice's dMel codes (uint8 [frames_per_slice, 80]; None: absent)
         and up to the frames due in it, each as patches (uint8 [patches, 3, 40, 40]).
         output_ids: the slice's output is scripted, not sampled (speech the model already
-        said, a teacher's turn): fed with the input, no log-probabilities recorded."""
+        said, a teacher's turn): fed with the input, no log-probabilities recorded.
+        result_ids: a background result that arrived in this slice (`segments.result_segment`),
+        fed after the slice's text."""
         session = self._session(sid)
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in input_ids):
@@ -131,8 +135,11 @@ class Engine:
                                      f"tokens, got {len(output_ids)}")
             if any(not 0 <= t < vocab for t in output_ids):
                 raise MicroturnError(f"output_ids: token ids must be in [0, {vocab})")
+        if len(result_ids) > MAX_RESULT_TOKENS or any(not 0 <= t < vocab for t in result_ids):
+            raise MicroturnError(f"result_ids: at most {MAX_RESULT_TOKENS} token ids, each in "
+                                 f"[0, {vocab})")
         turn = MicroTurn(len(session.timeline.turns) + len(session.pending), list(input_ids),
-                         list(output_ids or ()))
+                         list(output_ids or ()), result_ids=list(result_ids))
         session.timeline.layout.check(turn.index, audio, frames)
         turn.audio, turn.frames = audio, list(frames)
         session.pending.append(turn)

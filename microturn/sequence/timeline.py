@@ -2,11 +2,14 @@
 
 Micro-turn k is
 
-    <in> TEXT [AUDIO] [VIDEO] <out> output tokens of slice k
+    <in> TEXT [RESULT] [AUDIO] [VIDEO] <out> output tokens of slice k
 
 - TEXT: the text tokens that arrived in slice k, or `<silence>`. With the quiet clock
   (`SliceLayout.clock`), a silent slice in which the text lane's quiet reaches a whole second
   says so: `<silence> 1 2` is the slice where 12 s have passed since text last arrived.
+- RESULT: a background worker's answer that arrived in slice k, `<result> text </result>` in
+  plain tokens (`segments.py`); absent in most slices. The output's counterpart, the model's
+  `<ask> query </ask>`, is ordinary output text.
 - AUDIO (sessions with audio): `<audio>` then exactly `frames_per_slice` dMel frames
   (16 for 200 ms: one per 12.5 ms hop), or `<audio> <absent>` when no audio arrived.
 - VIDEO (sessions with video): `<video>`, then for each frame the slice carries
@@ -111,6 +114,7 @@ class MicroTurn:
     audio: torch.Tensor | None = None  # uint8 [frames_per_slice, 80] dMel codes, or absent
     frames: list[torch.Tensor] = field(default_factory=list)  # uint8 [patches, 3, 40, 40] each
     quiet: int = 0  # slices in a row, this one included, with no text in (set by `Timeline`)
+    result_ids: list[int] = field(default_factory=list)  # a `<result>` segment, or none
 
 
 @dataclass
@@ -136,6 +140,7 @@ class Timeline:
         out = [m.input_start, *(turn.input_ids or [m.silence])]
         if (seconds := layout.clock_seconds(turn.quiet)) is not None:
             out += m.number(seconds)
+        out += turn.result_ids
         if layout.audio:
             out += ([media.audio_start, *[media.audio_frame] * layout.audio_frames]
                     if turn.audio is not None else [media.audio_start, media.absent])
@@ -191,6 +196,8 @@ def turn_media(turns: list[MicroTurn]) -> tuple[torch.Tensor | None, torch.Tenso
 def _turn_export(turn: MicroTurn) -> dict:
     data = {"index": turn.index, "input_ids": list(turn.input_ids),
             "output_ids": list(turn.output_ids)}
+    if turn.result_ids:
+        data["result_ids"] = list(turn.result_ids)
     if turn.audio is not None:  # raw bytes, base64: 1.3 kB a slice instead of 4 kB of JSON
         data["audio"] = base64.b64encode(turn.audio.numpy().tobytes()).decode()
     if turn.frames:
@@ -199,7 +206,8 @@ def _turn_export(turn: MicroTurn) -> dict:
 
 
 def _turn_import(data: dict, layout: SliceLayout) -> MicroTurn:
-    turn = MicroTurn(data["index"], list(data["input_ids"]), list(data["output_ids"]))
+    turn = MicroTurn(data["index"], list(data["input_ids"]), list(data["output_ids"]),
+                     result_ids=list(data.get("result_ids", ())))
     if "audio" in data:
         turn.audio = _tensor(data["audio"]).view(layout.audio_shape)
     if "frames" in data:

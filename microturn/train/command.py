@@ -36,6 +36,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--clock", action=argparse.BooleanOptionalAction, default=True,
                       help="silent slices tell the seconds of quiet, so timed requests are "
                            "read off a clock, not counted (default: on; saved in the adapter)")
+    data.add_argument("--in-a-room", type=float, default=0.0, metavar="FRACTION",
+                      help="this fraction of the text-only scenarios get an audio stream of "
+                           "room noise (the same talk with a microphone open)")
     data.add_argument("--teacher-answers-only", action="store_true",
                       help="keep the teacher's content answers as they are (no \"The answer "
                            "is X.\" where it missed)")
@@ -71,7 +74,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from microturn.checkpoint.adapter import LoRAConfig
     from microturn.checkpoint.loader import load_model
-    from microturn.train.data import ExportExamples, TargetExamples, train_scenarios
+    from microturn.train.data import ExportExamples, TargetExamples, in_a_room, train_scenarios
     from microturn.train.loop import LoopConfig, TrainingRun
     from microturn.train.targets import TargetConfig
     from microturn.train.teacher import ChatTeacher
@@ -97,6 +100,8 @@ def run_train(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise MicroturnError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(args, name)}")
+    if not 0.0 <= args.in_a_room <= 1.0:
+        raise MicroturnError(f"--in-a-room must be a fraction in [0, 1], got {args.in_a_room}")
     if args.val_per_family < 0:
         raise MicroturnError(f"--val-per-family must be >= 0, got {args.val_per_family}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -109,10 +114,10 @@ def run_train(args: argparse.Namespace) -> None:
     if args.data is not None:
         examples = ExportExamples(args.data)
     else:
-        scenarios = [sc for family in families
-                     for sc in train_scenarios(args.seed, args.rounds,
-                                               args.per_family * weights.get(family, 1),
-                                               [family])]
+        scenarios = in_a_room([sc for family in families
+                               for sc in train_scenarios(args.seed, args.rounds,
+                                                         args.per_family * weights.get(family, 1),
+                                                         [family])], args.in_a_room, args.seed)
         teacher = ChatTeacher(loaded, args.teacher_tokens, out / "teacher.json")
         print(f"building {len(scenarios)} target timelines (teacher: the base model)",
               file=sys.stderr)

@@ -14,8 +14,9 @@ shuffled again. An epoch's plan depends only on (seed, epoch, lengths), so a `Po
 """
 
 import json
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,20 @@ def train_scenarios(seed: int, rounds: int, per_family: int,
     """The train split's scenarios of seeds seed .. seed + rounds - 1 (never held-out)."""
     return [sc for s in range(seed, seed + rounds)
             for sc in generate("train", s, per_family, families)]
+
+
+def in_a_room(scenarios: list[Scenario], fraction: float, seed: int) -> list[Scenario]:
+    """About `fraction` of the text-only scenarios become audio sessions: the same words with
+    a room's noise on an audio stream, so the model learns that a conversation (a question,
+    a timed request, a cue word) goes the same way with a microphone open, as served."""
+    out = []
+    for sc in scenarios:
+        rng = np.random.default_rng([seed, zlib.crc32(sc.id.encode())])
+        if not sc.has_audio and not sc.has_video and rng.random() < fraction:
+            sc = replace(sc, noise_level=float(rng.uniform(0.002, 0.02)),
+                         audio_seed=int(rng.integers(2**31)))
+        out.append(sc)
+    return out
 
 
 @dataclass(frozen=True)
