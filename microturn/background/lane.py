@@ -8,7 +8,9 @@ output slice's text and `next_result` when it builds the next input slice:
     engine.append(sid, input_ids, result_ids=ids)
 
 At most one result lands per input slice (a second waits for the next), so the model reads
-one answer at a time.
+one answer at a time. Served, a result lands in the first input slice after it is ready. With
+a fixed `delay` (the eval, and training data), it lands exactly `delay` slices after the
+input slice that follows the ask, whatever the tool's wall time: the same timeline every run.
 """
 
 from collections import deque
@@ -25,17 +27,31 @@ class BackgroundLane:
     worker: BackgroundWorker
     session: Hashable
     tokenizer: Tokenizer
+    delay: int | None = None  # None: land when ready; k: land k slices after the next slice
     reader: AskReader = field(default_factory=AskReader)
+    slice: int = 0  # the input slice being built next
+    due: dict[int, int] = field(default_factory=dict)  # job id -> slice it lands in (fixed delay)
     waiting: deque = field(default_factory=deque)  # ended jobs not yet fed
 
     def heard(self, output_text: str) -> tuple[str, list[Job]]:
         """(the speech in this output slice, the jobs its closed asks started)."""
         speech, queries = self.reader.push(output_text)
-        return speech, [self.worker.ask(self.session, q) for q in queries]
+        jobs = [self.worker.ask(self.session, q) for q in queries]
+        self.slice += 1
+        if self.delay is not None:
+            self.due |= {job.id: self.slice + self.delay for job in jobs}
+        return speech, jobs
 
     def next_result(self) -> tuple[list[int], Job | None]:
         """The result segment to feed in the input slice being built, and its job."""
-        self.waiting.extend(self.worker.ready(self.session))
+        if self.delay is None:
+            self.waiting.extend(self.worker.ready(self.session))
+        else:
+            landing = [i for i, at in self.due.items() if at <= self.slice]
+            if landing:
+                for job in self.worker.wait(self.session, landing):
+                    del self.due[job.id]
+                    self.waiting.append(job)
         if not self.waiting:
             return [], None
         job = self.waiting.popleft()

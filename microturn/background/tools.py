@@ -59,11 +59,13 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
               ast.Div: operator.truediv, ast.Pow: operator.pow, ast.Mod: operator.mod}
 _WORDS = [  # spoken arithmetic -> symbols, longest phrases first
     (r"\bmultiplied by\b", "*"), (r"\bdivided by\b", "/"), (r"\bto the power of\b", "**"),
+    (r"\badded to\b", "+"), (r"\btake away\b", "-"),
     (r"\btimes\b", "*"), (r"\bplus\b", "+"), (r"\bminus\b", "-"), (r"\bover\b", "/"),
     (r"\bmodulo\b|\bmod\b", "%"), (r"(?<=\d)\s*[x×]\s*(?=\d)", "*"), (r"÷", "/"),
     (r"\bsquared\b", "**2"), (r"\bcubed\b", "**3")]
 _VERBS = [  # "add 3 to 10" and friends: the operands' order as said
     (r"\badd (\S+) (?:to|and) (\S+)", r"\1 + \2"),
+    (r"(\S+) and (\S+) together", r"\1 + \2"),
     (r"\bsubtract (\S+) from (\S+)", r"\2 - \1"),
     (r"\bmultiply (\S+) (?:by|and) (\S+)", r"\1 * \2"),
     (r"\bdivide (\S+) by (\S+)", r"\1 / \2")]

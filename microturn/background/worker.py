@@ -15,6 +15,7 @@ went wrong (an error, a timeout, no background model). A job of a session that e
 the user retracts, is cancelled and delivers nothing.
 """
 
+import contextlib
 import itertools
 import time
 from collections.abc import Hashable, Iterator
@@ -140,6 +141,24 @@ class BackgroundWorker:
         for job in out:
             job.delivered = True
         return out
+
+    def wait(self, session: Hashable, job_ids: list[int]) -> list[Job]:
+        """Finish these jobs now (tool calls waited for, background-model answers stepped to
+        the end, the timeout still applying) and give them out: for runs that must not
+        depend on wall time (the eval, training data)."""
+        jobs = [self.jobs[i] for i in job_ids if i in self.jobs]
+        for job in jobs:
+            while job.steps is not None:
+                self._step(job)
+            if job.future is not None and job.state == "running":
+                left = self.config.timeout_s - (time.perf_counter() - job.asked_at)
+                with contextlib.suppress(Exception):  # `ready` turns it into a result
+                    job.future.result(timeout=max(0.0, left))
+        ready = {j.id: j for j in self.ready(session)}
+        for job in jobs:
+            if job.id not in ready and job.state not in ("running", "cancelled"):
+                ready[job.id] = job  # given out before: give it out to this caller too
+        return [ready[i] for i in job_ids if i in ready]
 
     def use_idle(self, until: float) -> int:
         """Background-model decode steps, round robin over the running answers, while one more

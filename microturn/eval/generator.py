@@ -17,6 +17,7 @@ import numpy as np
 from microturn.errors import MicroturnError
 from microturn.eval.phrasebook import BOOKS, Book, number_forms
 from microturn.eval.scenario import (
+    Delegation,
     Expectation,
     Scenario,
     Screen,
@@ -233,10 +234,53 @@ def cue_visual(rng, book: Book, slice_ms: int, fps: float = 2.0) -> dict:
                 note=f"{name} at {change_ms} ms")
 
 
+def background(rng, book: Book, slice_ms: int) -> dict:
+    """Arithmetic no one does in their head (the model should hand it to the background
+    worker, say it is on it, and say the answer when it comes back), sometimes with the user
+    talking on meanwhile (the answer waits for them); or a question the model knows the
+    answer to (it should just answer)."""
+    speaker = Speaker(rng)
+    if rng.random() < 0.3:
+        kind = int(rng.integers(3))
+        if kind == 0:
+            country, city = _pick(rng, book.capitals)
+            question, answer = _pick(rng, book.capital_questions).format(country=country), (city,)
+        elif kind == 1:
+            thing, colour = _pick(rng, book.thing_colours)
+            question, answer = _pick(rng, book.colour_questions).format(thing=thing), (colour,)
+        else:
+            question, said = _pick(rng, book.yes_no)
+            answer = (said,)
+        words, end = speaker.say(question, int(rng.integers(200, 1000)))
+        q_end = _slice_of(end, slice_ms)
+        return dict(words=words, slices=q_end + REPLY_SLICES,
+                    expect=Expectation(turn_end=q_end, answer=answer,
+                                       delegation=Delegation(False, q_end)),
+                    note=f"answer it directly: {answer[0]}")
+    (phrase, symbol), template = _pick(rng, book.operations), _pick(rng, book.hard_sums)
+    a, b = int(rng.integers(120, 10000)), int(rng.integers(13, 1000))
+    value = {"*": a * b, "+": a + b, "-": a - b}[symbol]
+    words, end = speaker.say(template.format(a=f"{a:,}", op=phrase, b=f"{b:,}"),
+                             int(rng.integers(200, 1000)))
+    q_end = turn_end = _slice_of(end, slice_ms)
+    delay = int(rng.integers(1, 9))
+    hold = None
+    if rng.random() < 0.5:  # the user talks on while the answer is being worked out
+        aside, end = speaker.say(_pick(rng, book.asides), end + int(rng.integers(1200, 2500)))
+        words += aside
+        turn_end = _slice_of(end, slice_ms)
+        hold = (_slice_of(aside[0].end_ms, slice_ms), turn_end)
+    return dict(words=words, slices=max(turn_end, q_end + 8 + delay) + 12,
+                expect=Expectation(turn_end=turn_end, hold=hold, answer=(f"{value:,}",),
+                                   delegation=Delegation(True, q_end, delay)),
+                note=f"delegate {a} {symbol} {b} = {value:,} (back after {delay} slices"
+                     + (", user talking)" if hold else ")"))
+
+
 FAMILIES: dict[str, Callable[..., dict]] = {
     "pause": pause, "turn_taking": turn_taking, "interruption": interruption,
     "backchannel": backchannel, "time": time, "cue_text": cue_text, "cue_audio": cue_audio,
-    "cue_visual": cue_visual, "content": content,
+    "cue_visual": cue_visual, "content": content, "background": background,
 }
 
 

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from microturn.eval.scenario import Scenario, TimedEvent
+from microturn.sequence.segments import AskReader
 
 TAKEOVER_WORDS = 3  # more words than this take the turn
 TAKEOVER_MS = 1000  # or speech spanning at least this long
@@ -35,6 +36,12 @@ def says(text: str, keywords: tuple[str, ...]) -> bool:
     if not keywords:
         return said.strip() != ""
     return any(f" {' '.join(words_of(k))} " in said for k in keywords)
+
+
+def says_across(outputs: list[str], keywords: tuple[str, ...]) -> bool:
+    """`says` over several slices: a word may be split between two (a number is several
+    tokens), so the slices are read both as they join and with a space between them."""
+    return says("".join(outputs), keywords) or says(" ".join(outputs), keywords)
 
 
 def takes_turn(outputs: list[str], slice_ms: int) -> bool:
@@ -62,10 +69,24 @@ class Verdict:
     reason: str = ""
 
 
+def split_asks(outputs: list[str]) -> tuple[list[str], list[tuple[int, str]]]:
+    """(the speech of every output slice, (slice it closed in, query) of every ask): asks
+    are not speech, and every metric reads speech."""
+    reader, speech, asks = AskReader(), [], []
+    for k, text in enumerate(outputs):
+        said, queries = reader.push(text)
+        speech.append(said)
+        asks += [(k, q) for q in queries]
+    return speech, asks
+
+
 def score(scenario: Scenario, outputs: list[str]) -> Verdict:
     if len(outputs) != scenario.slices:
         raise ValueError(f"{scenario.id}: {len(outputs)} output slices for {scenario.slices}")
-    return SCORERS[scenario.family](scenario, outputs)
+    speech, asks = split_asks(outputs)
+    if scenario.family == "background":
+        return _background(scenario, speech, asks)
+    return SCORERS[scenario.family](scenario, speech)
 
 
 def _pause(sc: Scenario, out: list[str]) -> Verdict:
@@ -94,7 +115,7 @@ def _turn_taking(sc: Scenario, out: list[str]) -> Verdict:
 
 def _content(sc: Scenario, out: list[str]) -> Verdict:
     took, latency = _reply(sc, out)
-    right = says(" ".join(out[sc.expect.turn_end:]), sc.expect.answer)
+    right = says_across(out[sc.expect.turn_end:], sc.expect.answer)
     return Verdict(sc.id, sc.family, right, {"correct": right, "tor": took,
                                              "latency_ms": latency},
                    f"{'said' if right else 'did not say'} {sc.expect.answer[0]!r}")
@@ -111,7 +132,7 @@ def _interruption(sc: Scenario, out: list[str]) -> Verdict:
     values = {"tor": tor, "stopped": stop is not None, "stop_latency_ms": stop_ms,
               "latency_ms": latency}
     if sc.expect.answer:
-        values["correct"] = says(" ".join(out[sc.expect.turn_end:]), sc.expect.answer)
+        values["correct"] = says_across(out[sc.expect.turn_end:], sc.expect.answer)
     reason = ("kept talking over the user" if stop is None else
               f"stopped after {stop_ms:.0f} ms, " + ("then replied" if took else "no reply"))
     return Verdict(sc.id, sc.family, tor, values, reason)
@@ -154,6 +175,45 @@ def _timed(sc: Scenario, out: list[str]) -> Verdict:
 
 def _window(event: TimedEvent, slices: int) -> tuple[int, int]:
     return max(0, event.slice - event.early), min(slices - 1, event.slice + event.late)
+
+
+def _background(sc: Scenario, out: list[str], asks: list[tuple[int, str]]) -> Verdict:
+    """Delegated when (and only when) it should have been; acknowledged at once; the answer
+    said after it landed, correctly, never over the user."""
+    d, e = sc.expect.delegation, sc.expect
+    delegated = bool(asks)
+    values: dict = {"should": d.should, "delegated": delegated,
+                    "recall": delegated if d.should else None,
+                    "precision": d.should if delegated else None,
+                    "ack_ms": None, "delivery_ms": None, "barged": None}
+    if not d.should:
+        right = says_across(out[d.question_end:], e.answer)
+        values["correct"] = right
+        passed = right and not delegated
+        reason = ("asked for help it did not need" if delegated else
+                  f"{'said' if right else 'did not say'} {e.answer[0]!r} itself")
+        return Verdict(sc.id, sc.family, passed, values, reason)
+    last_question_word = max(w.end_ms for w in sc.words
+                             if (w.end_ms - 1) // sc.slice_ms <= d.question_end)
+    first = first_speech(out, d.question_end)
+    if first is not None and (not asks or first <= asks[0][0] + 1 + d.result_delay):
+        values["ack_ms"] = float(max(0, sc.slice_end_ms(first) - last_question_word))
+    if e.hold is not None:
+        values["barged"] = any(is_speech(out[k]) for k in range(*e.hold))
+    right, landed = False, None
+    if asks:
+        landed = asks[0][0] + 1 + d.result_delay
+        done = next((k for k in range(landed, sc.slices)
+                     if says_across(out[landed:k + 1], e.answer)), None)
+        right = done is not None
+        if right:
+            values["delivery_ms"] = float((done - landed + 1) * sc.slice_ms)
+    values["correct"] = right
+    passed = delegated and right and not values["barged"]
+    reason = ("never asked the background" if not delegated else
+              "talked over the user" if values["barged"] else
+              f"said {e.answer[0]}" if right else f"did not say {e.answer[0]} once it landed")
+    return Verdict(sc.id, sc.family, passed, values, reason)
 
 
 SCORERS = {"pause": _pause, "turn_taking": _turn_taking, "content": _content,

@@ -4,6 +4,11 @@ Each scenario is one session. Every tick, each running session gets its next inp
 words that ended in it (tokenized with a leading space), the slice's dMel codes when the
 scenario has audio, the frames due when it has video, and, where the scenario scripts the
 model's own earlier speech, that speech as the slice's output (fed, not sampled).
+
+Every session has a background lane (`background/lane.py`) with the built-in tools and no
+background model: an ask the model makes is answered by a tool, and the result lands a fixed
+number of slices later (the scenario's `result_delay`, else the next slice), so a run does not
+depend on how fast the tool was.
 """
 
 from collections.abc import Callable
@@ -11,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from microturn.background.lane import BackgroundLane
+from microturn.background.worker import BackgroundWorker
 from microturn.checkpoint.loader import LoadedModel
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.engine.engine import Engine, EngineConfig
@@ -67,6 +74,7 @@ class _Running:
     text: list[str]
     spoken: list[str | None]
     transcript: Transcript
+    lane: BackgroundLane
     k: int = 0  # the next slice
 
 
@@ -80,6 +88,7 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
     engine = Engine(loaded, EngineConfig(kv_budget_mb=settings.kv_budget_mb))
     tokenizer, markers, budget = loaded.tokenizer, engine.markers, settings.max_output_tokens
     frame_spec = FrameSpec()
+    worker = BackgroundWorker()
     waiting = list(reversed(list(enumerate(scenarios))))
     running: list[_Running] = []
     done: dict[str, Transcript] = {}
@@ -90,25 +99,34 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
                 max_output_tokens=budget, slice_ms=sc.slice_ms,
                 sampling=SamplingParams(temperature=settings.temperature, seed=settings.seed + i),
                 audio=sc.has_audio, video=frame_spec if sc.has_video else None)
-            running.append(_Running(sc, engine.open(params), SlicedMedia(sc, frame_spec),
+            handle = engine.open(params)
+            delay = sc.expect.delegation.result_delay if sc.expect.delegation else 0
+            running.append(_Running(sc, handle, SlicedMedia(sc, frame_spec),
                                     sc.text_slices(), sc.spoken_slices(),
-                                    Transcript(sc.id, system, [], [], [])))
+                                    Transcript(sc.id, system, [], [], []),
+                                    BackgroundLane(worker, handle, tokenizer, delay)))
         for r in running:
             k, text, spoken = r.k, r.text[r.k], r.spoken[r.k]
             ids = tokenizer.encode(" " + text) if text else []
             scripted = None if spoken is None else script_ids(spoken, tokenizer, markers, budget)
-            engine.append(r.handle, ids, r.media.audio(k), r.media.frames.get(k, []), scripted)
+            result, job = r.lane.next_result()
+            r.transcript.results.append(job.result if job else "")
+            engine.append(r.handle, ids, r.media.audio(k), r.media.frames.get(k, []), scripted,
+                          result)
         outputs = engine.tick()
         for r in running:
             out = outputs[r.handle].output_ids
             r.transcript.outputs.append(tokenizer.decode(out))
+            r.lane.heard(r.transcript.outputs[-1])
             r.transcript.output_ids.append(list(out))
             r.transcript.scripted.append(r.spoken[r.k] is not None)
             r.k += 1
             if r.k == r.scenario.slices:
                 engine.close(r.handle)
+                r.lane.close()
                 done[r.scenario.id] = r.transcript
                 if progress:
                     progress(1)
         running = [r for r in running if r.k < r.scenario.slices]
+    worker.close()
     return [done[sc.id] for sc in scenarios]

@@ -45,6 +45,11 @@ class Book:
     colour_questions: tuple[str, ...]  # {thing}
     thing_colours: tuple[tuple[str, str], ...]
     yes_no: tuple[tuple[str, str], ...]
+    # background: arithmetic too hard to do in one's head ({a} {op} {b}), and what the user
+    # says while the answer is being worked out
+    hard_sums: tuple[str, ...]
+    operations: tuple[tuple[str, str], ...]  # (how it is said, "+" | "-" | "*")
+    asides: tuple[str, ...]
 
 
 HELDOUT = Book(
@@ -104,6 +109,12 @@ HELDOUT = Book(
                    ("a crow", "black"), ("a summer leaf", "green")),
     yes_no=(("Is water wet?", "yes"), ("Do dogs have four legs?", "yes"),
             ("Can a car fly by itself?", "no"), ("Is fire cold?", "no")),
+    hard_sums=("Tell me what {a} {op} {b} comes to.", "What's {a} {op} {b}?",
+               "Could you figure out {a} {op} {b} for me?", "I wonder what {a} {op} {b} is."),
+    operations=(("multiplied by", "*"), ("added to", "+"), ("take away", "-")),
+    asides=("Meanwhile I am going to put the kettle on and find some biscuits.",
+            "Oh and by the way, the neighbours are painting their fence green today.",
+            "While you do that I will look for my reading glasses somewhere here."),
 )
 
 
@@ -234,6 +245,14 @@ TRAIN = Book(
     yes_no=(("Is the sun a star?", "yes"), ("Can fish breathe under water?", "yes"),
             ("Is ice cold?", "yes"), ("Do cows lay eggs?", "no"),
             ("Is the moon made of cheese?", "no")),
+    hard_sums=("What is {a} {op} {b}?", "Can you work out {a} {op} {b}?",
+               "I need {a} {op} {b}, what does that make?", "Quick sum: {a} {op} {b}.",
+               "Please calculate {a} {op} {b}."),
+    operations=(("times", "*"), ("plus", "+"), ("minus", "-")),
+    asides=("In the meantime I will open the window because it is warm in here.",
+            "I am just going to write this down on the notepad next to me.",
+            "While you are at it, remind me later that the shop closes early.",
+            "Sorry, the dog is barking at the postman again, give me a second."),
 )
 
 BOOKS = {"train": TRAIN, "heldout": HELDOUT}

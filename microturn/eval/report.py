@@ -38,6 +38,12 @@ ROWS = (
     Row("CueSpeak audio", "cue_audio", "accuracy", "rate", "higher"),
     Row("CueSpeak visual", "cue_visual", "accuracy", "rate", "higher"),
     Row("content accuracy", "content", "correct", "rate", "higher"),
+    Row("delegation recall", "background", "recall", "rate", "higher"),
+    Row("delegation precision", "background", "precision", "rate", "higher"),
+    Row("background answer correct", "background", "correct", "rate", "higher"),
+    Row("talked over the user (background)", "background", "barged", "rate", "lower"),
+    Row("acknowledgement latency p50", "background", "ack_ms", "ms", "lower"),
+    Row("result to answer p50", "background", "delivery_ms", "ms", "lower"),
 )
 
 

@@ -62,6 +62,16 @@ class TimedEvent:
 
 
 @dataclass(frozen=True)
+class Delegation:
+    """The background family: should the model hand the question to the background worker?
+    Where it does, the result lands `result_delay` slices after the slice its ask closed in
+    (plus one: the next input slice), as a slow tool's would."""
+    should: bool
+    question_end: int  # the slice of the question's last word
+    result_delay: int = 0
+
+
+@dataclass(frozen=True)
 class Expectation:
     """Slice indices (output lane) that define the right behaviour; None: not part of it."""
     turn_end: int | None = None  # the user's last utterance ends in this slice: reply after it
@@ -71,6 +81,7 @@ class Expectation:
     answer: tuple[str, ...] = ()  # the reply to the last utterance must contain one of these
     events: tuple[TimedEvent, ...] = ()  # timed or cued speech (time and cue families)
     quiet_from: int | None = None  # from here, speech outside the events' windows is wrong
+    delegation: Delegation | None = None  # the background family
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,8 @@ class Scenario:
         expect["answer"] = tuple(expect["answer"])
         if expect["hold"] is not None:
             expect["hold"] = tuple(expect["hold"])
+        if expect.get("delegation") is not None:
+            expect["delegation"] = Delegation(**expect["delegation"])
         screen = data.get("screen")
         if screen is not None:
             screen = Screen(**{k: tuple(v) if isinstance(v, list) else v
@@ -208,3 +221,4 @@ class Transcript:
     outputs: list[str]
     scripted: list[bool] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)  # background results landed per slice

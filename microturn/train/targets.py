@@ -11,6 +11,12 @@ The scenario gives the timing, a teacher (`teacher.py`) the words. Per family:
   word reaches the lane, silence from that slice, the reply after the user's turn.
 - backchannel: the monologue goes on through the "mm-hm" (then the teacher's continuation of
   it, or another of the model's monologues if the teacher says too little).
+- background: arithmetic goes to the calculator. An acknowledgement in the slice of the
+  question's last word, then `<ask> the question </ask>`; the result lands `result_delay`
+  slices after the ask (the scenario's, or 0-2 for a content question) and the model says
+  it, copying it, at once, or when the user has finished talking if they talk on. A question
+  the model knows is answered as in `content`. Asks and answers are cut into slices by
+  tokens, not words (a number like 110,791 is 8 tokens), and kept as exact ids.
 - time and cue families: silence, an optional acknowledgement in the slice after the
   instruction (never a keyword), and the keyword exactly in each event's slice, spelt as the
   user said it (the same tokens: a small model copies tokens far better than it re-cases a
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from microturn.background.tools import CALCULATOR
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.errors import MicroturnError
 from microturn.eval.generator import ACK_SLICES
@@ -40,6 +47,7 @@ from microturn.eval.phrasebook import BOOKS
 from microturn.eval.scenario import Scenario, TimedEvent
 from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.segments import ASK_CLOSE, ASK_OPEN, result_segment
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline
 from microturn.train.teacher import Teacher
 
@@ -57,6 +65,7 @@ class TargetConfig:
     ack: str = "Okay."  # "" for none
     checked_answers: bool = True  # a content reply lacking the answer becomes "The answer is X."
     clock: bool = False  # the timelines carry the quiet clock (`SliceLayout.clock`)
+    delegate: bool = True  # arithmetic in content questions goes to the calculator too
 
     def __post_init__(self):
         if not 2 <= self.max_output_tokens <= 256:
@@ -75,6 +84,8 @@ class Target:
     outputs: tuple[str, ...]  # the ideal output text of every slice ("" is silence)
     scripted: tuple[bool, ...]  # replayed earlier speech: fed, not learned
     moments: tuple[int, ...] = ()  # slices where the behaviour is decided (a loss may weigh them)
+    exact: tuple[tuple[int, ...] | None, ...] = ()  # per slice: output ids to use as they are
+    results: tuple[str, ...] = ()  # per slice: a background result that lands in it ("" none)
 
 
 class _Chunker:
@@ -86,6 +97,11 @@ class _Chunker:
     def fits(self, text: str) -> bool:
         n = len(self.tokenizer.encode(" " + text))
         return n < self.budget or (n == self.budget and " " not in text)
+
+    def token_slices(self, text: str) -> list[tuple[int, ...]]:
+        """`text` cut into slices of exactly `budget` tokens (the last one shorter)."""
+        ids = self.tokenizer.encode(" " + text.strip())
+        return [tuple(ids[i:i + self.budget]) for i in range(0, len(ids), self.budget)]
 
     def chunks(self, words: list[str], most: int) -> list[str]:
         out, words = [], list(words)
@@ -113,7 +129,22 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     scripted = [s is not None for s in spoken]
     e, family = scenario.expect, scenario.family
     moments: tuple[int, ...] = ()
-    if family in TIMED_FAMILIES:
+    exact: list[tuple[int, ...] | None] = [None] * len(out)
+    results = [""] * len(out)
+    question = " ".join(w.text for w in scenario.words)
+    tool = CALCULATOR if CALCULATOR.takes(question) else None
+    if family == "background" and e.delegation.should:
+        question = " ".join(w.text for w in scenario.words
+                            if (w.end_ms - 1) // scenario.slice_ms <= e.delegation.question_end)
+        moments = _delegate(out, exact, results, e.delegation.question_end, e.turn_end, e.hold,
+                            e.delegation.result_delay, question, chunker, rng)
+    elif family == "content" and config.delegate and tool is not None:
+        moments = _delegate(out, exact, results, e.turn_end, e.turn_end, None,
+                            int(rng.integers(0, 3)), question, chunker, rng)
+    elif family == "background":
+        moments = (e.turn_end + config.reply_delay,)
+        _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
+    elif family in TIMED_FAMILIES:
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
         on_clock = config.clock and family == "time"
         ticks = _clock_ticks(scenario) if on_clock else set()
@@ -140,7 +171,33 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     else:
         raise MicroturnError(f"scenario {scenario.id}: no target rule for family {family!r}")
     return Target(scenario, tuple(out), tuple(scripted),
-                  tuple(m for m in moments if 0 <= m < len(out)))
+                  tuple(m for m in moments if 0 <= m < len(out)), tuple(exact), tuple(results))
+
+
+ACKS = ("One moment.", "Let me check.", "Let me work that out.", "Hold on.", "Just a second.",
+        "Sure, one moment.")
+
+
+def _delegate(out: list[str], exact: list, results: list[str], question_end: int,
+              turn_end: int, hold: tuple[int, int] | None, delay: int, question: str,
+              chunker: _Chunker, rng: np.random.Generator) -> tuple[int, ...]:
+    """Acknowledge, ask, wait, say the result: the background family's target, in place."""
+    tokenizer = chunker.tokenizer
+    ack = chunker.chunks(ACKS[int(rng.integers(len(ACKS)))].split(), 3)
+    out[question_end:question_end + len(ack)] = ack
+    ask = chunker.token_slices(f"{ASK_OPEN} {question} {ASK_CLOSE}")
+    start = question_end + len(ack)
+    for k, ids in enumerate(ask, start):
+        out[k], exact[k] = tokenizer.decode(list(ids)), ids
+    closed = start + len(ask) - 1
+    landing = closed + 1 + delay
+    answer = CALCULATOR.run(question)
+    results[landing] = answer
+    say_at = max(landing, turn_end) if hold is not None else landing
+    for k, ids in enumerate(chunker.token_slices(answer), say_at):
+        if k < len(out):
+            out[k], exact[k] = tokenizer.decode(list(ids)), ids
+    return (question_end, start, closed, landing, say_at)
 
 
 def _clock_ticks(sc: Scenario) -> set[int]:
@@ -215,8 +272,16 @@ def _clean(text: str, most: int) -> list[str]:
 
 def target_output_ids(target: Target, tokenizer: Tokenizer, markers: MarkerTokens,
                       budget: int) -> list[list[int]]:
-    """Each slice's output ids as the engine would record them (`script_ids`)."""
-    return [script_ids(text, tokenizer, markers, budget) for text in target.outputs]
+    """Each slice's output ids as the engine would record them (`script_ids`; exact ids
+    closed by <end_of_slice> when they leave room)."""
+    out = []
+    for k, text in enumerate(target.outputs):
+        ids = target.exact[k] if target.exact else None
+        if ids is None:
+            out.append(script_ids(text, tokenizer, markers, budget))
+        else:
+            out.append(list(ids) + ([markers.end_of_slice] if len(ids) < budget else []))
+    return out
 
 
 def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, budget: int,
@@ -228,8 +293,10 @@ def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, b
     layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None, clock)
     media = SlicedMedia(sc, frame_spec)
     outputs = target_output_ids(target, tokenizer, markers, budget)
+    results = target.results or ("",) * len(outputs)
     turns = [MicroTurn(k, tokenizer.encode(" " + text) if text else [], outputs[k],
-                       media.audio(k), media.frames.get(k, []))
+                       media.audio(k), media.frames.get(k, []),
+                       result_ids=result_segment(tokenizer, results[k]) if results[k] else [])
              for k, text in enumerate(sc.text_slices())]
     export = Timeline(markers, turns, layout).export()
     export["scripted"] = [k for k, s in enumerate(target.scripted) if s]
