@@ -70,6 +70,12 @@ def run_bench_engine(args: argparse.Namespace) -> None:
     run_engine_bench(args)
 
 
+def run_bench_background(args: argparse.Namespace) -> None:
+    from microturn.bench.background_bench import run_background_bench
+
+    run_background_bench(args)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from microturn.train.command import run_train as train
 
@@ -170,6 +176,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                         help="seconds an HTTP request's head may take to arrive")
     parser.add_argument("--kv-budget-mb", type=int, default=1024)
+    parser.add_argument("--background-model", default="none", metavar="none|same|PATH",
+                        help="who answers the model's asks that no tool takes: nobody "
+                             "(default; the calculator and clock still answer), the served "
+                             "checkpoint turn-based through its chat template, or another one")
+    parser.add_argument("--background-timeout", type=float, default=20.0,
+                        help="seconds a background job may take before it is answered "
+                             "'taking too long'")
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])
 
@@ -320,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
                         help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)
+
+    background = which.add_parser("background", help="tick latency on the slice clock with and "
+                                  "without the background model answering in the idle time")
+    background.add_argument("--sessions", type=int, default=4)
+    background.add_argument("--turns", type=int, default=150, help="slices per run")
+    background.add_argument("--slice-ms", type=int, default=200)
+    background.add_argument("--kv-budget-mb", type=int, default=512)
+    background.add_argument("--json", default=None, metavar="FILE")
+    add_model_flags(background, dtype="bf16")
+    add_adapter_flag(background)
+    background.set_defaults(run=run_bench_background)
 
     server = which.add_parser("server", help="real-time WebSocket clients against microturn "
                                              "serve: end-to-end slice latency")

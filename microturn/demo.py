@@ -2,9 +2,10 @@
 
 The sessions are held-out benchmark scenarios (`microturn.eval`): a pause inside a sentence, a
 question to answer, being talked over, a timed reminder, a beep in the audio, a colour change
-in the video. Every slice each session gets what arrived in it (words, dMel, frames, or the
-model's own earlier speech where the scenario scripts it), the engine runs ONE tick for all of
-them, and the live view prints each session's two lanes and the tick's latency against the
+in the video, a sum the model hands to the calculator while the user talks on. Every slice
+each session gets what arrived in it (words, dMel, frames, a background result, or the model's
+own earlier speech where the scenario scripts it), the engine runs ONE tick for all of them,
+and the live view prints each session's two lanes and the tick's latency against the
 deadline. At the end each session is scored by the benchmark's own metric.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from microturn.background.lane import BackgroundLane
+from microturn.background.worker import BackgroundWorker
 from microturn.checkpoint.shipped import load_interaction_model, resolve_adapter
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
@@ -33,9 +36,12 @@ from microturn.sequence.media_specs import FrameSpec
 
 # session name -> (family, longest scenario in slices): short enough to watch
 SESSIONS = {"pause": ("pause", 40), "reply": ("content", 30), "interrupt": ("interruption", 40),
-            "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40)}
-# the reminder is one word at one time ("say X in N seconds"), not a count
-SHOWS = {"time": lambda sc: len(sc.expect.events) == 1 and bool(sc.expect.events[0].keywords)}
+            "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40),
+            "delegate": ("background", 70)}
+# the reminder is one word at one time ("say X in N seconds"), not a count; the delegation is
+# a sum the user talks on after
+SHOWS = {"time": lambda sc: len(sc.expect.events) == 1 and bool(sc.expect.events[0].keywords),
+         "background": lambda sc: sc.expect.delegation.should and sc.expect.hold is not None}
 
 
 @dataclass
@@ -46,6 +52,7 @@ class DemoSession:
     media: SlicedMedia
     text: list[str]
     spoken: list[str | None]
+    lane: BackgroundLane
 
 
 def pick(family: str, longest: int, slice_ms: int) -> Scenario:
@@ -66,6 +73,7 @@ def run_demo(args: argparse.Namespace) -> None:
     engine = Engine(loaded, EngineConfig(kv_budget_mb=args.kv_budget_mb))
     tokenizer, markers, budget = loaded.tokenizer, engine.markers, args.max_output_tokens
     frames = FrameSpec()
+    worker = BackgroundWorker()
     sessions = []
     for i, (name, (family, longest)) in enumerate(SESSIONS.items()):
         sc = pick(family, longest, args.slice_ms)
@@ -73,8 +81,12 @@ def run_demo(args: argparse.Namespace) -> None:
                                sampling=SamplingParams(temperature=args.temperature,
                                                        seed=args.seed + i),
                                audio=sc.has_audio, video=frames if sc.has_video else None)
-        sessions.append(DemoSession(name, sc, engine.open(params), SlicedMedia(sc, frames),
-                                    sc.text_slices(), sc.spoken_slices()))
+        handle = engine.open(params)
+        # a result is held for the scenario's delay, as a slow tool's would be
+        delay = sc.expect.delegation.result_delay if sc.expect.delegation else 0
+        sessions.append(DemoSession(name, sc, handle, SlicedMedia(sc, frames), sc.text_slices(),
+                                    sc.spoken_slices(), BackgroundLane(worker, handle, tokenizer,
+                                                                       delay)))
     engine.warm_up(media=True)  # not shown: the first tick loads kernels and packs weights
     adapter = resolve_adapter(args.model, args.adapter)
     adapter = adapter.name if adapter else "none (the base model)"
@@ -90,13 +102,16 @@ def run_demo(args: argparse.Namespace) -> None:
     latencies, misses = [], 0
     next_tick = time.perf_counter()
     for k in range(turns):
+        results = {}
         for s in sessions:
             heard = s.text[k] if k < s.scenario.slices else ""
             ids = tokenizer.encode(" " + heard) if heard else []
             spoken = s.spoken[k] if k < s.scenario.slices else None
             scripted = None if spoken is None else script_ids(spoken, tokenizer, markers, budget)
+            result, job = s.lane.next_result()
+            results[s.name] = job.result if job else ""
             engine.append(s.handle, ids, s.media.audio(k) if k < s.scenario.slices else None,
-                          s.media.frames.get(k, []), scripted)
+                          s.media.frames.get(k, []), scripted, result)
         started = time.perf_counter()
         result = engine.tick()
         latency = time.perf_counter() - started
@@ -106,21 +121,29 @@ def run_demo(args: argparse.Namespace) -> None:
         for s in sessions:
             said = tokenizer.decode(result[s.handle].output_ids)
             outputs[s.name].append(said)
+            speech, asked = s.lane.heard(said)
             heard = s.text[k] if k < s.scenario.slices else ""
-            if heard or said.strip() or _event(s.scenario, k):
-                console.print(_row(s, k, heard, said))
+            if heard or said.strip() or results[s.name] or _event(s.scenario, k):
+                console.print(_row(s, k, heard, speech, results[s.name], asked))
         if not args.fast:
             next_tick += args.slice_ms / 1e3
             time.sleep(max(0.0, next_tick - time.perf_counter()))
+    worker.close()
     _summary(console, engine, sessions, outputs, latencies, misses, turns, args)
 
 
-def _row(s: DemoSession, k: int, heard: str, said: str) -> str:
+def _row(s: DemoSession, k: int, heard: str, said: str, result: str = "",
+         asked: list = ()) -> str:
+    """One session's two lanes in slice k; an ask (not speech) and a result that landed are
+    shown beside them."""
     mark = _event(s.scenario, k)
     cell = escape(f"{heard:<30}") if heard else f"[dim]{'· silence ·':<30}[/]"
     own = "[dim](scripted)[/] " if k < s.scenario.slices and s.spoken[k] is not None else ""
+    extra = "".join(f" [blue]→ asks the {job.tool}: {escape(job.query)!r}[/]" for job in asked)
+    if result:
+        extra += f" [blue]← result: {escape(result)!r}[/]"
     return (f"   {s.name:>9} [cyan]in[/] {cell} [magenta]out[/] {own}{escape(repr(said))}"
-            + (f" [yellow]{escape(mark)}[/]" if mark else ""))
+            + extra + (f" [yellow]{escape(mark)}[/]" if mark else ""))
 
 
 def _event(sc: Scenario, k: int) -> str:
@@ -129,6 +152,8 @@ def _event(sc: Scenario, k: int) -> str:
              e.keep_talking: "← backchannel"}
     if e.hold is not None and sc.family == "pause":
         marks[e.hold[0]] = "← pause"
+    if e.delegation is not None and e.delegation.should:
+        marks[e.delegation.question_end] = "← a sum for the calculator"
     for event in e.events:
         marks[event.slice] = f"← now: {'/'.join(event.keywords) or 'anything'}"
     return marks.get(k, "")

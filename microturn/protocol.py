@@ -120,6 +120,22 @@ class StartedEvent(BaseModel):
     limits: Limits
 
 
+class AskInfo(BaseModel):
+    """An ask the model closed in this slice's output, handed to the background worker."""
+    id: int
+    tool: str = Field(description="the tool that took it, or \"model\": the background model")
+    query: str
+
+
+class ResultInfo(BaseModel):
+    """A background result that landed in this slice's input."""
+    id: int = Field(description="the ask's id")
+    tool: str
+    state: Literal["done", "error", "timeout"]
+    text: str = Field(description="what the model was told (an error is a sentence too)")
+    seconds: float | None = Field(None, description="ask -> result ready")
+
+
 class OutputEvent(BaseModel):
     type: Literal["output"] = "output"
     slice: int
@@ -130,6 +146,11 @@ class OutputEvent(BaseModel):
     input_frames: int | None = Field(None, description="video sessions: frames carried")
     tokens: list[int]
     text: str
+    speech: str = Field("", description="text without the model's <ask> segments: what is "
+                        "said (spoken aloud in speech sessions)")
+    asks: list[AskInfo] = Field(default_factory=list)
+    result: ResultInfo | None = Field(None, description="a background result fed in this "
+                                      "slice's input")
     latency_ms: float = Field(description="slice closed (or request arrived) -> output ready")
     missed_deadline: bool = Field(description="latency_ms > slice_ms")
 

@@ -6,15 +6,17 @@ import threading
 import time
 
 import pytest
+import torch
 from test_engine import tiny_loaded
 
 from microturn.background.lane import BackgroundLane
 from microturn.background.tools import Tool, Tools, arithmetic, calculate
-from microturn.background.worker import MODEL, BackgroundWorker, WorkerConfig
+from microturn.background.worker import MODEL, BackgroundWorker, WorkerConfig, answer_steps
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.errors import MicroturnError
+from microturn.generate import generate_tokens
 from microturn.sampling import SamplingParams
 from microturn.sequence.segments import AskReader, result_segment, result_text
 from microturn.sequence.timeline import MicroTurn, Timeline
@@ -182,3 +184,16 @@ def test_timeline_places_the_result_after_the_text(tokenizer):
                                                          m.output_start]
     again = Timeline.from_export(timeline.export())
     assert again.tokens() == timeline.tokens()
+
+
+def test_background_answer_in_short_steps_equals_plain_generation(tokenizer):
+    """The prompt fed a few tokens a step (so each step fits a gap between ticks) gives the
+    tokens that one whole-prompt prefill gives."""
+    loaded = tiny_loaded(tokenizer, dtype=torch.float32)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who wrote Hamlet?"}]))
+    plain = list(generate_tokens(loaded, prompt, 12, SamplingParams(temperature=0.0),
+                                 stop_at_eos=False))
+    steps = list(answer_steps(loaded, prompt, 12, chunk=5))
+    assert steps.count(None) == -(-len(prompt) // 5) - 1  # one step per prompt chunk
+    assert [t for t in steps if t is not None] == plain

@@ -22,11 +22,13 @@ from collections.abc import Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from microturn.background.tools import Tools
 from microturn.checkpoint.loader import LoadedModel
+from microturn.engine.paged_attention import PagedSequence
 from microturn.errors import MicroturnError
-from microturn.generate import generate_tokens
-from microturn.sampling import SamplingParams
+from microturn.sampling import SamplingParams, sample
 
 MODEL = "model"  # a job's `tool` when the background model answers it
 
@@ -57,6 +59,7 @@ class WorkerConfig:
     max_jobs_per_session: int = 4  # running at once; more asks are answered "busy"
     answer_tokens: int = 48  # longest background-model answer
     threads: int = 2  # tool calls in flight across all sessions
+    prefill_chunk: int = 8  # prompt tokens per background step: each step fits a short gap
 
     def __post_init__(self):
         if not 0.1 <= self.timeout_s <= 3600:
@@ -78,6 +81,7 @@ class BackgroundWorker:
         self._pool = ThreadPoolExecutor(self.config.threads, "microturn-tool")
         self.step_estimate_s = 0.05  # a background-model step's cost, updated as steps run
         self.model_seconds = 0.0  # time spent in background-model steps (benchmarks read it)
+        self.model_steps = 0
 
     def ask(self, session: Hashable, query: str) -> Job:
         """Start answering `query` for `session`; the job's result comes out of `ready`."""
@@ -94,10 +98,14 @@ class BackgroundWorker:
         else:
             tokenizer = self.model.tokenizer
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": query}])
-            job.steps = generate_tokens(self.model, tokenizer.encode(prompt),
-                                        self.config.answer_tokens,
-                                        SamplingParams(temperature=0.0))
+            job.steps = answer_steps(self.model, tokenizer.encode(prompt),
+                                     self.config.answer_tokens, self.config.prefill_chunk)
         return job
+
+    @property
+    def thinking(self) -> bool:
+        """A background-model answer is waiting for idle time."""
+        return any(j.steps is not None for j in self.jobs.values())
 
     def running(self, session: Hashable) -> list[Job]:
         return [j for j in self.jobs.values() if j.session == session and j.state == "running"]
@@ -176,12 +184,15 @@ class BackgroundWorker:
 
     def _step(self, job: Job) -> None:
         started = time.perf_counter()
-        token = next(job.steps, None)
+        token = next(job.steps, STOP)
         spent = time.perf_counter() - started
         self.model_seconds += spent
+        self.model_steps += 1
         self.step_estimate_s = max(spent, 0.8 * self.step_estimate_s + 0.2 * spent)
+        if token is None:  # a prefill chunk
+            return
         tokenizer = self.model.tokenizer
-        if token is not None and token not in tokenizer.eos_ids:
+        if token is not STOP and token not in tokenizer.eos_ids:
             job.tokens.append(token)
             if len(job.tokens) < self.config.answer_tokens:
                 return
@@ -195,6 +206,40 @@ class BackgroundWorker:
         for session in {j.session for j in self.jobs.values()}:
             self.cancel(session)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+STOP = -1  # the answer's steps ran out
+
+
+@torch.inference_mode()
+def answer_steps(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
+                 chunk: int) -> Iterator[int | None]:
+    """Greedy generation one bounded step at a time: the prompt `chunk` tokens a step
+    (yielding None), then one new token a step. Short steps are what lets background work
+    fill the gaps between ticks without overrunning one."""
+    model = loaded.model
+    cache = PagedSequence(loaded.config, len(prompt_ids) + max_tokens, model.dtype,
+                          model.device)
+    greedy, generator = SamplingParams(temperature=0.0), torch.Generator()
+    at = 0
+    while True:
+        feed = prompt_ids[at:at + chunk]
+        positions = torch.arange(at, at + len(feed)).unsqueeze(0)
+        logits = model(torch.tensor([feed]), positions, cache, logits_at=LAST)
+        at += len(feed)
+        if at < len(prompt_ids):
+            yield None
+            continue
+        break
+    for step in range(max_tokens):
+        token = sample(logits[0, -1], greedy, generator)
+        yield token
+        if step + 1 < max_tokens:
+            logits = model(torch.tensor([[token]]), torch.tensor([[at + step]]), cache,
+                           logits_at=LAST)
+
+
+LAST = torch.tensor([-1])
 
 
 def _first_sentences(text: str, most_words: int = 30) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from microturn.background.worker import BackgroundWorker
 from microturn.engine.engine import Engine
 from microturn.errors import MicroturnError
 from microturn.protocol import (
@@ -77,11 +78,13 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 
 
 def create_app(engine: Engine, limits: ServerLimits | None = None,
-               api_key: str | None = None, model_name: str = "microturn") -> FastAPI:
+               api_key: str | None = None, model_name: str = "microturn",
+               worker: BackgroundWorker | None = None) -> FastAPI:
+    """worker: answers the model's asks (default: the built-in tools, no background model)."""
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
     logs.install(lambda code: metrics.client_errors.labels(code).inc())
-    scheduler = Scheduler(engine, limits, metrics)
+    scheduler = Scheduler(engine, limits, metrics, worker)
     public_limits = Limits(**limits.public())
 
     @contextlib.asynccontextmanager
@@ -279,9 +282,9 @@ class WebSocketSession:
             return
         self.speaker.event(event)
         if isinstance(event, OutputEvent):
-            if event.text:
-                self.said += event.text
-                self.speaker.say(event.text)
+            if event.speech:
+                self.said += event.speech
+                self.speaker.say(event.speech)
             elif self.said:  # fell silent: the utterance is over, finished or cut
                 if cut_off(self.said):
                     self.speaker.cut()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from microturn.background.lane import BackgroundLane
 from microturn.checkpoint.tokenizer import StreamingDecoder
 from microturn.frontend.assembler import MediaAssembler
 from microturn.frontend.audio import Pcm16Stream
@@ -49,6 +50,7 @@ class LiveSession:
     deadline_misses: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     owner: str = "http"  # "websocket": only its connection may feed or end it
+    lane: BackgroundLane | None = None  # its asks and background results
 
     @property
     def slice_s(self) -> float:

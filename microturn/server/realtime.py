@@ -354,7 +354,7 @@ class RealtimeSession:
 
     def _slice(self, out: OutputEvent) -> None:
         s = self.state
-        if not out.text:  # silent: a response in progress has ended
+        if not out.speech:  # silent (or only asking the background): a response has ended
             s.muted = False
             if s.response is not None:
                 interrupted = cut_off(s.response.text)
@@ -364,14 +364,14 @@ class RealtimeSession:
         if s.muted:
             return
         r = s.response or self._begin(out.slice)
-        r.text += out.text
+        r.text += out.speech
         r.tokens += len(out.tokens)
         ids = dict(response_id=r.id, item_id=r.item_id, output_index=0, content_index=0)
         if s.modality == "text":
-            self._emit("response.output_text.delta", delta=out.text, **ids)
+            self._emit("response.output_text.delta", delta=out.speech, **ids)
         else:
-            self._emit("response.output_audio_transcript.delta", delta=out.text, **ids)
-            self.speaker.say(out.text, ids)
+            self._emit("response.output_audio_transcript.delta", delta=out.speech, **ids)
+            self.speaker.say(out.speech, ids)
 
     def _begin(self, slice_index: int) -> Response:
         s = self.state

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from microturn.background.lane import BackgroundLane
+from microturn.background.worker import BackgroundWorker, Job
 from microturn.checkpoint.tokenizer import StreamingDecoder
 from microturn.engine.engine import Engine
 from microturn.engine.session import SessionParams, SliceOutput
+from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler, SliceMedia
 from microturn.frontend.audio import Pcm16Stream
-from microturn.protocol import EndedEvent, OutputEvent, SessionOptions
+from microturn.protocol import AskInfo, EndedEvent, OutputEvent, ResultInfo, SessionOptions
 from microturn.sampling import SamplingParams
 from microturn.sequence.media_specs import FrameSpec
 from microturn.server.errors import ServerError
@@ -37,6 +40,8 @@ from microturn.server.metrics import ServerMetrics
 
 log = logging.getLogger("microturn.server")
 IDLE_CHECK_S = 0.5
+THINK_MARGIN_S = 0.005  # background steps stop this long before a slice closes
+THINK_CHUNK_S = 0.05  # and hand the loop back this often (a client's slice may have come)
 NO_MEDIA = SliceMedia(None)  # a text-only session's slice
 
 
@@ -47,11 +52,14 @@ class DueSlice:
     closed_at: float  # slice closed (server clock) or request arrived (client clock)
     reply: asyncio.Future | None = None
     media: SliceMedia | None = None  # audio/video sessions: the slice's media
+    result: Job | None = None  # the background result fed in the slice
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics):
+    def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics,
+                 worker: BackgroundWorker | None = None):
         self.engine, self.limits, self.metrics = engine, limits, metrics
+        self.worker = worker if worker is not None else BackgroundWorker()
         self.tokenizer = engine.loaded.tokenizer
         self.inputs = InputDecoder(self.tokenizer, engine.loaded.config.vocab_size, limits,
                                    metrics)
@@ -115,6 +123,7 @@ class Scheduler:
             decoder=StreamingDecoder(self.tokenizer),
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
             ended=asyncio.get_running_loop().create_future(), owner=owner)
+        live.lane = BackgroundLane(self.worker, live.id, self.tokenizer)
         if params.audio or params.video:
             live.media = MediaAssembler(layout, self.limits.max_buffered_slices)
         if options.audio is not None:
@@ -144,6 +153,7 @@ class Scheduler:
                 request.reply.set_exception(ServerError("closed", f"session closed ({reason})",
                                                         409))
         live.requests.clear()
+        live.lane.close()  # its background jobs are cancelled: nothing is delivered
         event = live.ended_event(reason, export)
         live.ended.set_result(event)
         self.metrics.sessions_closed.labels(reason).inc()
@@ -199,9 +209,26 @@ class Scheduler:
                 continue
             wake_at = min((s.next_close for s in self.sessions.values() if s.clock == "server"),
                           default=now + IDLE_CHECK_S)
+            if self.worker.thinking and not any(s.requests for s in self.sessions.values()):
+                await self._think(wake_at)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, min(wake_at - now,
                                                                        IDLE_CHECK_S)))
+
+    async def _think(self, wake_at: float) -> None:
+        """Background-model steps in the time left before the next slice closes (minus a
+        margin), on the torch thread, between ticks: the interaction model's deadline first."""
+        left = min(wake_at - time.monotonic() - THINK_MARGIN_S, THINK_CHUNK_S)
+        if left <= 0:
+            await asyncio.sleep(0)
+            return
+        async with self._engine_lock:
+            steps = await on_torch_thread(self.worker.use_idle, time.perf_counter() + left)
+        if not steps:  # a step would not fit: wait for the slice like an idle loop would
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       max(0.0, wake_at - time.monotonic()))
 
     def _due(self, now: float) -> list[DueSlice]:
         due = []
@@ -223,7 +250,9 @@ class Scheduler:
             due = [d for d in due if d.live.open]  # a close may have won the lock first
             for d in due:
                 media = d.media or NO_MEDIA
-                self.engine.append(d.live.engine_id, d.tokens, media.audio, media.frames)
+                result, d.result = d.live.lane.next_result()
+                self.engine.append(d.live.engine_id, d.tokens, media.audio, media.frames,
+                                   result_ids=result)
             started = time.monotonic()
             try:
                 outputs = await self.engine.tick_async()
@@ -252,14 +281,20 @@ class Scheduler:
         live = d.live
         latency_ms = (done - d.closed_at) * 1e3
         missed = latency_ms > live.options.slice_ms
+        text = live.decoder.push_all(output.output_ids)
+        speech, asked = live.lane.heard(text)
+        result = d.result
         event = OutputEvent(slice=output.index, input_tokens=d.tokens,
                             input_text=self.tokenizer.decode(d.tokens),
                             input_audio=(d.media.audio is not None
                                          if live.options.audio is not None else None),
                             input_frames=(len(d.media.frames)
                                           if live.options.video is not None else None),
-                            tokens=output.output_ids,
-                            text=live.decoder.push_all(output.output_ids),
+                            tokens=output.output_ids, text=text, speech=speech,
+                            asks=[AskInfo(id=j.id, tool=j.tool, query=j.query) for j in asked],
+                            result=None if result is None else ResultInfo(
+                                id=result.id, tool=result.tool, state=result.state,
+                                text=result.result, seconds=round(result.seconds, 3)),
                             latency_ms=round(latency_ms, 3), missed_deadline=missed)
         live.answered += 1
         if live.clock == "client":  # the idle clock starts again once the client is answered

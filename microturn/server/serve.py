@@ -13,6 +13,9 @@ import sys
 
 import uvicorn
 
+from microturn.background.tools import Tools
+from microturn.background.worker import BackgroundWorker, WorkerConfig
+from microturn.checkpoint.loader import load_model
 from microturn.checkpoint.shipped import load_interaction_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.torch_thread import run_on_torch_thread
@@ -68,7 +71,15 @@ def run_serve(args: argparse.Namespace) -> None:
     engine = run_on_torch_thread(Engine, loaded, EngineConfig(
         kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
     run_on_torch_thread(engine.warm_up, media=True)
-    app = create_app(engine, limits, api_key=args.api_key)
+    background = None
+    if args.background_model == "same":
+        background = loaded
+    elif args.background_model != "none":
+        background = run_on_torch_thread(load_model, args.background_model, args.dtype,
+                                         args.device)
+    worker = BackgroundWorker(Tools(), background,
+                              WorkerConfig(timeout_s=args.background_timeout))
+    app = create_app(engine, limits, api_key=args.api_key, worker=worker)
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
