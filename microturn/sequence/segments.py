@@ -15,9 +15,15 @@ so an export replays them and the trainer recomputes the same bits.
 
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.errors import MicroturnError
+
+
+class Tokenizer(Protocol):  # the checkpoint's tokenizer, as far as segments need it
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 ASK_OPEN, ASK_CLOSE = "<ask>", "</ask>"
 RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
