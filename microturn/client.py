@@ -118,6 +118,11 @@ class StreamSession:
         await self.ws.send('{"type": "ping"}')
         self.last_sent = time.monotonic()
 
+    async def retract(self, ask: int) -> None:
+        """Take a question back: the background job of ask `ask` is cancelled."""
+        await self.ws.send(json.dumps({"type": "retract", "ask": ask}))
+        self.last_sent = time.monotonic()
+
     def slice_closes_at(self, index: int) -> float:
         """Server clock: when slice `index` closes, on this process's time.monotonic()."""
         first = self.started.first_slice_closes_in_ms or 0.0

@@ -86,7 +86,13 @@ class PingMessage(Strict):
     type: Literal["ping"]
 
 
-ClientMessage = Annotated[StartMessage | InputMessage | EndMessage | PingMessage,
+class RetractMessage(Strict):
+    """The user took a question back: cancel the background job of this ask."""
+    type: Literal["retract"]
+    ask: int = Field(ge=1, description="the id of an ask from an output event's `asks`")
+
+
+ClientMessage = Annotated[StartMessage | InputMessage | EndMessage | PingMessage | RetractMessage,
                           Field(discriminator="type")]
 client_message = TypeAdapter(ClientMessage)
 
@@ -155,6 +161,11 @@ class OutputEvent(BaseModel):
     missed_deadline: bool = Field(description="latency_ms > slice_ms")
 
 
+class RetractedEvent(BaseModel):
+    type: Literal["retracted"] = "retracted"
+    ask: int = Field(description="its job was cancelled: no result will land")
+
+
 class NoticeEvent(BaseModel):
     type: Literal["notice"] = "notice"
     code: Literal["late_input", "spilled_input"]
@@ -201,7 +212,8 @@ class SpeechCutEvent(BaseModel):
 
 
 ServerEvent = Annotated[StartedEvent | OutputEvent | NoticeEvent | ErrorEvent | EndedEvent
-                        | PongEvent | SpeechCutEvent, Field(discriminator="type")]
+                        | PongEvent | SpeechCutEvent | RetractedEvent,
+                        Field(discriminator="type")]
 server_event = TypeAdapter(ServerEvent)
 
 

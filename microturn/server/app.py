@@ -36,6 +36,8 @@ from microturn.protocol import (
     OutputEvent,
     PingMessage,
     PongEvent,
+    RetractedEvent,
+    RetractMessage,
     SessionOptions,
     SessionState,
     SliceRequest,
@@ -391,6 +393,9 @@ class WebSocketSession:
             raise ServerError("not_started", "send a start message first", 409, "type")
         elif isinstance(msg, InputMessage):
             self._input(live, msg)
+        elif isinstance(msg, RetractMessage):
+            self.scheduler.retract(live, msg.ask)
+            self._out(RetractedEvent(ask=msg.ask))
         elif isinstance(msg, EndMessage):
             ended = await self.scheduler.close(live, "client", notify=False)
             self._out(ended if msg.export else

@@ -196,6 +196,12 @@ class Scheduler:
         self._wake.set()
         return reply
 
+    def retract(self, live: LiveSession, ask: int) -> None:
+        """Cancel the session's background job `ask` (a running one: nothing will land)."""
+        if not self.worker.cancel(live.id, ask):
+            raise ServerError("no_ask", f"ask {ask} of this session is not running (unknown, "
+                              "already answered or already retracted)", 404, "ask")
+
     # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
