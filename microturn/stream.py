@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 
 from microturn.client import StreamSession
 from microturn.errors import MicroturnError
@@ -182,8 +183,13 @@ async def stream(args: argparse.Namespace, options: SessionOptions, console: Con
             latencies.append(event.latency_ms)
             heard = (("♪ " if event.input_audio else "")
                      + "▣ " * (event.input_frames or 0) + event.input_text)
-            print_slice(console, event.slice, heard, event.text, event.latency_ms,
+            print_slice(console, event.slice, heard, event.speech, event.latency_ms,
                         started.slice_ms)
+            for ask in event.asks:
+                console.print(f"          [blue]→ asks the {ask.tool}: {escape(ask.query)!r}[/]")
+            if event.result is not None:
+                console.print(f"          [blue]← result ({event.result.state}): "
+                              f"{escape(event.result.text)!r}[/]")
         elif isinstance(event, NoticeEvent | ErrorEvent):
             console.print(f"[yellow]{event.type}[/] {event.code}: {event.message}")
     await send_task

@@ -107,9 +107,14 @@ function onEvent(e) {
     sliceMs = e.slice_ms;
     status(`live · ${e.slice_ms} ms slices`);
   } else if (e.type === "output") {
-    const input = e.input_text || (e.input_audio ? "♪" : e.input_frames ? "▣" : "");
-    addCell($("in"), input, e.input_text ? "text" : e.input_audio ? "audio" : "");
-    addCell($("out"), e.text, e.text ? "text" : "");
+    // a background result lands in the input; an ask is output that is not speech
+    const result = e.result ? `← ${e.result.text}` : "";
+    const input = e.input_text || result || (e.input_audio ? "♪" : e.input_frames ? "▣" : "");
+    addCell($("in"), input, e.result ? "background" : e.input_text ? "text"
+      : e.input_audio ? "audio" : "");
+    const asked = e.asks.map((a) => `→ ${a.tool}: ${a.query}`).join(" ");
+    const said = e.speech || asked;
+    addCell($("out"), said, e.speech ? "text" : asked ? "background" : "");
     const share = Math.min(1, e.latency_ms / sliceMs);
     addCell($("lat"), "", e.missed_deadline ? "late" : "", `${Math.max(2, share * 100)}%`);
     latencies.push(e.latency_ms);
