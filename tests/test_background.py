@@ -16,6 +16,7 @@ from microturn.checkpoint.loader import load_tokenizer
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionParams
 from microturn.errors import MicroturnError
+from microturn.eval.metrics import score
 from microturn.generate import generate_tokens
 from microturn.sampling import SamplingParams
 from microturn.sequence.segments import AskReader, result_segment, result_text
@@ -197,3 +198,52 @@ def test_background_answer_in_short_steps_equals_plain_generation(tokenizer):
     steps = list(answer_steps(loaded, prompt, 12, chunk=5))
     assert steps.count(None) == -(-len(prompt) // 5) - 1  # one step per prompt chunk
     assert [t for t in steps if t is not None] == plain
+
+
+def background_scenarios(should: bool, aside: bool):
+    from microturn.eval.generator import generate
+    return [sc for sc in generate("heldout", 0, 40, ["background"])
+            if sc.expect.delegation.should == should and (sc.expect.hold is not None) == aside]
+
+
+def delegating(sc, speak_during_aside: bool = False, answer_early: bool = False) -> list[str]:
+    """Hand-made outputs: "One moment.", an ask over two slices, the answer once it lands
+    (after the aside when there is one)."""
+    d, out = sc.expect.delegation, [""] * sc.slices
+    question = " ".join(w.text for w in sc.words
+                        if (w.end_ms - 1) // sc.slice_ms <= d.question_end)
+    out[d.question_end] = " One moment."
+    out[d.question_end + 1], out[d.question_end + 2] = " <ask> " + question, " </ask>"
+    landed = d.question_end + 2 + 1 + d.result_delay
+    at = landed if sc.expect.hold is None else max(landed, sc.expect.turn_end)
+    if answer_early:
+        at = landed - 1
+    out[at], out[at + 1] = f" It is {sc.expect.answer[0][:3]}", sc.expect.answer[0][3:] + "."
+    if speak_during_aside:
+        out[sc.expect.hold[0] + 1] = " Still working on it."
+    return out
+
+
+def test_background_metrics_and_their_negative_controls():
+    sc = background_scenarios(True, aside=True)[0]
+    good = score(sc, delegating(sc))
+    assert good.passed and good.values["recall"] and good.values["precision"], good.reason
+    assert good.values["ack_ms"] is not None and good.values["delivery_ms"] > 0
+    assert good.values["barged"] is False
+    barged = score(sc, delegating(sc, speak_during_aside=True))
+    assert not barged.passed and barged.values["barged"]
+    plain = score(sc, [""] * sc.slices)  # never asked
+    assert not plain.passed and plain.values["recall"] is False
+    quick = background_scenarios(True, aside=False)[0]
+    early = score(quick, delegating(quick, answer_early=True))  # said before it could know
+    assert not early.passed and early.values["correct"] is False
+    known = background_scenarios(False, aside=False)[0]
+    answered = [""] * known.slices
+    answered[known.expect.turn_end] = f" {known.expect.answer[0]}."
+    direct = score(known, answered)
+    assert direct.passed and direct.values["precision"] is None
+    asked = list(answered)
+    asked[known.expect.turn_end + 1] = " <ask> what is it </ask>"
+    needless = score(known, asked)
+    assert not needless.passed and needless.values["precision"] is False
+    assert score(known, [" <ask> x </ask>"] + [""] * (known.slices - 1)).values["delegated"]
