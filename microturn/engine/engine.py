@@ -15,6 +15,7 @@ ended. Per-session bookkeeping is O(new tokens); the KV pool never moves.
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from itertools import count
 
@@ -23,13 +24,13 @@ import torch
 from microturn.checkpoint.loader import LoadedModel
 from microturn.engine.kv_pool import KVPool, PoolStats
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
-from microturn.engine.session import Session, SessionInfo, SessionParams, SliceOutput
+from microturn.engine.session import Resume, Session, SessionInfo, SessionParams, SliceOutput
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample_with_logprob
-from microturn.sequence.markers import MarkerTokens
+from microturn.sequence.markers import MarkerTokens, MediaTokens
 from microturn.sequence.media_specs import FrameSpec
 from microturn.sequence.segments import MAX_RESULT_TOKENS
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_media
@@ -47,6 +48,7 @@ class EngineConfig:
     evict_fraction: float = 0.25  # share of the context dropped at once when it is full
     keep_logits: bool = False  # record logits and log-probabilities for every fed token
     deterministic: bool | None = None  # batch-invariant kernels; None: the process default
+    resume_chunk: int = 256  # history tokens a session opened from an export feeds per tick
 
     def __post_init__(self):
         if self.kv_budget_mb <= 0:
@@ -55,6 +57,8 @@ class EngineConfig:
             raise MicroturnError(f"block_size must be in [1, 1024], got {self.block_size}")
         if self.max_sessions <= 0:
             raise MicroturnError(f"max_sessions must be > 0, got {self.max_sessions}")
+        if not 16 <= self.resume_chunk <= 8192:
+            raise MicroturnError(f"resume_chunk must be in [16, 8192], got {self.resume_chunk}")
         if not 0.0 < self.evict_fraction < 1.0:
             raise MicroturnError(f"evict_fraction must be in (0, 1), got {self.evict_fraction}")
 
@@ -83,9 +87,17 @@ class Engine:
 
     # -- session lifecycle -------------------------------------------------------------------
 
-    def open(self, params: SessionParams | None = None) -> int:
+    def open(self, params: SessionParams | None = None, from_export: dict | None = None) -> int:
+        """A new session; or, from an export (`export`/`close` of this or another engine with
+        the same model), the same session continued: its history is fed again a chunk per
+        tick (`resume_chunk` tokens, its evictions replayed where they happened), then its
+        slices are taken. In deterministic mode every token and log-probability after that
+        is bitwise what the session would have produced had it never left. `params` must
+        give the export's sampling for that (`SessionParams.from_export`)."""
         params = params or SessionParams()
         layout = SliceLayout(params.slice_ms, params.audio, params.video, self.loaded.clock)
+        timeline, resume = (self._resume_from(from_export, layout) if from_export is not None
+                            else (Timeline(self.markers, layout=layout), None))
         if (params.audio or params.video) and self.frontend is None:
             self.frontend = self.loaded.load_frontend()
         with self._lock:
@@ -97,9 +109,48 @@ class Engine:
                 raise MicroturnError(f"max_sessions reached ({self.config.max_sessions} open)")
             sid = next(self._ids)
             generator = torch.Generator(device="cpu").manual_seed(params.sampling.seed)
-            self.sessions[sid] = Session(sid, params, row, Timeline(self.markers, layout=layout),
-                                         generator)
+            session = self.sessions[sid] = Session(sid, params, row, timeline, generator)
+            if resume is not None:
+                session.resume = resume
+                for name in ("logprobs", "policy_logprobs"):
+                    values = from_export.get(name) or []
+                    setattr(session, name, {i: v for i, v in enumerate(values) if v is not None})
             return sid
+
+    def _resume_from(self, export: dict, layout: SliceLayout) -> tuple[Timeline, "Resume"]:
+        """The export's timeline and what is left to feed, checked against this engine."""
+        try:
+            timeline = Timeline.from_export(export)
+            unfed, evictions = int(export["unfed"]), export.get("evictions") or []
+        except (KeyError, TypeError, ValueError) as error:
+            raise MicroturnError(f"from_export: not a resumable session export ({error!r} "
+                                 f"missing or malformed)") from None
+        if "layout" not in export:  # a plain text session's export leaves its layout out
+            timeline.layout = SliceLayout(export.get("session", {}).get("slice_ms", 200))
+        if timeline.markers.to_dict() != self.markers.to_dict():
+            raise MicroturnError("from_export: its marker tokens differ from this model's; "
+                                 "resume on the model that made it")
+        if timeline.layout != layout:
+            raise MicroturnError(f"from_export: its layout {timeline.layout.to_dict()} differs "
+                                 f"from the session's {layout.to_dict()} (slice_ms, audio, "
+                                 f"video and the model's clock must match)")
+        kv = export.get("kv") or {}
+        mine = {"block_size": self.pool.block_size, "context_limit": self.context_limit,
+                "sink_slots": self.sink_blocks * self.pool.block_size}
+        if evictions and kv != mine:
+            raise MicroturnError(f"from_export: its evictions were made with KV layout {kv}; "
+                                 f"this engine has {mine}")
+        tokens = timeline.tokens()
+        if not 0 <= unfed <= min(1, len(tokens)):
+            raise MicroturnError(f"from_export: unfed must be 0 or 1, got {unfed}")
+        history = tokens[:len(tokens) - unfed]
+        if any(not 0 <= t < self.loaded.config.vocab_size + MediaTokens.num_markers + 2
+               for t in history):
+            raise MicroturnError("from_export: a token id outside this model's vocabulary")
+        audio, patches = timeline.media()
+        replay = deque((int(e["at_token"]), int(e["first_slot"]), int(e["slots"]))
+                       for e in evictions)
+        return timeline, Resume(history, audio, patches, replay, tokens[len(history):])
 
     def warm_up(self, input_tokens: int = 16, media: bool = False) -> None:
         """One throwaway tick (kernels load, weights pack, caches fill) so that the first real
@@ -162,9 +213,13 @@ class Engine:
 
     def _export(self, s: Session) -> dict:
         tokens = s.timeline.tokens()
-        return {**s.timeline.export(),
+        unfed = len(s.resume.unfed) if s.resume is not None else len(s.unfed)
+        return {**s.timeline.export(), "unfed": unfed,
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "deterministic": self.deterministic or bool(s.params.deterministic),
+                "session": {"max_output_tokens": s.params.max_output_tokens,
+                            "slice_ms": s.params.slice_ms,
+                            "force_output": s.params.force_output},
                 "sampling": {"temperature": s.params.sampling.temperature,
                              "top_k": s.params.sampling.top_k, "top_p": s.params.sampling.top_p,
                              "seed": s.params.sampling.seed},
@@ -204,7 +259,7 @@ class Engine:
     @torch.inference_mode()
     def tick(self) -> dict[int, SliceOutput]:
         with self._lock:
-            active = [s for s in self.sessions.values() if s.pending]
+            active = [s for s in self.sessions.values() if s.pending or s.resume is not None]
             if not active:
                 return {}
             mode = self.deterministic or any(s.params.deterministic for s in active)
@@ -212,24 +267,38 @@ class Engine:
                 return self._tick(active)
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
-        """The input step for every active session, then decode steps for those still
-        speaking; each step is prepare -> forward -> sample -> record. A session that cannot
-        get room in the pool leaves the tick alone (`failed`): the others' steps go on."""
-        feeds, turns, draws = [], [], []
+        """The input step for every active session (a resuming one feeds its next chunk of
+        history instead), then decode steps for those still speaking; each step is prepare
+        -> forward -> sample -> record. A session that cannot get room in the pool leaves the
+        tick alone (`failed`): the others' steps go on. Sessions that took a slice get its
+        output; a resuming one gets none until its history is fed."""
+        feeds, media, draws, took = [], [], [], []
         for s in active:
+            if s.resume is not None:
+                feed, audio, patches = self._history_chunk(s)
+                feeds.append(feed)
+                media.append((audio, patches))
+                draws.append(False)
+                continue
             turn = s.pending.popleft()
             s.timeline.append(turn)
             feeds.append(s.unfed + s.timeline.input_tokens(turn) + turn.output_ids)
+            media.append(turn_media([turn]))
+            draws.append(not turn.output_ids)  # a scripted slice is fed whole, never sampled
+            took.append(s)
             s.unfed = []
         stepping = self._admit(active, feeds)
-        feeds = [f for s, f in zip(active, feeds, strict=True) if s in stepping]
-        turns = [s.timeline.turns[-1] for s in stepping]
-        draws = [not t.output_ids for t in turns]  # a scripted slice is fed whole, never sampled
+        chosen = [i for i, s in enumerate(active) if s in stepping]
         if stepping:
-            audio, patches = turn_media(turns)
-            self._step(stepping, feeds, audio, patches, draws)
-        speaking = [s for s, drew in zip(stepping, draws, strict=True)
-                    if drew and not self._slice_done(s)]
+            audio = [media[i][0] for i in chosen if media[i][0] is not None]
+            patches = [media[i][1] for i in chosen if media[i][1] is not None]
+            self._step(stepping, [feeds[i] for i in chosen],
+                       torch.cat(audio) if audio else None,
+                       torch.cat(patches) if patches else None, [draws[i] for i in chosen])
+        for s in active:
+            if s.resume is not None and s.resume.at == len(s.resume.tokens):
+                s.unfed, s.resume = s.resume.unfed, None  # the history is back: go on
+        speaking = [active[i] for i in chosen if draws[i] and not self._slice_done(active[i])]
         while speaking:
             speaking = self._admit(speaking, [s.unfed for s in speaking])
             if speaking:
@@ -237,7 +306,29 @@ class Engine:
             speaking = [s for s in speaking if not self._slice_done(s)]
         return {s.id: SliceOutput(s.id, s.timeline.turns[-1].index,
                                   list(s.timeline.turns[-1].output_ids), s.failed)
-                for s in active}
+                for s in took}
+
+    def _history_chunk(self, s: Session) -> tuple[list[int], torch.Tensor | None,
+                                                   torch.Tensor | None]:
+        """A resuming session's next chunk of history (and its media rows), cut where the
+        session once evicted, that eviction replayed first: the same blocks dropped at the
+        same point, so every later token sees the window it saw before."""
+        r, bs = s.resume, self.pool.block_size
+        if r.evictions and r.evictions[0][0] == r.at:
+            at, first, slots = r.evictions.popleft()
+            self.pool.drop(s.row, s.num_blocks, first // bs, slots // bs)
+            s.num_blocks -= slots // bs
+            s.length -= slots
+            s.evictions.append((at, first, slots))
+        end = min(r.at + self.config.resume_chunk, len(r.tokens),
+                  r.evictions[0][0] if r.evictions else len(r.tokens))
+        feed = r.tokens[r.at:end]
+        m = self.markers.media
+        n_audio, n_patches = feed.count(m.audio_frame), feed.count(m.patch)
+        audio = r.audio[r.audio_at:r.audio_at + n_audio] if n_audio else None
+        patches = r.patches[r.patches_at:r.patches_at + n_patches] if n_patches else None
+        r.at, r.audio_at, r.patches_at = end, r.audio_at + n_audio, r.patches_at + n_patches
+        return feed, audio, patches
 
     def _admit(self, sessions: list[Session], feeds: list[list[int]]) -> list[Session]:
         """The sessions that have room for their feed (reserved now); the rest are marked

@@ -36,6 +36,35 @@ class SessionParams:
                 raise MicroturnError(f"slice_ms: {error}") from None
 
 
+def params_from_export(export: dict) -> "SessionParams":
+    """The parameters of the session an export was made by: what `Engine.open(from_export)`
+    needs to continue it as it would have gone on."""
+    layout = export.get("layout") or {}
+    session, sampling = export.get("session") or {}, export.get("sampling") or {}
+    video = layout.get("video")
+    return SessionParams(
+        max_output_tokens=session.get("max_output_tokens", 8),
+        slice_ms=layout.get("slice_ms", session.get("slice_ms", 200)),
+        sampling=SamplingParams(**{k: sampling[k] for k in ("temperature", "top_k", "top_p",
+                                                            "seed") if k in sampling}),
+        force_output=session.get("force_output", False),
+        deterministic=export.get("deterministic"), audio=layout.get("audio", False),
+        video=FrameSpec(**video) if video else None)
+
+
+@dataclass
+class Resume:
+    """A session opened from an export, its history still being fed a chunk per tick."""
+    tokens: list[int]  # the history to feed (everything the export had fed)
+    audio: torch.Tensor | None  # the history's dMel codes and patches, in sequence order
+    patches: torch.Tensor | None
+    evictions: deque  # (at_token, first_slot, slots) to replay, in order
+    unfed: list[int]  # the export's last sampled token(s), fed with the next slice
+    at: int = 0  # tokens fed so far
+    audio_at: int = 0  # media rows fed so far
+    patches_at: int = 0
+
+
 @dataclass
 class Session:
     id: int
@@ -59,6 +88,7 @@ class Session:
     evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
     closed: bool = False
     failed: str | None = None  # why the session can take no more steps (e.g. kv_pool_full)
+    resume: Resume | None = None  # opened from an export: its history is still being fed
 
 
 @dataclass(frozen=True)
