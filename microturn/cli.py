@@ -183,6 +183,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background-timeout", type=float, default=20.0,
                         help="seconds a background job may take before it is answered "
                              "'taking too long'")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR|URL",
+                        help="save every live session's timeline here (a directory or an "
+                             "fsspec URL) every --checkpoint-every seconds; a client resumes "
+                             "one with resume_session")
+    parser.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])
 

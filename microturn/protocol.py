@@ -59,6 +59,14 @@ class SessionOptions(Strict):
     video: VideoOptions | None = Field(None, description="every input slice carries video")
     speech: SpeechOptions | None = Field(None, description="WebSocket only: the output lane "
                                          "spoken (espeak-ng), as binary PCM16 frames")
+    resume: dict | None = Field(None, description="a session export (an `ended` event's, or "
+                                "a checkpoint) to continue: its history is fed again and the "
+                                "session goes on from its next slice, with the export's "
+                                "slice_ms, output budget and sampling")
+    resume_session: str | None = Field(None, min_length=1, max_length=64,
+                                       pattern=r"^[A-Za-z0-9_-]+$",
+                                       description="continue this session from the server's "
+                                       "last checkpoint of it (serve --checkpoint-dir)")
 
 
 # -- client -> server (WebSocket) ------------------------------------------------------------
@@ -123,6 +131,8 @@ class StartedEvent(BaseModel):
     audio_frames_per_slice: int | None = Field(
         None, description="dMel positions each slice's audio segment holds (16 at 200 ms)")
     video_patches_per_frame: int | None = Field(None, description="40x40 patches per frame")
+    resumed_from: int | None = Field(None, description="a resumed session: its first slice "
+                                     "from now on (the slices before it came from the export)")
     limits: Limits
 
 

@@ -23,9 +23,9 @@ class Served:
 
 @contextlib.contextmanager
 def serving(engine: Engine, limits: ServerLimits | None = None, api_key: str | None = None,
-            worker=None):
+            worker=None, checkpoints=None):
     limits = limits or ServerLimits()
-    app = create_app(engine, limits, api_key=api_key, worker=worker)
+    app = create_app(engine, limits, api_key=api_key, worker=worker, checkpoints=checkpoints)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -246,6 +246,10 @@ class Engine:
             kv_blocks=s.num_blocks, evictions=len(s.evictions),
             last_input=tuple(s.timeline.input_tokens(last)) if last else ())
 
+    def resuming(self, sid: int) -> bool:
+        """The session was opened from an export and is still being fed its history."""
+        return self._session(sid).resume is not None
+
     def pool_stats(self) -> PoolStats:
         return self.pool.stats()
 

@@ -47,6 +47,7 @@ from microturn.protocol import (
     client_message,
 )
 from microturn.server import logs
+from microturn.server.checkpoints import CheckpointStore
 from microturn.server.errors import ServerError
 from microturn.server.limits import ServerLimits
 from microturn.server.live_session import LiveSession
@@ -81,12 +82,14 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 
 def create_app(engine: Engine, limits: ServerLimits | None = None,
                api_key: str | None = None, model_name: str = "microturn",
-               worker: BackgroundWorker | None = None) -> FastAPI:
-    """worker: answers the model's asks (default: the built-in tools, no background model)."""
+               worker: BackgroundWorker | None = None,
+               checkpoints: CheckpointStore | None = None) -> FastAPI:
+    """worker: answers the model's asks (default: the built-in tools, no background model);
+    checkpoints: where live sessions are saved every few seconds (default: nowhere)."""
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
     logs.install(lambda code: metrics.client_errors.labels(code).inc())
-    scheduler = Scheduler(engine, limits, metrics, worker)
+    scheduler = Scheduler(engine, limits, metrics, worker, checkpoints)
     public_limits = Limits(**limits.public())
 
     @contextlib.asynccontextmanager
@@ -249,7 +252,8 @@ def started_event(live: LiveSession, limits: Limits, closes_in_ms: float | None 
                         max_output_tokens=o.max_output_tokens, deterministic=live.deterministic,
                         first_slice_closes_in_ms=closes_in_ms, limits=limits,
                         audio_frames_per_slice=layout.audio_frames if o.audio else None,
-                        video_patches_per_frame=layout.frame_shape[0] if o.video else None)
+                        video_patches_per_frame=layout.frame_shape[0] if o.video else None,
+                        resumed_from=live.resumed_from)
 
 
 def state_of(live: LiveSession, engine: Engine) -> SessionState:
@@ -341,7 +345,7 @@ class WebSocketSession:
             pass
         finally:
             if self.live is not None and self.live.open:  # abrupt disconnect: free the KV
-                await self.scheduler.close(self.live, "client", notify=False)
+                await self.scheduler.close(self.live, "disconnected", notify=False)
             self._finish_output()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(writer, 5.0)

@@ -51,6 +51,8 @@ class LiveSession:
     latencies_ms: list[float] = field(default_factory=list)
     owner: str = "http"  # "websocket": only its connection may feed or end it
     lane: BackgroundLane | None = None  # its asks and background results
+    awaiting: deque = field(default_factory=deque)  # slices appended, output not yet out
+    resumed_from: int | None = None  # opened from an export: its first new slice
 
     @property
     def slice_s(self) -> float:

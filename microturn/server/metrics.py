@@ -35,6 +35,8 @@ class ServerMetrics:
                                     registry=r)
         self.kv_blocks_total = Gauge("microturn_kv_blocks_total", "KV pool blocks", registry=r)
         self.kv_bytes_used = Gauge("microturn_kv_bytes_used", "KV pool bytes in use", registry=r)
+        self.checkpoints = Counter("microturn_checkpoints", "session checkpoints written",
+                                   registry=r)
         self.client_errors = Counter("microturn_client_errors", "bad input refused, by code",
                                      ["code"], registry=r)
 

@@ -23,7 +23,7 @@ from microturn.background.lane import BackgroundLane
 from microturn.background.worker import BackgroundWorker, Job
 from microturn.checkpoint.tokenizer import StreamingDecoder
 from microturn.engine.engine import Engine
-from microturn.engine.session import SessionParams, SliceOutput
+from microturn.engine.session import SessionParams, SliceOutput, params_from_export
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler, SliceMedia
@@ -31,6 +31,7 @@ from microturn.frontend.audio import Pcm16Stream
 from microturn.protocol import AskInfo, EndedEvent, OutputEvent, ResultInfo, SessionOptions
 from microturn.sampling import SamplingParams
 from microturn.sequence.media_specs import FrameSpec
+from microturn.server.checkpoints import CheckpointStore
 from microturn.server.errors import ServerError
 from microturn.server.input_decoding import InputDecoder
 from microturn.server.input_queue import InputQueue, Placement
@@ -57,9 +58,11 @@ class DueSlice:
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics,
-                 worker: BackgroundWorker | None = None):
+                 worker: BackgroundWorker | None = None,
+                 checkpoints: "CheckpointStore | None" = None):
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self.worker = worker if worker is not None else BackgroundWorker()
+        self.checkpoints: CheckpointStore | None = checkpoints
         self.tokenizer = engine.loaded.tokenizer
         self.inputs = InputDecoder(self.tokenizer, engine.loaded.config.vocab_size, limits,
                                    metrics)
@@ -69,6 +72,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._origin = time.monotonic()
         self._task: asyncio.Task | None = None
+        self._saver: asyncio.Task | None = None
         metrics.kv_blocks_total.set(engine.pool_stats().blocks_total)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -76,12 +80,31 @@ class Scheduler:
     def start(self) -> None:
         self._origin = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="microturn-tick-loop")
+        if self.checkpoints is not None:
+            self._saver = asyncio.create_task(self._checkpoint_loop(), name="microturn-saver")
+
+    async def _checkpoint_loop(self) -> None:
+        """Every `every_s`, each live session's export to the checkpoint store."""
+        while not self.draining:
+            await asyncio.sleep(self.checkpoints.every_s)
+            for live in list(self.sessions.values()):
+                async with self._engine_lock:
+                    if not live.open:
+                        continue
+                    export = self.engine.export(live.engine_id)
+                try:
+                    await self.checkpoints.write(live.id, export)
+                    self.metrics.checkpoints.inc()
+                except Exception:  # a full disk must not stop the server
+                    log.exception("checkpoint of a session failed")
 
     async def drain(self) -> None:
         """Graceful stop: refuse new sessions, let the current tick finish, close every session
         (each client gets its `ended` event with reason "shutdown")."""
         self.draining = True
         self._wake.set()
+        if self._saver is not None:
+            self._saver.cancel()
         if self._task is not None:
             await self._task
         await asyncio.gather(*(self.close(live, "shutdown") for live in
@@ -99,6 +122,9 @@ class Scheduler:
         if self.draining:
             raise ServerError("draining", "the server is shutting down", 503)
         self._check_room()
+        export = await self._resume_export(options)
+        if export is not None:
+            options = _resumed_options(options, export)
         try:
             params = SessionParams(
                 max_output_tokens=options.max_output_tokens, slice_ms=options.slice_ms,
@@ -112,8 +138,10 @@ class Scheduler:
         async with self._engine_lock:
             self._check_room()  # opens that waited behind a tick: the count may be full now
             try:
-                engine_id = self.engine.open(params)
+                engine_id = self.engine.open(params, from_export=export)
             except MicroturnError as exc:
+                if export is not None and "from_export" in str(exc):
+                    raise ServerError("invalid", str(exc), 422, "resume") from None
                 self.metrics.sessions_refused.labels("kv_pool").inc()
                 raise ServerError("kv_pool_full", str(exc), 503) from exc
             layout = self.engine.layout(engine_id)
@@ -124,6 +152,9 @@ class Scheduler:
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
             ended=asyncio.get_running_loop().create_future(), owner=owner)
         live.lane = BackgroundLane(self.worker, live.id, self.tokenizer)
+        if export is not None:  # slices go on from the export's; so does their numbering
+            live.resumed_from = first = len(export["turns"])
+            live.inbox.open = live.inbox.tail = live.submitted = live.answered = first
         if params.audio or params.video:
             live.media = MediaAssembler(layout, self.limits.max_buffered_slices)
         if options.audio is not None:
@@ -139,6 +170,26 @@ class Scheduler:
         self._wake.set()
         return live
 
+    async def _resume_export(self, options: SessionOptions) -> dict | None:
+        """The export a session resumes from: given inline, or the last checkpoint of a
+        session id (which must not be open)."""
+        if options.resume is not None and options.resume_session is not None:
+            raise ServerError("invalid", "give resume or resume_session, not both", 422,
+                              "resume_session")
+        if options.resume_session is None:
+            return options.resume
+        if self.checkpoints is None:
+            raise ServerError("invalid", "this server keeps no checkpoints (serve "
+                              "--checkpoint-dir)", 422, "resume_session")
+        if options.resume_session in self.sessions:
+            raise ServerError("invalid", f"session {options.resume_session} is still open",
+                              409, "resume_session")
+        export = await self.checkpoints.read(options.resume_session)
+        if export is None:
+            raise ServerError("no_session", f"no checkpoint of session "
+                              f"{options.resume_session!r}", 404, "resume_session")
+        return export
+
     async def close(self, live: LiveSession, reason: str, notify: bool = True) -> EndedEvent:
         """Close once (later callers get the same event, with the export); the KV blocks are
         free when this returns. With notify, the sink gets the event without the export."""
@@ -153,7 +204,13 @@ class Scheduler:
                 request.reply.set_exception(ServerError("closed", f"session closed ({reason})",
                                                         409))
         live.requests.clear()
+        for d in live.awaiting:
+            if d.reply is not None and not d.reply.done():
+                d.reply.set_exception(ServerError("closed", f"session closed ({reason})", 409))
+        live.awaiting.clear()
         live.lane.close()  # its background jobs are cancelled: nothing is delivered
+        if self.checkpoints is not None and reason in ("client", "idle"):
+            await self.checkpoints.forget(live.id)  # ended on purpose: nothing to resume
         event = live.ended_event(reason, export)
         live.ended.set_result(event)
         self.metrics.sessions_closed.labels(reason).inc()
@@ -210,7 +267,7 @@ class Scheduler:
             now = time.monotonic()
             self._expire_idle(now)
             due = self._due(now)
-            if due:
+            if due or self._catching_up():
                 await self._tick(due)
                 continue
             wake_at = min((s.next_close for s in self.sessions.values() if s.clock == "server"),
@@ -221,6 +278,11 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, min(wake_at - now,
                                                                        IDLE_CHECK_S)))
+
+    def _catching_up(self) -> bool:
+        """A session is being fed its history back, or has slices waiting for output."""
+        return any(live.awaiting or self.engine.resuming(live.engine_id)
+                   for live in self.sessions.values())
 
     async def _think(self, wake_at: float) -> None:
         """Background-model steps in the time left before the next slice closes (minus a
@@ -259,6 +321,7 @@ class Scheduler:
                 result, d.result = d.live.lane.next_result()
                 self.engine.append(d.live.engine_id, d.tokens, media.audio, media.frames,
                                    result_ids=result)
+                d.live.awaiting.append(d)
             started = time.monotonic()
             try:
                 outputs = await self.engine.tick_async()
@@ -270,7 +333,10 @@ class Scheduler:
             done = time.monotonic()
         self.metrics.tick_seconds.observe(done - started)
         self.metrics.tick_sessions.observe(len(due))
-        for d in due:
+        # a session resuming takes no slice until its history is fed; then one a tick
+        answered = [live.awaiting.popleft() for live in list(self.sessions.values())
+                    if live.awaiting and live.engine_id in outputs]
+        for d in answered:
             output = outputs[d.live.engine_id]
             if output.failed is None:
                 self._deliver(d, output, done)
@@ -325,7 +391,7 @@ class Scheduler:
         """Idle: no client activity for idle_timeout_s while the server owed it nothing (a
         client-clocked slice waiting for the engine is the server's debt, not idleness)."""
         for live in list(self.sessions.values()):
-            if live.requests:
+            if live.requests or live.awaiting:
                 continue
             if now - live.last_seen > self.limits.idle_timeout_s:
                 live.last_seen = math.inf  # closing now; not picked again
@@ -335,3 +401,24 @@ class Scheduler:
         pool = self.engine.pool_stats()
         self.metrics.kv_blocks_used.set(pool.blocks_in_use)
         self.metrics.kv_bytes_used.set(pool.bytes_in_use)
+
+
+def _resumed_options(options: SessionOptions, export: dict) -> SessionOptions:
+    """The client's options with the exported session's own: its slice length, output budget
+    and sampling (what makes the continuation the same), and a check that the media match."""
+    try:
+        params = params_from_export(export)
+    except (MicroturnError, TypeError, ValueError) as exc:
+        raise ServerError("invalid", f"resume: not a session export ({exc})", 422,
+                          "resume") from None
+    for kind, wanted in (("audio", params.audio), ("video", params.video is not None)):
+        if (getattr(options, kind) is not None) != wanted:
+            raise ServerError("invalid", f"the exported session {'had' if wanted else 'had no'}"
+                              f" {kind}: open it with{'' if wanted else 'out'} {kind} options",
+                              422, kind)
+    s = params.sampling
+    return options.model_copy(update={
+        "slice_ms": params.slice_ms, "max_output_tokens": params.max_output_tokens,
+        "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
+        "force_output": params.force_output, "deterministic": params.deterministic,
+        "resume": None})

@@ -20,6 +20,7 @@ from microturn.checkpoint.shipped import load_interaction_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.torch_thread import run_on_torch_thread
 from microturn.server.app import create_app
+from microturn.server.checkpoints import CheckpointStore
 from microturn.server.http_protocol import header_timeout_protocol
 from microturn.server.limits import ServerLimits
 
@@ -79,7 +80,10 @@ def run_serve(args: argparse.Namespace) -> None:
                                          args.device)
     worker = BackgroundWorker(Tools(), background,
                               WorkerConfig(timeout_s=args.background_timeout))
-    app = create_app(engine, limits, api_key=args.api_key, worker=worker)
+    checkpoints = (CheckpointStore(args.checkpoint_dir, args.checkpoint_every)
+                   if args.checkpoint_dir else None)
+    app = create_app(engine, limits, api_key=args.api_key, worker=worker,
+                     checkpoints=checkpoints)
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
