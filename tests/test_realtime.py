@@ -197,7 +197,7 @@ def mapped(texts: list[str]) -> list[dict]:
         session.state.modality = "text"
         for k, text in enumerate(texts):
             session._slice(OutputEvent(slice=k, input_tokens=[], input_text="", tokens=[1] *
-                                       bool(text), text=text, latency_ms=1.0,
+                                       bool(text), text=text, speech=text, latency_ms=1.0,
                                        missed_deadline=False))
         session.speaker.event(None)
         await session.speaker.drained()
