@@ -206,7 +206,8 @@ class SessionSummary(BaseModel):
 
 class EndedEvent(BaseModel):
     type: Literal["ended"] = "ended"
-    reason: Literal["client", "idle", "shutdown", "slow_consumer", "kv_pool_full"]
+    reason: Literal["client", "disconnected", "idle", "shutdown", "slow_consumer",
+                    "kv_pool_full"]
     summary: SessionSummary
     export: dict[str, Any] | None = None
 
