@@ -82,11 +82,9 @@ def run_demo(args: argparse.Namespace) -> None:
                                                        seed=args.seed + i),
                                audio=sc.has_audio, video=frames if sc.has_video else None)
         handle = engine.open(params)
-        # a result is held for the scenario's delay, as a slow tool's would be
-        delay = sc.expect.delegation.result_delay if sc.expect.delegation else 0
         sessions.append(DemoSession(name, sc, handle, SlicedMedia(sc, frames), sc.text_slices(),
                                     sc.spoken_slices(), BackgroundLane(worker, handle, tokenizer,
-                                                                       delay)))
+                                                                       sc.result_delay)))
     engine.warm_up(media=True)  # not shown: the first tick loads kernels and packs weights
     adapter = resolve_adapter(args.model, args.adapter)
     adapter = adapter.name if adapter else "none (the base model)"

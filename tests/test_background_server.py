@@ -4,6 +4,7 @@ unknown ask is handled by name; background-model work between ticks leaves them 
 
 import asyncio
 import re
+import time
 
 import pytest
 from serving import serving
@@ -61,7 +62,7 @@ def test_a_typed_sum_is_delegated_and_the_calculators_answer_said(engine):
 
 def test_retract_cancels_a_running_ask_and_an_unknown_one_is_refused(engine):
     slow = Tools()
-    slow.register(Tool("slow", lambda q: __import__("time").sleep(30) or "late"))
+    slow.register(Tool("slow", lambda q: time.sleep(30) or "late"))
     worker = BackgroundWorker(slow)
 
     async def main(url):

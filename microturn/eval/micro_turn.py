@@ -100,11 +100,11 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
                 sampling=SamplingParams(temperature=settings.temperature, seed=settings.seed + i),
                 audio=sc.has_audio, video=frame_spec if sc.has_video else None)
             handle = engine.open(params)
-            delay = sc.expect.delegation.result_delay if sc.expect.delegation else 0
             running.append(_Running(sc, handle, SlicedMedia(sc, frame_spec),
                                     sc.text_slices(), sc.spoken_slices(),
                                     Transcript(sc.id, system, [], [], []),
-                                    BackgroundLane(worker, handle, tokenizer, delay)))
+                                    BackgroundLane(worker, handle, tokenizer,
+                                                   sc.result_delay)))
         for r in running:
             k, text, spoken = r.k, r.text[r.k], r.spoken[r.k]
             ids = tokenizer.encode(" " + text) if text else []

@@ -105,6 +105,11 @@ class Scenario:
         return self.noise_level > 0 or bool(self.sounds)
 
     @property
+    def result_delay(self) -> int:
+        """Slices between an ask and its result landing: the background family's, else 0."""
+        return self.expect.delegation.result_delay if self.expect.delegation else 0
+
+    @property
     def has_video(self) -> bool:
         return self.screen is not None
 
