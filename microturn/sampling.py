@@ -52,13 +52,18 @@ def sample_with_logprob(logits: torch.Tensor, params: SamplingParams,
     number (the engine records both)."""
     if params.greedy:  # fp32 argmax is vectorised (bf16's is ~8x slower); same index
         return int(logits.float().argmax()), 0.0
-    scores = policy_scores(logits, params)
+    probs = policy_probs(logits, params)
     # inverse CDF with one uniform draw: ~10x cheaper than torch.multinomial on a 49k vocab
-    probs = scores.softmax(-1)
     cdf = probs.cumsum(0)
     u = torch.rand((), generator=generator) * cdf[-1]
     token = int(torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1))
     return token, float(probs[token].log())  # the probability it was drawn with
+
+
+def policy_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution over a [vocab] row. A trainer that takes `.log()` of one
+    entry (with autograd) gets the bits the sampler recorded for that token."""
+    return policy_scores(logits, params).softmax(-1)
 
 
 def policy_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

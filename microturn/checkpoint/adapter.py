@@ -96,6 +96,8 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
     gets W' = `merged_weight`, the same bits the trainer's forward ran. The front-end, when
     the file has one, becomes the model's."""
     config, tensors, metadata = read_adapter(path)
+    if "parent" in metadata:  # trained on top of another adapter: that one goes in first
+        apply_adapter(loaded, parent_adapter(path, metadata["parent"]))
     model = loaded.model
     loaded.clock = metadata.get("clock") == "true"
     with torch.no_grad():
@@ -118,6 +120,17 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
         load_frontend_tensors(tensors, frontend, path)
         frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)
     return config
+
+
+def parent_adapter(path: str | Path, parent: str) -> Path:
+    """The adapter a stacked adapter was trained on top of: the recorded path, or a file of
+    that name beside it (the two shipped or moved together)."""
+    recorded, beside = Path(parent), Path(path).parent / Path(parent).name
+    for candidate in (recorded, beside):
+        if candidate.is_file() and candidate.resolve() != Path(path).resolve():
+            return candidate
+    raise MicroturnError(f"{path}: trained on top of {parent}, which is not there (nor "
+                         f"beside it as {beside.name})")
 
 
 def take(tensors: dict, name: str, shape, path) -> torch.Tensor:

@@ -75,15 +75,19 @@ class _Running:
     spoken: list[str | None]
     transcript: Transcript
     lane: BackgroundLane
+    index: int  # in the caller's list
     k: int = 0  # the next slice
 
 
 def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
                    settings: MicroTurnSettings | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[Transcript]:
+                   progress: Callable[[int], None] | None = None,
+                   on_close: Callable[[int, dict], None] | None = None) -> list[Transcript]:
     """Stream every scenario through one engine, up to `settings.batch` sessions in every
     tick: a finished session's place goes to the next scenario at once (as sessions come and
-    go on a server). `progress(n)` is called as scenarios finish."""
+    go on a server). `progress(n)` is called as scenarios finish; `on_close(i, export)` with
+    the engine's export of scenario i's session (a scenario may appear several times: each
+    is its own session, seeded by its place in the list)."""
     settings = settings or MicroTurnSettings()
     engine = Engine(loaded, EngineConfig(kv_budget_mb=settings.kv_budget_mb))
     tokenizer, markers, budget = loaded.tokenizer, engine.markers, settings.max_output_tokens
@@ -91,7 +95,7 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
     worker = BackgroundWorker()
     waiting = list(reversed(list(enumerate(scenarios))))
     running: list[_Running] = []
-    done: dict[str, Transcript] = {}
+    done: dict[int, Transcript] = {}
     while waiting or running:
         while waiting and len(running) < settings.batch:
             i, sc = waiting.pop()
@@ -104,7 +108,7 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
                                     sc.text_slices(), sc.spoken_slices(),
                                     Transcript(sc.id, system, [], [], []),
                                     BackgroundLane(worker, handle, tokenizer,
-                                                   sc.result_delay)))
+                                                   sc.result_delay), i))
         for r in running:
             k, text, spoken = r.k, r.text[r.k], r.spoken[r.k]
             ids = tokenizer.encode(" " + text) if text else []
@@ -122,11 +126,13 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
             r.transcript.scripted.append(r.spoken[r.k] is not None)
             r.k += 1
             if r.k == r.scenario.slices:
-                engine.close(r.handle)
+                export = engine.close(r.handle)
                 r.lane.close()
-                done[r.scenario.id] = r.transcript
+                done[r.index] = r.transcript
+                if on_close:
+                    on_close(r.index, export)
                 if progress:
                     progress(1)
         running = [r for r in running if r.k < r.scenario.slices]
     worker.close()
-    return [done[sc.id] for sc in scenarios]
+    return [done[i] for i in range(len(scenarios))]

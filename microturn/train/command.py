@@ -12,6 +12,7 @@ from pathlib import Path
 
 from microturn.errors import MicroturnError
 from microturn.eval.generator import parse_families
+from microturn.rl.command import add_rl_flags
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--steps", type=int, default=1000)
     opt.add_argument("--batch-size", type=int, default=4)
     opt.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
-    opt.add_argument("--lr", type=float, default=2e-4)
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 2e-4; with --rl 5e-5)")
     opt.add_argument("--warmup", type=int, default=20)
     opt.add_argument("--min-lr-ratio", type=float, default=0.1)
     opt.add_argument("--weight-decay", type=float, default=0.0)
@@ -67,11 +69,16 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--val-every", type=int, default=100, help="steps (0: at the end only)")
     val.add_argument("--val-per-family", type=int, default=4,
                      help="train-split validation scenarios per family (0: none)")
+    add_rl_flags(parser)
     parser.add_argument("--no-resume", action="store_true", help="start over in --out")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run_train(args: argparse.Namespace) -> None:
+    if args.rl:
+        from microturn.rl.command import run_rl
+
+        return run_rl(args)
     from microturn.checkpoint.adapter import LoRAConfig
     from microturn.checkpoint.loader import load_model
     from microturn.train.data import ExportExamples, TargetExamples, in_a_room, train_scenarios
@@ -83,7 +90,7 @@ def run_train(args: argparse.Namespace) -> None:
     lora = LoRAConfig(args.lora_rank, args.lora_alpha,
                       tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     config = LoopConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
-                        lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                        lr=args.lr or 2e-4, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                         weight_decay=args.weight_decay, seed=args.seed,
                         deterministic=args.deterministic, full=args.full, lora=lora,
                         train_frontend=args.train_frontend, validate_every=args.val_every,

@@ -26,20 +26,35 @@ def sequence_logprobs(model: Decoder, token_ids: torch.Tensor, deterministic: bo
     and `patches` in row order; their own entries are 0 (a dMel frame has no probability).
     `windows`: the rows are long sessions that evicted; each token attends to what was
     resident when the engine computed it."""
-    if token_ids.dim() != 2:
-        raise ValueError(f"token_ids must be [batch, steps], got {tuple(token_ids.shape)}")
     batch, steps = token_ids.shape
-    token_ids = token_ids.to(model.device)
-    positions = torch.arange(steps, device=model.device).expand(batch, steps)
+    logits = sequence_logits(model, token_ids, deterministic, frontend, audio, patches,
+                             windows)
     vocab = model.config.vocab_size
+    token_ids = token_ids.to(model.device)
     with policy.deterministic_mode(deterministic):
-        embeds = None
-        if frontend is not None and bool((token_ids >= vocab).any()):
-            embeds = frontend.embed(model.embed_tokens, token_ids, audio, patches)
-        backend = CausalAttention() if windows is None else WindowedAttention(windows)
-        logits = model(token_ids, positions, backend, embeds=embeds)
         targets = token_ids[:, 1:].reshape(-1)
         is_text = targets < vocab
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
         values = ops.token_logprobs(flat, torch.where(is_text, targets, 0))
         return torch.where(is_text, values, 0.0).view(batch, steps - 1)
+
+
+def sequence_logits(model: Decoder, token_ids: torch.Tensor, deterministic: bool = True,
+                    frontend: FrontEnd | None = None, audio: torch.Tensor | None = None,
+                    patches: torch.Tensor | None = None,
+                    windows: ResidentWindows | None = None,
+                    logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward behind `sequence_logprobs`: logits [B, T', vocab] at the steps
+    `logits_at` (all T when None), each row the bits the engine's logits had there."""
+    if token_ids.dim() != 2:
+        raise ValueError(f"token_ids must be [batch, steps], got {tuple(token_ids.shape)}")
+    batch, steps = token_ids.shape
+    token_ids = token_ids.to(model.device)
+    positions = torch.arange(steps, device=model.device).expand(batch, steps)
+    with policy.deterministic_mode(deterministic):
+        embeds = None
+        if frontend is not None and bool((token_ids >= model.config.vocab_size).any()):
+            embeds = frontend.embed(model.embed_tokens, token_ids, audio, patches)
+        backend = CausalAttention() if windows is None else WindowedAttention(windows)
+        at = None if logits_at is None else logits_at.to(model.device)
+        return model(token_ids, positions, backend, logits_at=at, embeds=embeds)

@@ -30,7 +30,7 @@ from microturn.checkpoint.adapter import (
 )
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
-from microturn.kernels import ops
+from microturn.kernels import ops, policy
 from microturn.model.decoder import Decoder
 from microturn.model.linear import Linear
 
@@ -45,7 +45,7 @@ class MergedLoRA(torch.autograd.Function):
     def forward(ctx, x, a, b, weight, bias, scale):
         with torch.no_grad():
             w = merged_weight(weight, a, b, scale)
-            kernels = ops.kernels_for(x)
+            kernels = ops.kernels_for(x) if policy.deterministic() else None
             y = (kernels.packed_linear(x, pack(w), w.shape[0], bias) if kernels
                  else torch.nn.functional.linear(x, w, bias))
         ctx.save_for_backward(x, a, b, w)
@@ -128,6 +128,20 @@ def serving(model: Decoder) -> Iterator[Decoder]:
     wrapped = lora_modules(model)
     for name, module in wrapped.items():
         _set_module(model, name, module.merged_linear())
+    try:
+        yield model
+    finally:
+        for name, module in wrapped.items():
+            _set_module(model, name, module)
+
+
+@contextmanager
+def adapters_off(model: Decoder) -> Iterator[Decoder]:
+    """The model without its adapters for the duration (each `LoRALinear` swapped for the
+    frozen linear it wraps): the reference a KL penalty measures against."""
+    wrapped = lora_modules(model)
+    for name, module in wrapped.items():
+        _set_module(model, name, module.base)
     try:
         yield model
     finally:

@@ -33,7 +33,7 @@ def validate(loaded: LoadedModel, scenarios: list[Scenario], step: int,
              settings: MicroTurnSettings | None = None) -> Validation:
     if settings is None:
         settings = MicroTurnSettings()
-        settings = MicroTurnSettings(kv_budget_mb=_kv_budget_mb(loaded, scenarios,
+        settings = MicroTurnSettings(kv_budget_mb=kv_budget_mb(loaded, scenarios,
                                                                 settings.batch))
     was_training = loaded.model.training
     loaded.model.eval()
@@ -50,7 +50,7 @@ def validate(loaded: LoadedModel, scenarios: list[Scenario], step: int,
     return Validation(step, rates, passed, len(scenarios))
 
 
-def _kv_budget_mb(loaded: LoadedModel, scenarios: list[Scenario], batch: int) -> int:
+def kv_budget_mb(loaded: LoadedModel, scenarios: list[Scenario], batch: int) -> int:
     """Room for the `batch` longest scenarios at once (a slice: up to ~8 text and output
     positions, 17 of audio, ~12 of video at 2 fps; plus a block of slack per session): a pool
     too small evicts, which would change what is validated; one far too big costs its zeroing."""

@@ -1,0 +1,1 @@
+"""On-policy reinforcement learning on the interactivity benchmark's metrics (`microturn train --rl`)."""
