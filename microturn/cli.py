@@ -7,6 +7,7 @@ from microturn.bench.peers.base import ENGINES
 from microturn.errors import MicroturnError
 from microturn.eval.run import add_eval_flags
 from microturn.server.limits import ServerLimits
+from microturn.rl.command import add_rl_flags
 from microturn.train.command import add_train_flags
 
 
@@ -79,6 +80,10 @@ def run_bench_background(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from microturn.train.command import run_train as train
 
+    if args.rl:
+        from microturn.rl.command import run_rl
+
+        return run_rl(args)
     train(args)
 
 
@@ -372,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune on full-duplex target timelines (LoRA by default), validating "
                       "with the eval's metrics")
     add_train_flags(train)
+    add_rl_flags(train)
     add_model_flags(train, dtype="bf16")
     add_mode_flag(train)
     train.set_defaults(run=run_train)

@@ -8,9 +8,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from microturn.errors import MicroturnError
-from microturn.model.config import ModelConfig
+from microturn.model.config import ModelConfig, MoEConfig
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def read_config_json(directory: Path) -> dict:
@@ -47,11 +47,27 @@ def config_from_json(raw: dict, path: Path) -> ModelConfig:
             rope_layout="half",
             max_position=raw["max_position_embeddings"],
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            attention_bias=raw.get("attention_bias", kind == "qwen2"),
-            qk_norm=kind == "qwen3",
+            attention_bias=raw.get("attention_bias", kind in ("qwen2", "qwen2_moe")),
+            qk_norm=kind in ("qwen3", "qwen3_moe"),
+            moe=moe_config(kind, raw),
         )
     except KeyError as exc:
         raise MicroturnError(f"{path}: key {exc} is missing") from None
+
+
+def moe_config(kind: str, raw: dict) -> MoEConfig | None:
+    """The mixture-of-experts part of a config.json (None for a dense family)."""
+    if kind == "mixtral":
+        return MoEConfig(raw["num_local_experts"], raw["num_experts_per_tok"],
+                         raw["intermediate_size"], normalize=True)
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        return MoEConfig(raw.get("num_experts") or raw["num_local_experts"],
+                         raw["num_experts_per_tok"], raw["moe_intermediate_size"],
+                         normalize=bool(raw.get("norm_topk_prob", kind == "qwen3_moe")),
+                         shared_size=raw.get("shared_expert_intermediate_size", 0) or 0,
+                         sparse_step=raw.get("decoder_sparse_step", 1) or 1,
+                         dense_layers=tuple(raw.get("mlp_only_layers") or ()))
+    return None
 
 
 def read_safetensors_dir(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:

@@ -41,10 +41,36 @@ def fuse_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[
         if config.qk_norm:
             out[dst + "self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
             out[dst + "self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
-        out[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-            [take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
-        out[dst + "mlp.down_proj.weight"] = take(src + "mlp.down_proj.weight")
+        if config.moe is not None and config.moe.is_sparse(i):
+            out |= _moe_tensors(config, take, src, dst)
+        else:
+            out[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+                [take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
+            out[dst + "mlp.down_proj.weight"] = take(src + "mlp.down_proj.weight")
     tensors.pop("lm_head.weight", None)  # tied checkpoints may still carry a copy
+    return out
+
+
+def _moe_tensors(config: ModelConfig, take, src: str, dst: str) -> dict[str, torch.Tensor]:
+    """One MoE layer's router, experts (gate and up fused) and shared expert. Mixtral names
+    its experts' projections w1 (gate), w3 (up), w2 (down) under block_sparse_moe."""
+    out = {}
+    if config.architecture == "mixtral":
+        base, names = src + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        base, names = src + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    out[dst + "mlp.router.weight"] = take(base + "gate.weight")
+    for e in range(config.moe.experts):
+        expert, mine = f"{base}experts.{e}.", f"{dst}mlp.experts.{e}."
+        gate, up, down = (take(expert + f"{n}.weight") for n in names)
+        out[mine + "gate_up_proj.weight"] = torch.cat([gate, up])
+        out[mine + "down_proj.weight"] = down
+    if config.moe.shared_size:
+        shared = base + "shared_expert."
+        out[dst + "mlp.shared_expert.gate_up_proj.weight"] = torch.cat(
+            [take(shared + "gate_proj.weight"), take(shared + "up_proj.weight")])
+        out[dst + "mlp.shared_expert.down_proj.weight"] = take(shared + "down_proj.weight")
+        out[dst + "mlp.shared_expert_gate.weight"] = take(base + "shared_expert_gate.weight")
     return out
 
 

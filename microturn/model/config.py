@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Llama/Qwen-family decoder, read from a checkpoint."""
+"""ModelConfig: the shape of a Llama/Qwen-family decoder (dense or mixture-of-experts), read
+from a checkpoint."""
 
 from dataclasses import dataclass
 from typing import Literal
@@ -9,6 +10,20 @@ from microturn.errors import MicroturnError
 #   "half"        rotates channel i with channel i + rotary_dim/2 (Hugging Face, GGUF qwen2/qwen3)
 #   "interleaved" rotates channel 2i with 2i+1 (GGUF llama: its converter permutes Q and K rows)
 RopeLayout = Literal["half", "interleaved"]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    experts: int
+    top_k: int
+    expert_size: int  # each expert's intermediate size
+    normalize: bool  # renormalise the top-k weights to sum to 1 (Mixtral, Qwen3-MoE)
+    shared_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    sparse_step: int = 1  # every sparse_step-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense (Qwen's mlp_only_layers)
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on each query/key head before rotary
     architecture: str = "llama"
+    moe: MoEConfig | None = None  # mixture-of-experts feed-forward (`model/moe.py`)
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",

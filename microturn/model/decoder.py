@@ -13,6 +13,7 @@ from microturn.model.attention_backend import AttentionBackend
 from microturn.model.config import ModelConfig
 from microturn.model.linear import Embedding, Linear
 from microturn.model.mlp import SwiGLU
+from microturn.model.moe import MoE
 from microturn.model.rmsnorm import RMSNorm
 from microturn.model.rotary import RotaryAngles, inverse_frequencies
 
@@ -23,7 +24,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = SelfAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = (MoE(config.hidden_size, config.moe)
+                    if config.moe is not None and config.moe.is_sparse(layer)
+                    else SwiGLU(config.hidden_size, config.intermediate_size))
 
     def forward(self, x, rotary, backend):
         x = x + self.self_attn(self.input_layernorm(x), rotary, backend)

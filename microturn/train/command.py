@@ -12,7 +12,6 @@ from pathlib import Path
 
 from microturn.errors import MicroturnError
 from microturn.eval.generator import parse_families
-from microturn.rl.command import add_rl_flags
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,16 +68,11 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--val-every", type=int, default=100, help="steps (0: at the end only)")
     val.add_argument("--val-per-family", type=int, default=4,
                      help="train-split validation scenarios per family (0: none)")
-    add_rl_flags(parser)
     parser.add_argument("--no-resume", action="store_true", help="start over in --out")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run_train(args: argparse.Namespace) -> None:
-    if args.rl:
-        from microturn.rl.command import run_rl
-
-        return run_rl(args)
     from microturn.checkpoint.adapter import LoRAConfig
     from microturn.checkpoint.loader import load_model
     from microturn.train.data import ExportExamples, TargetExamples, in_a_room, train_scenarios
