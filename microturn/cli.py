@@ -6,8 +6,8 @@ import sys
 from microturn.bench.peers.base import ENGINES
 from microturn.errors import MicroturnError
 from microturn.eval.run import add_eval_flags
-from microturn.server.limits import ServerLimits
 from microturn.rl.command import add_rl_flags
+from microturn.server.limits import ServerLimits
 from microturn.train.command import add_train_flags
 
 
