@@ -1,1 +1,2 @@
-"""On-policy reinforcement learning on the interactivity benchmark's metrics (`microturn train --rl`)."""
+"""On-policy reinforcement learning on the interactivity benchmark's metrics
+(`microturn train --rl`)."""
