@@ -71,6 +71,12 @@ def run_bench_engine(args: argparse.Namespace) -> None:
     run_engine_bench(args)
 
 
+def run_bench_moe(args: argparse.Namespace) -> None:
+    from microturn.bench.moe_bench import run_moe_bench
+
+    run_moe_bench(args)
+
+
 def run_bench_background(args: argparse.Namespace) -> None:
     from microturn.bench.background_bench import run_background_bench
 
@@ -343,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
                         help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)
+
+    moe = which.add_parser("moe", help="MoE experts at micro-turn shapes: gather (gemv) vs "
+                           "grouped (GEMM) vs torch, against the weight-read floor")
+    moe.add_argument("--hidden", type=int, default=1024)
+    moe.add_argument("--expert-size", type=int, default=512)
+    moe.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    moe.set_defaults(run=run_bench_moe)
 
     background = which.add_parser("background", help="tick latency on the slice clock with and "
                                   "without the background model answering in the idle time")

@@ -103,10 +103,13 @@ def add_lora(model: Decoder, config: LoRAConfig) -> dict[str, LoRALinear]:
         raise MicroturnError("this model already carries a LoRA adapter")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         for target in config.targets:
             owner, attr = TARGETS[target]
             parent = getattr(layer, owner)
+            if not isinstance(getattr(parent, attr, None), Linear):
+                raise MicroturnError(f"LoRA target {target!r}: layer {i} has no {owner}.{attr} "
+                                     f"(a mixture-of-experts layer: adapt qkv,o only)")
             setattr(parent, attr, LoRALinear(getattr(parent, attr), config.rank, config.scale,
                                              generator))
     return lora_modules(model)
