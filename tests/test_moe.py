@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from moe_models import FAMILIES, save_tiny_moe
+from moe_models import FAMILIES, save_tiny_moe, save_tiny_moe_gguf
 
 from microturn.checkpoint.loader import load_checkpoint, load_model
 from microturn.engine.engine import Engine, EngineConfig
@@ -105,3 +105,19 @@ def test_engine_streams_an_moe_model_aligned_with_the_trainer(moe_dir):
             for expert in layer.mlp.experts:
                 expert.gate_up_proj.weight.mul_(1.01)
     assert not verify_alignment(exports[0], other).aligned
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_gguf_moe_loads_the_same_model(family, tmp_path):
+    """Stacked-expert GGUF (llama.cpp's layout) of a transformers model: the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = save_tiny_moe(tmp_path / "hf", family)
+    gguf_path = save_tiny_moe_gguf(hf_dir, tmp_path / "tiny.gguf")
+    ours = load_checkpoint(gguf_path, torch.float32, "cpu").model
+    assert ours.config.moe.normalize == (family == "qwen3_moe")
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (logits_of(ours, ids) - expected).abs().max() <= 1e-5

@@ -13,10 +13,13 @@ import torch
 from gguf import GGUFReader, ReaderTensor, dequantize
 
 from microturn.errors import MicroturnError
-from microturn.model.config import ModelConfig
+from microturn.model.config import ModelConfig, MoEConfig
 
 # rotary layout per GGUF architecture (llama.cpp: LLAMA_ROPE_TYPE_NORM vs NEOX)
-ROPE_LAYOUTS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half"}
+ROPE_LAYOUTS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half",
+                "qwen2moe": "half", "qwen3moe": "half"}
+# llama.cpp renormalises the top-k weights for these (Mixtral is a "llama" with experts)
+NORMALISED_EXPERTS = {"llama": True, "mistral": True, "qwen2moe": False, "qwen3moe": True}
 
 LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -33,7 +36,15 @@ LAYER_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
+# all experts of a layer in one [experts, out, in] tensor: split into Hugging Face's names
+STACKED_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                   "ffn_down_exps.weight": "down_proj"}
 GLOBAL_TENSORS = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                   "output.weight": "lm_head.weight"}
 
@@ -105,7 +116,25 @@ def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
+        moe=gguf_moe_config(reader, arch, names),
     )
+
+
+def gguf_moe_config(reader: GGUFReader, arch: str, names: set[str]) -> MoEConfig | None:
+    experts = field(reader, f"{arch}.expert_count")
+    if not experts:
+        return None
+    if not any(n.endswith("ffn_gate_exps.weight") for n in names):
+        raise MicroturnError(f"{arch} GGUF with {experts} experts stored one tensor per "
+                             "expert (an old layout): convert it again with llama.cpp")
+    size = field(reader, f"{arch}.expert_feed_forward_length") or \
+        field(reader, f"{arch}.feed_forward_length")
+    norm = field(reader, f"{arch}.expert_weights_norm")
+    return MoEConfig(int(experts), int(field(reader, f"{arch}.expert_used_count")), int(size),
+                     normalize=bool(NORMALISED_EXPERTS.get(arch, True) if norm is None
+                                    else norm),
+                     shared_size=int(field(reader,
+                                           f"{arch}.expert_shared_feed_forward_length", 0)))
 
 
 def checkpoint_name(gguf_name: str) -> str | None:
@@ -121,12 +150,29 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFRea
     """Config and float32 tensors (Hugging Face names) of a GGUF file."""
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    wanted = [(name, t) for t in reader.tensors if (name := checkpoint_name(t.name))]
+    wanted = [(name, t) for t in reader.tensors
+              if (name := checkpoint_name(t.name) or stacked_name(t.name))]
     # numpy releases the GIL in the bulk of dequantisation: one thread per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         loaded = pool.map(lambda item: dequantize_tensor(item[1], path), wanted)
         tensors = {name: tensor for (name, _), tensor in zip(wanted, loaded, strict=True)}
+    for name in [n for n in tensors if n.endswith("*")]:  # stacked experts, one per expert
+        stacked = tensors.pop(name)
+        prefix, projection = name[:-1].rsplit(".", 1)
+        for e in range(stacked.shape[0]):
+            tensors[f"{prefix}.experts.{e}.{projection}.weight"] = stacked[e]
+    if config.moe is not None and config.moe.shared_size:
+        for name in [n for n in tensors if n.endswith("shared_expert_gate.weight")]:
+            tensors[name] = tensors[name].reshape(1, -1)  # a [hidden] vector in the file
     return config, tensors, reader
+
+
+def stacked_name(gguf_name: str) -> str | None:
+    """`layers.N.mlp.PROJ*` for a stacked-experts tensor (split after dequantising)."""
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in STACKED_EXPERTS:
+        return f"layers.{parts[1]}.mlp.{STACKED_EXPERTS[parts[2]]}*"
+    return None
 
 
 def dequantize_tensor(t: ReaderTensor, path: Path) -> torch.Tensor:
