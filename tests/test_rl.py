@@ -142,3 +142,22 @@ def test_config_and_cli_errors(capsys, tmp_path):
     assert cli.main(["train", "--rl", "--out", str(tmp_path), "--group", "1"]) != 0
     err = capsys.readouterr().err
     assert "group" in err and "Traceback" not in err
+
+
+def test_cli_rl_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """`microturn train --rl` on a tiny model (the loader patched): generated train-split
+    scenarios, rollouts, an update, validation, the artifact and the plot."""
+    from test_engine import tiny_loaded
+
+    import microturn.checkpoint.shipped as shipped
+
+    monkeypatch.setattr(shipped, "load_interaction_model",
+                        lambda *a, **k: tiny_loaded(load_tokenizer()))
+    args = ["train", "--rl", "--out", str(tmp_path), "--steps", "2", "--families",
+            "time,pause", "--scenarios-per-step", "2", "--group", "2", "--val-per-family", "1",
+            "--lora-rank", "2", "--val-every", "0", "--rl-from", "none"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "rl: 2 steps, 8 rollouts" in err and "validation at step 2" in err
+    assert {"adapter.safetensors", "checkpoint.safetensors", "history.json", "rl.png"} <= {
+        p.name for p in tmp_path.iterdir()}
