@@ -6,6 +6,8 @@
 torch::Tensor pack_linear_weight(torch::Tensor w);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
                             c10::optional<torch::Tensor> bias);
+torch::Tensor packed_linear_chain(torch::Tensor x, torch::Tensor panels, int64_t n,
+                                  c10::optional<torch::Tensor> acc_in);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                               torch::Tensor table, torch::Tensor rows, torch::Tensor keys,
                               torch::Tensor starts);

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wide_attention", [](bool on) { return g_wide_attention.exchange(on) && cpu_has_avx512(); },
         "decode attention in 16-lane vectors where the CPU has them (same bits); returns the old");
   m.def("packed_linear", &packed_linear, nogil, "batch-invariant linear over packed panels (AVX2/FMA)");
+  m.def("packed_linear_chain", &packed_linear_chain, nogil,
+        "a K-slice of a packed linear continuing fp32 accumulators (no bias, no rounding)");
   py::class_<LayerStack>(m, "LayerStack", py::module_local())  // builds may coexist (A/B runs)
       .def("fresh", &LayerStack::fresh, "every source weight still has its storage and version");
   py::class_<ModelShape>(m, "ModelShape", py::module_local())

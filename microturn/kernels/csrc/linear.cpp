@@ -69,3 +69,34 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t n,
   }
   return y.view(out_shape);
 }
+
+torch::Tensor packed_linear_chain(torch::Tensor x, torch::Tensor panels, int64_t n,
+                                  c10::optional<torch::Tensor> acc_in) {
+  TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "packed_linear_chain: CPU only");
+  const bool dot = panels.dim() == 3 && dot_packed(panels);
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(panels.dim() == 3 && panels.is_contiguous() &&
+              (dot ? (k + 1) / 2 : k) == panels.size(1) &&
+              x.scalar_type() == panels.scalar_type(),
+              "packed_linear_chain: x and panels from pack_linear_weight must match");
+  auto rows = x.reshape({-1, k});
+  const int64_t m = rows.size(0);
+  auto acc = acc_in.has_value() ? acc_in->to(torch::kFloat32).reshape({m, n}).clone()
+                                : torch::zeros({m, n}, x.options().dtype(torch::kFloat32));
+  TORCH_CHECK(acc.size(0) == m && acc.size(1) == n, "packed_linear_chain: acc must be [rows, n]");
+  if (dot) {
+    auto xc = rows.contiguous();
+    dot_chain_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                   reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()),
+                   acc.data_ptr<float>(), m, n, k);
+  } else {
+    auto x32 = rows.to(torch::kFloat32).contiguous();
+    if (x.scalar_type() == torch::kBFloat16)
+      chain_rows(x32.data_ptr<float>(), panels.data_ptr<at::BFloat16>(), acc.data_ptr<float>(), m, n, k);
+    else
+      chain_rows(x32.data_ptr<float>(), panels.data_ptr<float>(), acc.data_ptr<float>(), m, n, k);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return acc.view(shape);
+}

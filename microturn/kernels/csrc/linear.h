@@ -39,11 +39,11 @@ inline void load_panel_row(const at::BFloat16* p, __m256& lo, __m256& hi) {
 // panel p's row i is at panel + p * panel_stride + i * row_stride
 template <int MR, int P, typename W>
 inline void panel_tile(const float* x, int64_t ldx, const W* panel, int64_t panel_stride,
-                       int64_t row_stride, int64_t k, float* tile) {
+                       int64_t row_stride, int64_t k, float* tile, bool carry = false) {
   constexpr int ACC = MR * P * 2;
   __m256 acc[ACC];
 #pragma GCC unroll 24
-  for (int a = 0; a < ACC; ++a) acc[a] = _mm256_setzero_ps();
+  for (int a = 0; a < ACC; ++a) acc[a] = carry ? _mm256_loadu_ps(tile + 8 * a) : _mm256_setzero_ps();
   for (int64_t i = 0; i < k; ++i) {
     __m256 w[2 * P];
 #pragma GCC unroll 8
@@ -260,6 +260,86 @@ MICROTURN_DOT_TARGET void dot_rows(const uint16_t* x, const uint16_t* packed, co
         case 3: dot_block<3>(xr, k, packed, g, groups, bias, yr, n, residual); break;
         case 2: dot_block<2>(xr, k, packed, g, groups, bias, yr, n, residual); break;
         case 1: dot_block<1>(xr, k, packed, g, groups, bias, yr, n, residual); break;
+        default: break;
+      }
+  });
+}
+
+// ---- a K-slice of a linear, continuing each output's chain (tensor parallelism) ----
+//
+// acc[m, n] (fp32) enters as the chain so far and leaves with this slice's k added in order,
+// neither bias nor rounding: ranks holding consecutive K-slices, each continuing the
+// accumulators of the rank before, compute exactly the one-device chain (see parallel/).
+
+template <int MR, typename W>
+inline void chain_panel(const float* x, int64_t k, const W* panels, int64_t p, float* acc,
+                        int64_t n) {
+  float tile[MR * PANEL];
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < PANEL; ++j) {
+      const int64_t col = p * PANEL + j;
+      tile[m * PANEL + j] = col < n ? acc[m * n + col] : 0.0f;
+    }
+  const W* first = panels + (p / GROUP) * k * GROUP_COLS + (p % GROUP) * PANEL;
+  panel_tile<MR, 1>(x, k, first, PANEL, GROUP_COLS, k, tile, true);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < PANEL; ++j)
+      if (p * PANEL + j < n) acc[m * n + p * PANEL + j] = tile[m * PANEL + j];
+}
+
+template <typename W>
+void chain_rows(const float* x, const W* panels, float* acc, int64_t m, int64_t n, int64_t k) {
+  const int64_t num_panels = (n + PANEL - 1) / PANEL;
+  for_units(num_panels, m == 1, [&](int64_t p) {
+      int64_t r = 0;
+      for (; r + 6 <= m; r += 6) chain_panel<6>(x + r * k, k, panels, p, acc + r * n, n);
+      switch (m - r) {
+        case 5: chain_panel<5>(x + r * k, k, panels, p, acc + r * n, n); break;
+        case 4: chain_panel<4>(x + r * k, k, panels, p, acc + r * n, n); break;
+        case 3: chain_panel<3>(x + r * k, k, panels, p, acc + r * n, n); break;
+        case 2: chain_panel<2>(x + r * k, k, panels, p, acc + r * n, n); break;
+        case 1: chain_panel<1>(x + r * k, k, panels, p, acc + r * n, n); break;
+        default: break;
+      }
+  });
+}
+
+template <int MR>
+MICROTURN_DOT_TARGET void dot_chain_group(const uint16_t* x, int64_t k, const uint16_t* packed,
+                                          int64_t g, int64_t groups, float* acc, int64_t n) {
+  float tile[MR * DOT_COLS];
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < DOT_COLS; ++j) {
+      const int64_t col = g * DOT_COLS + j;
+      tile[m * DOT_COLS + j] = col < n ? acc[m * n + col] : 0.0f;
+    }
+  const int64_t pairs = (k + 1) / 2, cut = pairs / 2, row = 2 * DOT_COLS;
+  const uint16_t* group = packed + g * pairs * row;
+  if (halves_swapped(g, groups, pairs)) {
+    dot_tile<MR>(x, k, k, group + (pairs - cut) * row, tile, 0, cut, true);
+    dot_tile<MR>(x, k, k, group, tile, cut, pairs, true);
+  } else {
+    dot_tile<MR>(x, k, k, group, tile, 0, -1, true);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < DOT_COLS; ++j)
+      if (g * DOT_COLS + j < n) acc[m * n + g * DOT_COLS + j] = tile[m * DOT_COLS + j];
+}
+
+MICROTURN_DOT_TARGET inline void dot_chain_rows(const uint16_t* x, const uint16_t* packed,
+                                                float* acc, int64_t m, int64_t n, int64_t k) {
+  const int64_t groups = (n + DOT_COLS - 1) / DOT_COLS;
+  for_units(groups, m == 1, [&](int64_t g) {
+      int64_t r = 0;
+      for (; r + 6 <= m; r += 6) dot_chain_group<6>(x + r * k, k, packed, g, groups, acc + r * n, n);
+      const uint16_t* xr = x + r * k;
+      float* ar = acc + r * n;
+      switch (m - r) {
+        case 5: dot_chain_group<5>(xr, k, packed, g, groups, ar, n); break;
+        case 4: dot_chain_group<4>(xr, k, packed, g, groups, ar, n); break;
+        case 3: dot_chain_group<3>(xr, k, packed, g, groups, ar, n); break;
+        case 2: dot_chain_group<2>(xr, k, packed, g, groups, ar, n); break;
+        case 1: dot_chain_group<1>(xr, k, packed, g, groups, ar, n); break;
         default: break;
       }
   });

@@ -1,0 +1,1 @@
+"""Tensor and sequence parallelism whose results are bitwise one device's."""

@@ -1,0 +1,76 @@
+"""Tensor parallelism: TP=2 and SP=2 logits are bitwise TP=1's (one device), on a tiny model
+and the default model; the trainer's log-probabilities equal TP=2's; a plain all-reduce of the
+ranks' partials gives other bits (negative control)."""
+
+import pytest
+import torch
+from test_engine import tiny_loaded
+
+from microturn.checkpoint.loader import load_checkpoint, load_tokenizer
+from microturn.kernels import build, ops
+from microturn.parallel.launch import run_ranks, tp_logits
+from microturn.parallel.tensor_parallel import plan_shards
+from microturn.train.logprobs import sequence_logprobs
+
+pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")
+
+
+def one_device(model, tokens):
+    from microturn.model.attention_backend import CausalAttention
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens]), torch.arange(len(tokens)).unsqueeze(0),
+                     CausalAttention())
+
+
+@pytest.fixture(scope="module")
+def default_bf16(tmp_path_factory):
+    model = load_checkpoint(None, torch.bfloat16, "cpu").model
+    path = tmp_path_factory.mktemp("tp") / "model.pt"
+    torch.save(model, path)
+    return model, str(path)
+
+
+def test_shards_cover_every_head_and_column_once():
+    shards = plan_shards(9, 3, 1536, 2)
+    assert [s.kv_heads for s in shards] == [(0, 1), (1, 3)]
+    assert [s.q_heads for s in shards] == [(0, 3), (3, 9)]
+    assert [s.columns for s in shards] == [(0, 768), (768, 1536)]
+    with pytest.raises(Exception, match="key/value heads"):
+        plan_shards(9, 3, 1536, 4)
+
+
+def test_tp_and_sp_logits_equal_one_device_on_a_tiny_model(tmp_path):
+    loaded = tiny_loaded(load_tokenizer(), hidden_size=128, num_heads=8, num_kv_heads=4,
+                         head_dim=16, intermediate_size=256, dtype=torch.bfloat16)
+    path = tmp_path / "tiny.pt"
+    torch.save(loaded.model, path)
+    tokens = list(range(500, 540))
+    single = one_device(loaded.model, tokens)
+    for world in (2, 4):
+        assert torch.equal(run_ranks(world, tp_logits, str(path), tokens, "chain"), single)
+    assert torch.equal(run_ranks(2, tp_logits, str(path), tokens, "chain", True), single)
+
+
+def test_tp_and_sp_on_the_default_model_and_the_trainer_agree(default_bf16):
+    model, path = default_bf16
+    tokens = load_tokenizer().encode("The capital of France is Paris, and the capital of "
+                                     "Italy is Rome. Every micro-turn counts.")
+    single = one_device(model, tokens)
+    tp = run_ranks(2, tp_logits, path, tokens, "chain")
+    sp = run_ranks(2, tp_logits, path, tokens, "chain", True)
+    assert torch.equal(tp, single) and torch.equal(sp, single)
+    # the trainer (one device, autograd on) = the TP=2 pass's log-probabilities
+    with torch.enable_grad():
+        trainer = sequence_logprobs(model, torch.tensor([tokens]))[0].detach()
+    ids = torch.tensor(tokens[1:])
+    assert torch.equal(ops.token_logprobs(tp[0, :-1], ids), trainer)
+
+
+def test_plain_all_reduce_gives_other_bits(default_bf16):
+    """Negative control: the ranks' partials summed by torch's all-reduce."""
+    model, path = default_bf16
+    tokens = load_tokenizer().encode("The capital of France is Paris, and the capital of "
+                                     "Italy is Rome. Every micro-turn counts.")
+    plain = run_ranks(2, tp_logits, path, tokens, "all_reduce")
+    assert not torch.equal(plain, one_device(model, tokens))
