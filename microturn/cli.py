@@ -41,6 +41,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed)
+    if args.tp > 1:
+        return _generate_tp(args, sampling)
     loaded = load_checkpoint(args.model, args.dtype, args.device)  # the model as trained
     tokenizer = loaded.tokenizer
     prompt = args.prompt
@@ -57,6 +59,27 @@ def run_generate(args: argparse.Namespace) -> None:
           f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1e3:.0f} ms, "
           f"{stats.generated_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s]",
           file=sys.stderr)
+
+
+def _generate_tp(args: argparse.Namespace, sampling) -> None:
+    """`generate --tp N`: N ranks on this machine, each a shard of the model (bitwise one
+    device's logits), rank 0 streaming the text."""
+    import time
+
+    from microturn.checkpoint.loader import load_tokenizer
+    from microturn.parallel.launch import TextStream, run_ranks, tp_generate
+
+    source = str(args.model or "")
+    tokenizer = load_tokenizer(args.model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    started = time.perf_counter()
+    tokens = run_ranks(args.tp, tp_generate, source, args.dtype, tokenizer.encode(prompt),
+                       args.max_tokens, sampling, sorted(tokenizer.eos_ids), TextStream(source))
+    sys.stdout.write("\n")
+    print(f"[tp {args.tp}: {len(tokens)} tokens in {time.perf_counter() - started:.1f} s, "
+          "start-up included; no KV cache under TP yet]", file=sys.stderr)
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -279,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor parallelism over N local processes (gloo), bitwise one "
+                          "device's logits")
     add_model_flags(gen)
     add_mode_flag(gen)
     gen.set_defaults(run=run_generate)

@@ -74,3 +74,14 @@ def test_plain_all_reduce_gives_other_bits(default_bf16):
                                      "Italy is Rome. Every micro-turn counts.")
     plain = run_ranks(2, tp_logits, path, tokens, "all_reduce")
     assert not torch.equal(plain, one_device(model, tokens))
+
+
+def test_cli_generate_tp_writes_what_one_device_writes(capfd):
+    from microturn import cli
+
+    args = ["generate", "--prompt", "The capital of France is", "--max-tokens", "6",
+            "--dtype", "bf16"]
+    assert cli.main(args) == 0
+    single = capfd.readouterr().out
+    assert cli.main(args + ["--tp", "2"]) == 0
+    assert capfd.readouterr().out == single and single.strip()

@@ -47,13 +47,68 @@ def run_ranks(world: int, fn, *args):
         return torch.load(out, weights_only=False)
 
 
-def tp_logits(model_file: str, tokens: list[int], reduce: str = "chain",
-              sequence: bool = False) -> torch.Tensor:
-    """Logits of `tokens` from this rank's shard of the model saved at `model_file`
-    (`torch.save` of a Decoder), the whole sequence in one pass."""
+def rank_model(source: str, dtype: str = "bf16", reduce: str = "chain",
+               sequence: bool = False):
+    """This rank's shard of a model: `source` is a checkpoint (GGUF or directory; "" for the
+    default) or a `torch.save`d Decoder (`*.pt`)."""
+    from microturn.checkpoint.loader import load_checkpoint
     from microturn.parallel.tensor_parallel import shard_model
 
-    model = shard_model(torch.load(model_file, weights_only=False), reduce, sequence)
-    ids = torch.tensor([tokens])
+    if source.endswith(".pt"):
+        model = torch.load(source, weights_only=False)
+    else:
+        model = load_checkpoint(source or None, dtype, "cpu").model
+    return shard_model(model, reduce, sequence)
+
+
+def tp_logits(source: str, tokens: list[int], reduce: str = "chain",
+              sequence: bool = False) -> torch.Tensor:
+    """Logits of `tokens` from this rank's shard, the whole sequence in one pass."""
+    model = rank_model(source, reduce=reduce, sequence=sequence)
     with torch.no_grad():
-        return model(ids, torch.arange(len(tokens)).unsqueeze(0), CausalAttention())
+        return model(torch.tensor([tokens]), torch.arange(len(tokens)).unsqueeze(0),
+                     CausalAttention())
+
+
+def tp_generate(source: str, dtype: str, prompt: list[int], max_tokens: int, sampling,
+                eos: list[int], stream) -> list[int]:
+    """Tokens after `prompt`, every rank drawing the same (identical logits, the same seeded
+    draw); rank 0 hands each to `stream`. No KV cache under TP yet: each token re-runs the
+    whole sequence."""
+    from microturn.sampling import draw_seed, sample
+
+    model = rank_model(source, dtype)
+    tokens, out = list(prompt), []
+    generator = torch.Generator()
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens]), torch.arange(len(tokens)).unsqueeze(0),
+                           CausalAttention(), logits_at=torch.tensor([len(tokens) - 1]))
+        generator.manual_seed(draw_seed(sampling.seed, len(tokens)))
+        token = sample(logits[0, -1], sampling, generator)
+        tokens.append(token)
+        out.append(token)
+        if dist.get_rank() == 0 and stream is not None:
+            stream(token)
+        if token in eos:
+            break
+    return out
+
+
+class TextStream:
+    """Writes tokens to stdout as text as they come (picklable: built in the parent, used in
+    rank 0, which loads the tokenizer on the first token)."""
+
+    def __init__(self, source: str):
+        self.source, self.decoder = source, None
+
+    def __call__(self, token: int) -> None:
+        import sys
+
+        from microturn.checkpoint.loader import load_tokenizer
+        from microturn.checkpoint.tokenizer import StreamingDecoder
+
+        if self.decoder is None:
+            self.decoder = StreamingDecoder(load_tokenizer(self.source or None))
+        sys.stdout.write(self.decoder.push(token))
+        sys.stdout.flush()
