@@ -100,6 +100,12 @@ def run_bench_moe(args: argparse.Namespace) -> None:
     run_moe_bench(args)
 
 
+def run_bench_tp(args: argparse.Namespace) -> None:
+    from microturn.bench.tp_bench import run_tp_bench
+
+    run_tp_bench(args)
+
+
 def run_bench_background(args: argparse.Namespace) -> None:
     from microturn.bench.background_bench import run_background_bench
 
@@ -384,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--repeats", type=int, default=5)
     moe.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     moe.set_defaults(run=run_bench_moe)
+
+    tp = which.add_parser("tp", help="a forward pass on N ranks: the ordered chain reduce vs "
+                          "torch's all-reduce vs one process")
+    tp.add_argument("--tp", type=int, default=2)
+    tp.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
+    tp.add_argument("--repeats", type=int, default=5)
+    add_model_flags(tp, dtype="bf16")
+    tp.set_defaults(run=run_bench_tp)
 
     background = which.add_parser("background", help="tick latency on the slice clock with and "
                                   "without the background model answering in the idle time")
