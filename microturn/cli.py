@@ -106,6 +106,12 @@ def run_bench_tp(args: argparse.Namespace) -> None:
     run_tp_bench(args)
 
 
+def run_bench_scale(args: argparse.Namespace) -> None:
+    from microturn.bench.scale_sim import run_scale_sim
+
+    run_scale_sim(args)
+
+
 def run_bench_background(args: argparse.Namespace) -> None:
     from microturn.bench.background_bench import run_background_bench
 
@@ -398,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--repeats", type=int, default=5)
     add_model_flags(tp, dtype="bf16")
     tp.set_defaults(run=run_bench_tp)
+
+    scale = which.add_parser("scale", help="a simulation of many replicas (arrivals, failures, "
+                             "resumes, checkpoints) fed by measured per-tick costs")
+    scale.add_argument("--sessions", type=int, nargs="+", default=[100, 1000, 10000])
+    scale.add_argument("--minutes", type=float, default=30.0, help="simulated time")
+    scale.add_argument("--capacity", type=int, default=18,
+                       help="sessions a replica serves under a 200 ms p99 (bench engine)")
+    scale.add_argument("--mtbf-h", type=float, default=24.0)
+    scale.add_argument("--checkpoint-s", type=float, default=10.0)
+    scale.add_argument("--export-bytes-per-s", type=float, default=1120.0,
+                       help="a session's export growth (text 1.1 kB/s, audio 10.7 kB/s)")
+    scale.add_argument("--seed", type=int, default=0)
+    scale.set_defaults(run=run_bench_scale)
 
     background = which.add_parser("background", help="tick latency on the slice clock with and "
                                   "without the background model answering in the idle time")
