@@ -24,7 +24,7 @@ from microturn.model.config import MoEConfig
 from microturn.model.linear import Linear
 from microturn.model.mlp import SwiGLU
 
-GROUPED_FROM = 4.0  # rows per selected expert (measured: docs/BENCHMARKS.md, bench moe)
+GROUPED_FROM = 1.2  # rows per selected expert (measured: docs/BENCHMARKS.md, bench moe)
 
 
 class MoE(nn.Module):
