@@ -200,6 +200,9 @@ def run_bench_model(args: argparse.Namespace) -> None:
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     d = ServerLimits()
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor parallelism: N local processes each serving a shard of "
+                             "the model in lockstep (logits bitwise one device's)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")

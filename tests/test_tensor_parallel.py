@@ -85,3 +85,58 @@ def test_cli_generate_tp_writes_what_one_device_writes(capfd):
     single = capfd.readouterr().out
     assert cli.main(args + ["--tp", "2"]) == 0
     assert capfd.readouterr().out == single and single.strip()
+
+
+def test_an_engine_on_two_ranks_streams_what_one_device_streams(tmp_path):
+    """Sessions opened, fed, ticked and closed through `ReplicatedEngine` on rank 0 (rank 1
+    following): every token and log-probability equals one device's engine; with a plain
+    all-reduce in the shards they differ (negative control)."""
+    from test_engine import tiny_loaded
+    from tp_helpers import one_device, tp_engine
+
+    loaded = tiny_loaded(load_tokenizer(), hidden_size=128, num_heads=8, num_kv_heads=4,
+                         head_dim=16, intermediate_size=256, dtype=torch.bfloat16)
+    path = tmp_path / "loaded.pt"
+    torch.save(loaded, path)
+    single = one_device(loaded)
+    tp = run_ranks(2, tp_engine, str(path))
+    assert [e["logprobs"] for e in tp] == [e["logprobs"] for e in single]
+    assert [e["turns"] for e in tp] == [e["turns"] for e in single]
+    plain = run_ranks(2, tp_engine, str(path), "all_reduce")
+    assert [e["logprobs"] for e in plain] != [e["logprobs"] for e in single]
+
+
+def _served_session(extra: list[str]) -> dict:
+    """One HTTP-slice session (client clock: deterministic) on `microturn serve [extra]`;
+    its export."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "microturn", "serve", "--port", "0",
+                               "--dtype", "bf16", "--kv-budget-mb", "64", *extra],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = next(found.group(1) for line in server.stderr
+                   if (found := re.search(r"on (http://\S+) ", line)))
+        with httpx.Client(base_url=url, timeout=60) as http:
+            sid = http.post("/v1/sessions", json={"max_output_tokens": 3, "temperature": 0.8,
+                                                  "seed": 3}).json()["session"]
+            for text in ("Hello there.", "", "What is the capital", "of France?", "", ""):
+                assert http.post(f"/v1/sessions/{sid}/slices",
+                                 json={"text": text}).status_code == 200
+            return http.delete(f"/v1/sessions/{sid}", params={"export": True}).json()["export"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_serve_tp_serves_what_one_process_serves():
+    single = _served_session([])
+    tp = _served_session(["--tp", "2"])
+    assert tp["turns"] == single["turns"] and tp["logprobs"] == single["logprobs"]

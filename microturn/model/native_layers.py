@@ -22,7 +22,7 @@ def applies(model, x: torch.Tensor, backend: AttentionBackend) -> bool:
     # row count goes first so a decode never asks the thread-local policy)
     return (backend.paged is not None and ops.kernels_for(x) is not None
             and not torch.is_grad_enabled() and not model.config.qk_norm and x.shape[0] == 1
-            and model.config.moe is None
+            and model.config.moe is None and not getattr(model, "sharded", False)
             and (x.shape[1] <= ops.SMALL_BATCH_ROWS or policy.deterministic()))
 
 

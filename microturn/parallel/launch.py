@@ -7,6 +7,7 @@ cores); rank 0's return value comes back.
 """
 
 import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -42,9 +43,18 @@ def run_ranks(world: int, fn, *args):
         raise MicroturnError(f"tp: world size must be >= 1, got {world}")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rank0.pt")
-        mp.start_processes(_rank_main, args=(world, free_port(), out, fn, args), nprocs=world,
-                           start_method="spawn")
-        return torch.load(out, weights_only=False)
+        ranks = mp.start_processes(_rank_main, args=(world, free_port(), out, fn, args),
+                                   nprocs=world, start_method="spawn", join=False)
+        # a SIGTERM for this process is rank 0's to handle (a server finishes its tick, tells
+        # its clients and stops the other ranks); the ranks end, and so does the wait
+        before = signal.signal(signal.SIGTERM,
+                               lambda *_: os.kill(ranks.processes[0].pid, signal.SIGTERM))
+        try:
+            while not ranks.join():
+                pass
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        return torch.load(out, weights_only=False) if Path(out).exists() else None
 
 
 def rank_model(source: str, dtype: str = "bf16", reduce: str = "chain",

@@ -179,6 +179,7 @@ def shard_model(model: Decoder, reduce: str = "chain", sequence: bool = False) -
         new.self_attn, new.mlp = attn, mlp
         layers.append(SequenceParallelLayer(new) if sequence else new)
     out.layers = nn.ModuleList(layers)
+    out.sharded = True  # the native pass knows nothing of ranks: the modules' path runs
     return out
 
 

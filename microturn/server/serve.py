@@ -19,6 +19,7 @@ from microturn.checkpoint.loader import load_model
 from microturn.checkpoint.shipped import load_interaction_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.torch_thread import run_on_torch_thread
+from microturn.errors import MicroturnError
 from microturn.server.app import create_app
 from microturn.server.checkpoints import CheckpointStore
 from microturn.server.http_protocol import header_timeout_protocol
@@ -56,6 +57,46 @@ class GracefulServer(uvicorn.Server):
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    tp = getattr(args, "tp", 1)
+    if tp > 1:
+        if args.background_model != "none":
+            raise MicroturnError("--tp: a background model runs between ticks, outside the "
+                                 "ranks' lockstep; use --background-model none")
+        from microturn.parallel.launch import run_ranks
+
+        run_ranks(tp, _serve_rank, args)
+        return
+    _serve(args)
+
+
+def _serve_rank(args: argparse.Namespace) -> None:
+    """One rank of `serve --tp N`: rank 0 serves, the others follow its engine."""
+    import torch.distributed as dist
+
+    from microturn.parallel.replicated import follow
+
+    if dist.get_rank() == 0:
+        return _serve(args)
+    loaded = run_on_torch_thread(_rank_model, args)
+    engine = run_on_torch_thread(Engine, loaded, EngineConfig(
+        kv_budget_mb=args.kv_budget_mb, max_sessions=args.max_sessions))
+    run_on_torch_thread(engine.warm_up, media=True)
+    run_on_torch_thread(follow, engine)
+
+
+def _rank_model(args: argparse.Namespace):
+    """The interaction model, sharded when this process is one of `--tp` ranks."""
+    import torch.distributed as dist
+
+    loaded = load_interaction_model(args.model, args.adapter, args.dtype, args.device)
+    if not dist.is_initialized():
+        return loaded
+    from microturn.parallel.replicated import rank_loaded
+
+    return rank_loaded(loaded)
+
+
+def _serve(args: argparse.Namespace) -> None:
     limits = ServerLimits(max_sessions=args.max_sessions,
                           max_message_bytes=args.max_message_bytes,
                           max_media_bytes=args.max_media_bytes,
@@ -67,11 +108,15 @@ def run_serve(args: argparse.Namespace) -> None:
                           header_timeout_s=args.header_timeout)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
     # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
-    loaded = run_on_torch_thread(load_interaction_model, args.model, args.adapter,
-                                 args.dtype, args.device)
+    loaded = run_on_torch_thread(_rank_model, args)
     engine = run_on_torch_thread(Engine, loaded, EngineConfig(
         kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
     run_on_torch_thread(engine.warm_up, media=True)
+    replicated = None
+    if getattr(args, "tp", 1) > 1:
+        from microturn.parallel.replicated import ReplicatedEngine
+
+        engine = replicated = ReplicatedEngine(engine)
     background = None
     if args.background_model == "same":
         background = loaded
@@ -102,5 +147,9 @@ def run_serve(args: argparse.Namespace) -> None:
           f"{'API key required' if args.api_key else 'no API key'})", file=sys.stderr,
           flush=True)
     logging.getLogger("microturn.server").setLevel(logging.INFO)
-    asyncio.run(server.serve(sockets=[sock]))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        if replicated is not None:
+            run_on_torch_thread(replicated.stop)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
