@@ -102,6 +102,10 @@ def test_an_engine_on_two_ranks_streams_what_one_device_streams(tmp_path):
     tp = run_ranks(2, tp_engine, str(path))
     assert [e["logprobs"] for e in tp] == [e["logprobs"] for e in single]
     assert [e["turns"] for e in tp] == [e["turns"] for e in single]
+    for export in tp:  # the sampler on two ranks = the trainer on one device, bit for bit
+        from microturn.train.alignment import verify_alignment
+
+        assert verify_alignment(export, loaded.model).aligned
     plain = run_ranks(2, tp_engine, str(path), "all_reduce")
     assert [e["logprobs"] for e in plain] != [e["logprobs"] for e in single]
 
