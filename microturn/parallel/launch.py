@@ -52,6 +52,9 @@ def run_ranks(world: int, fn, *args):
         try:
             while not ranks.join():
                 pass
+        except mp.ProcessRaisedException as error:  # one line, as every CLI error is
+            last = str(error).strip().splitlines()[-1]
+            raise MicroturnError(last.split("Error: ", 1)[-1]) from None
         finally:
             signal.signal(signal.SIGTERM, before)
         return torch.load(out, weights_only=False) if Path(out).exists() else None
