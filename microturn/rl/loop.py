@@ -32,8 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from microturn.checkpoint.adapter import LoRAConfig
 from microturn.checkpoint.loader import LoadedModel
@@ -46,7 +44,7 @@ from microturn.rl.objective import clipped_objective, policy_logprobs, rollout_t
 from microturn.rl.reward import RewardWeights, slice_rewards
 from microturn.train.data import in_a_room
 from microturn.train.lora import adapters_off, add_lora, lora_modules, save_adapter, serving
-from microturn.train.optimizer_state import load_optimizer, optimizer_tensors
+from microturn.train.run_checkpoint import read_checkpoint, restore, write_checkpoint
 from microturn.train.validate import Validation, kv_budget_mb, validate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -236,34 +234,18 @@ class RLRun:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
-        optimizer, param_groups = optimizer_tensors(self.optimizer)
-        tensors |= optimizer
         metadata = {"step": str(self.step), "config": self.config.to_json(),
-                    "param_groups": param_groups,
                     "history": json.dumps([asdict(r) for r in self.history]),
                     "validations": json.dumps([asdict(v) for v in self.validations])}
-        partial = path.with_suffix(".partial")
-        save_file(tensors, str(partial), metadata)
-        partial.replace(path)
+        write_checkpoint(path, self.params, self.optimizer, metadata)
 
     def load(self, path: Path) -> None:
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata()
-        except Exception as error:
-            raise MicroturnError(f"{path}: not a readable checkpoint ({error})") from None
+        tensors, metadata = read_checkpoint(path)
         saved = json.loads(metadata["config"])
         if saved["lora"] != json.loads(json.dumps(asdict(self.config.lora))):
             raise MicroturnError(f"{path}: checkpoint has lora={saved['lora']}, this run has "
                                  f"{asdict(self.config.lora)}")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                if f"param.{name}" not in tensors:
-                    raise MicroturnError(f"{path}: checkpoint lacks {name}")
-                p.copy_(tensors[f"param.{name}"])
-        load_optimizer(self.optimizer, tensors, metadata["param_groups"])
+        restore(path, tensors, metadata, self.params, self.optimizer)
         self.step = int(metadata["step"])
         self.history = [RLStep(**r) for r in json.loads(metadata["history"])]
         self.validations = [Validation(**v) for v in json.loads(metadata["validations"])]

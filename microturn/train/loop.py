@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from microturn.checkpoint.adapter import LoRAConfig, read_adapter
 from microturn.checkpoint.loader import LoadedModel
@@ -33,7 +32,7 @@ from microturn.eval.scenario import Scenario
 from microturn.train.data import Examples, Position, batches_from, tokens_in, training_batch
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import add_lora, load_adapter, lora_modules, save_adapter
-from microturn.train.optimizer_state import load_optimizer, optimizer_tensors
+from microturn.train.run_checkpoint import read_checkpoint, restore, write_checkpoint
 from microturn.train.validate import Validation, validate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -189,37 +188,21 @@ class TrainingRun:
     def save(self, path: Path) -> None:
         """Trainable weights, optimizer state, step and data position, in one file (written
         beside and renamed, so an interrupted save leaves the last checkpoint whole)."""
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
-        optimizer, param_groups = optimizer_tensors(self.optimizer)
-        tensors |= optimizer
         metadata = {"step": str(self.step), "epoch": str(self.position.epoch),
                     "batch": str(self.position.batch), "config": self.config.to_json(),
-                    "param_groups": param_groups,
                     "history": json.dumps([asdict(r) for r in self.history]),
                     "validations": json.dumps([asdict(v) for v in self.validations])}
-        partial = path.with_suffix(".partial")
-        save_file(tensors, str(partial), metadata)
-        partial.replace(path)
+        write_checkpoint(path, self.params, self.optimizer, metadata)
 
     def load(self, path: Path) -> None:
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata()
-        except Exception as error:
-            raise MicroturnError(f"{path}: not a readable checkpoint ({error})") from None
+        tensors, metadata = read_checkpoint(path)
         saved = json.loads(metadata["config"])
         for key in ("full", "lora", "train_frontend"):
             ours = json.loads(json.dumps(asdict(self.config)[key]))
             if saved[key] != ours:
                 raise MicroturnError(f"{path}: checkpoint was trained with {key}={saved[key]}, "
                                      f"this run has {key}={ours}")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                if f"param.{name}" not in tensors:
-                    raise MicroturnError(f"{path}: checkpoint lacks {name}")
-                p.copy_(tensors[f"param.{name}"])
-        load_optimizer(self.optimizer, tensors, metadata["param_groups"])
+        restore(path, tensors, metadata, self.params, self.optimizer)
         self.step = int(metadata["step"])
         self.position = Position(int(metadata["epoch"]), int(metadata["batch"]))
         self.history = [StepRecord(**r) for r in json.loads(metadata["history"])]
