@@ -36,7 +36,7 @@ import torch
 from microturn.checkpoint.adapter import LoRAConfig
 from microturn.checkpoint.loader import LoadedModel
 from microturn.errors import MicroturnError
-from microturn.eval.generator import generate
+from microturn.eval.generator import FAMILIES, generate
 from microturn.eval.micro_turn import MicroTurnSettings, run_micro_turn
 from microturn.eval.scenario import Scenario
 from microturn.rl.advantage import group_advantages
@@ -222,7 +222,7 @@ class RLRun:
     def _pool(self, step: int) -> list[Scenario]:
         """The step's scenarios: families drawn by weight, each a fresh train-split draw."""
         c = self.config
-        families = list(c.families) or _all_families()
+        families = list(c.families) or list(FAMILIES)
         weights = np.array([c.family_weights.get(f, 1) for f in families], dtype=np.float64)
         rng = np.random.default_rng([c.seed, step])
         picked = rng.choice(len(families), size=c.scenarios, p=weights / weights.sum())
@@ -258,12 +258,6 @@ class RLRun:
             metadata["parent"] = str(Path(self.parent).resolve())
         save_adapter(path, self.loaded.model, self.config.lora, None, metadata)
         return path
-
-
-def _all_families() -> list[str]:
-    from microturn.eval.generator import FAMILIES
-
-    return list(FAMILIES)
 
 
 class _Progress:
