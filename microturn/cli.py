@@ -163,6 +163,11 @@ def run_verify_alignment(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    if args.replicas > 1:
+        from microturn.cluster.deploy import run_replicas
+
+        run_replicas(args)
+        return
     from microturn.server.serve import run_serve as serve
 
     serve(args)
@@ -203,6 +208,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, metavar="N",
                         help="tensor parallelism: N local processes each serving a shard of "
                              "the model in lockstep (logits bitwise one device's)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="N replicas on Ray Serve (a local Ray cluster), sessions routed "
+                             "to their replica, resumed elsewhere if it dies (docs/SCALING.md)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")

@@ -51,6 +51,10 @@ def endpoint(url: str, scheme: str, path: str) -> str:
     return urlunsplit((scheme + ("s" if secure else ""), parts.netloc, path, "", ""))
 
 
+RETRY_RESUME = ("session_open", "draining", "max_sessions", "kv_pool_full")
+SESSION_HEADER = "x-session-id"  # Ray Serve's session header: `serve --replicas` routes by it
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -69,14 +73,17 @@ class StreamSession:
     @classmethod
     async def connect(cls, url: str, options: SessionOptions | None = None,
                       clock: str = "server", api_key: str | None = None) -> "StreamSession":
+        options = options or SessionOptions()
+        headers = auth_headers(api_key)
+        if options.resume_session:  # a replica router sends it where the session may live
+            headers[SESSION_HEADER] = options.resume_session
         try:
             ws = await connect(endpoint(url, "ws", "/v1/stream"),
-                               additional_headers=auth_headers(api_key), max_size=2**24)
+                               additional_headers=headers, max_size=2**24)
         except InvalidStatus as exc:
             raise ClientError(exc.response.status_code, _error_info(exc.response.body)) from None
         except OSError as exc:
             raise MicroturnError(f"cannot connect to {url}: {exc.strerror or exc}") from None
-        options = options or SessionOptions()
         await ws.send(json.dumps({"type": "start", "clock": clock, **options.model_dump()}))
         first = server_event.validate_json(await ws.recv())
         if not isinstance(first, StartedEvent):
@@ -85,6 +92,26 @@ class StreamSession:
                 else ErrorInfo(code="protocol", message=f"expected started, got {first.type}")
             raise ClientError(400, info)
         return cls(ws, first)
+
+    @classmethod
+    async def resume(cls, url: str, session_id: str, clock: str = "server",
+                     api_key: str | None = None, within_s: float = 30.0) -> "StreamSession":
+        """Reopen `session_id` from its last checkpoint after its server or replica died, or
+        handed it over (`ended` reason "moved"); `started.resumed_from` is the first slice
+        to send again. Retries while the cluster has no replica for it (connection refused,
+        503, or 409 while its old replica still holds it) for up to `within_s` seconds."""
+        give_up = time.monotonic() + within_s
+        while True:
+            try:
+                return await cls.connect(url, SessionOptions(resume_session=session_id), clock,
+                                         api_key)
+            except ClientError as exc:
+                if exc.info.code not in RETRY_RESUME or time.monotonic() > give_up:
+                    raise
+            except MicroturnError:
+                if time.monotonic() > give_up:
+                    raise
+            await asyncio.sleep(0.25)
 
     @property
     def session_id(self) -> str:
@@ -187,21 +214,25 @@ class SessionsClient:
         return (await self._request(method, path, **kwargs)).json()
 
     async def open(self, options: SessionOptions | None = None) -> StartedEvent:
-        body = (options or SessionOptions()).model_dump()
-        return StartedEvent(**await self._call("POST", "/v1/sessions", json=body))
+        options = options or SessionOptions()
+        headers = {SESSION_HEADER: options.resume_session} if options.resume_session else {}
+        return StartedEvent(**await self._call("POST", "/v1/sessions", headers=headers,
+                                               json=options.model_dump()))
 
     async def slice(self, session: str, text: str = "",
                     tokens: list[int] | None = None) -> OutputEvent:
         body = {"text": text} if tokens is None else {"tokens": tokens}
         return OutputEvent(**await self._call("POST", f"/v1/sessions/{session}/slices",
-                                              json=body))
+                                              json=body, headers={SESSION_HEADER: session}))
 
     async def state(self, session: str) -> SessionState:
-        return SessionState(**await self._call("GET", f"/v1/sessions/{session}"))
+        return SessionState(**await self._call("GET", f"/v1/sessions/{session}",
+                                               headers={SESSION_HEADER: session}))
 
     async def close(self, session: str, export: bool = False) -> EndedEvent:
         return EndedEvent(**await self._call("DELETE", f"/v1/sessions/{session}",
-                                             params={"export": str(export).lower()}))
+                                             params={"export": str(export).lower()},
+                                             headers={SESSION_HEADER: session}))
 
     async def health(self) -> Health:
         return Health(**await self._call("GET", "/healthz"))

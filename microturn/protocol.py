@@ -207,7 +207,7 @@ class SessionSummary(BaseModel):
 class EndedEvent(BaseModel):
     type: Literal["ended"] = "ended"
     reason: Literal["client", "disconnected", "idle", "shutdown", "slow_consumer",
-                    "kv_pool_full"]
+                    "kv_pool_full", "moved"]
     summary: SessionSummary
     export: dict[str, Any] | None = None
 
@@ -253,8 +253,33 @@ class ErrorBody(BaseModel):
     error: ErrorInfo
 
 
+class ReplicaHealth(BaseModel):
+    """One replica of `serve --replicas N`, as it last reported (every second)."""
+    name: str
+    status: Literal["ok", "draining"]
+    sessions: int
+    tick_headroom: float = Field(description="the part of a 200 ms slice its recent ticks "
+                                             "leave free (90th percentile)")
+    kv_blocks_free: int
+    pid: int
+    reported_s_ago: float
+
+
 class Health(BaseModel):
     status: Literal["ok", "draining"]
     sessions: int
     kv_blocks_free: int
     kv_blocks_total: int
+    replica: str | None = Field(None, description="`serve --replicas`: the replica answering")
+    replicas: list[ReplicaHealth] | None = Field(None, description="`serve --replicas`: every "
+                                                 "live replica")
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    replica: str = Field(min_length=1, max_length=64, description="a replica's name (/healthz)")
+
+
+class DrainReply(BaseModel):
+    replica: str
+    status: Literal["draining"] = "draining"

@@ -26,6 +26,8 @@ from microturn.errors import MicroturnError
 from microturn.protocol import (
     MEDIA_AUDIO,
     MEDIA_IMAGE,
+    DrainReply,
+    DrainRequest,
     EndedEvent,
     EndMessage,
     ErrorBody,
@@ -83,20 +85,28 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ServerErr
 def create_app(engine: Engine, limits: ServerLimits | None = None,
                api_key: str | None = None, model_name: str = "microturn",
                worker: BackgroundWorker | None = None,
-               checkpoints: CheckpointStore | None = None) -> FastAPI:
+               checkpoints: CheckpointStore | None = None, id_prefix: str = "",
+               cluster=None) -> FastAPI:
     """worker: answers the model's asks (default: the built-in tools, no background model);
-    checkpoints: where live sessions are saved every few seconds (default: nowhere)."""
+    checkpoints: where live sessions are saved every few seconds (default: nowhere);
+    id_prefix: starts every session id (a replica's name); cluster: this app is one replica
+    of several (`cluster/replica.py`'s ClusterView: /healthz lists the replicas, /metrics
+    carries all of theirs, POST /v1/cluster/drain hands one replica's sessions over)."""
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
     logs.install(lambda code: metrics.client_errors.labels(code).inc())
-    scheduler = Scheduler(engine, limits, metrics, worker, checkpoints)
+    scheduler = Scheduler(engine, limits, metrics, worker, checkpoints, id_prefix)
     public_limits = Limits(**limits.public())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
         yield
-        if not scheduler.draining:
+        if scheduler.draining:
+            return
+        if cluster is not None and checkpoints is not None:  # a replica stopped: hand over
+            await scheduler.hand_over()
+        else:
             await scheduler.drain()
 
     app = FastAPI(title="microturn", version="0.1.0", lifespan=lifespan,
@@ -169,16 +179,33 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
         """The browser client (`server/static/`): it asks for the API key itself."""
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/healthz", response_model=Health)
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True)
     async def healthz() -> Health:
         pool = engine.pool_stats()
-        return Health(status="draining" if scheduler.draining else "ok",
-                      sessions=len(scheduler.sessions), kv_blocks_free=pool.blocks_free,
-                      kv_blocks_total=pool.blocks_total)
+        health = Health(status="draining" if scheduler.draining else "ok",
+                        sessions=len(scheduler.sessions), kv_blocks_free=pool.blocks_free,
+                        kv_blocks_total=pool.blocks_total)
+        if cluster is None:
+            return health
+        return health.model_copy(update={"replica": cluster.name,
+                                         "replicas": await cluster.replicas()})
 
     @app.get("/metrics", dependencies=keyed, response_class=Response)
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        text = metrics.render() if cluster is None else await cluster.metrics()
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    if cluster is not None:
+        @app.post("/v1/cluster/drain", dependencies=keyed, response_model=DrainReply,
+                  responses=ERRORS, openapi_extra=body_schema(DrainRequest))
+        async def drain_replica(request: Request) -> DrainReply:
+            """Hand one replica's sessions over (a rolling restart): it refuses new sessions,
+            checkpoints and closes its live ones (reason "moved"), then Ray replaces it."""
+            wanted = await body_of(request, DrainRequest)
+            if not await cluster.drain(wanted.replica):
+                raise ServerError("no_replica", f"no live replica {wanted.replica!r}", 404,
+                                  "replica")
+            return DrainReply(replica=wanted.replica)
 
     @app.post("/v1/sessions", dependencies=keyed, status_code=201, response_model=StartedEvent,
               responses=ERRORS, openapi_extra=body_schema(SessionOptions))

@@ -22,6 +22,8 @@ class CheckpointStore:
     every_s: float = 5.0
 
     def __post_init__(self):
+        self._written: dict[str, int] = {}  # session -> turns in its newest checkpoint
+        self._lock = asyncio.Lock()
         if not 0.2 <= self.every_s <= 3600:
             raise MicroturnError(f"checkpoint interval must be in [0.2, 3600] s, "
                                  f"got {self.every_s}")
@@ -35,7 +37,14 @@ class CheckpointStore:
         return f"{self.root.rstrip('/')}/{session}.json"
 
     async def write(self, session: str, export: dict) -> None:
-        await asyncio.to_thread(self._write, session, json.dumps(export))
+        """Save `export`, unless a newer one of the session is already saved (a periodic save
+        that raced the session's final one at close)."""
+        turns = len(export["turns"])
+        async with self._lock:
+            if turns < self._written.get(session, -1):
+                return
+            await asyncio.to_thread(self._write, session, json.dumps(export))
+            self._written[session] = turns
 
     def _write(self, session: str, text: str) -> None:
         path = self._path(session)
@@ -54,6 +63,7 @@ class CheckpointStore:
             return json.loads(f.read())
 
     async def forget(self, session: str) -> None:
+        self._written.pop(session, None)
         await asyncio.to_thread(self._forget, session)
 
     def _forget(self, session: str) -> None:

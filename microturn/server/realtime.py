@@ -348,8 +348,9 @@ class RealtimeSession:
         elif isinstance(event, EndedEvent):
             if self.state.response is not None:
                 self._finish(self.state.response, "incomplete", event.reason)
+            busy = event.reason in ("shutdown", "kv_pool_full", "moved")
             self._error(ServerError("session_ended", f"the session ended: {event.reason}",
-                                    503 if event.reason in ("shutdown", "kv_pool_full") else 400))
+                                    503 if busy else 400))
             self.speaker.event(None)
 
     def _slice(self, out: OutputEvent) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -44,6 +45,7 @@ IDLE_CHECK_S = 0.5
 THINK_MARGIN_S = 0.005  # background steps stop this long before a slice closes
 THINK_CHUNK_S = 0.05  # and hand the loop back this often (a client's slice may have come)
 NO_MEDIA = SliceMedia(None)  # a text-only session's slice
+SAVED_AT_CLOSE = ("disconnected", "shutdown", "moved")  # ends a client may resume from
 
 
 @dataclass
@@ -59,8 +61,11 @@ class DueSlice:
 class Scheduler:
     def __init__(self, engine: Engine, limits: ServerLimits, metrics: ServerMetrics,
                  worker: BackgroundWorker | None = None,
-                 checkpoints: "CheckpointStore | None" = None):
+                 checkpoints: "CheckpointStore | None" = None, id_prefix: str = ""):
+        """id_prefix: starts every session id minted here (a replica's name, so a router can
+        tell a session's home from its id alone)."""
         self.engine, self.limits, self.metrics = engine, limits, metrics
+        self.id_prefix = id_prefix
         self.worker = worker if worker is not None else BackgroundWorker()
         self.checkpoints: CheckpointStore | None = checkpoints
         self.tokenizer = engine.loaded.tokenizer
@@ -73,6 +78,7 @@ class Scheduler:
         self._origin = time.monotonic()
         self._task: asyncio.Task | None = None
         self._saver: asyncio.Task | None = None
+        self.recent_ticks: deque[float] = deque(maxlen=64)  # seconds, for tick_headroom()
         metrics.kv_blocks_total.set(engine.pool_stats().blocks_total)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -110,6 +116,30 @@ class Scheduler:
         await asyncio.gather(*(self.close(live, "shutdown") for live in
                                list(self.sessions.values())))
 
+    async def hand_over(self) -> list[str]:
+        """Drain for a rolling restart: refuse new sessions, let the current tick finish, then
+        close each session with reason "moved", which saves its checkpoint as it stands (its
+        client resumes it elsewhere with `resume_session`, losing nothing). The ids moved."""
+        if self.checkpoints is None:
+            raise MicroturnError("hand-over needs a checkpoint store (--checkpoint-dir)")
+        self.draining = True
+        self._wake.set()
+        if self._saver is not None:
+            self._saver.cancel()
+        if self._task is not None:
+            await self._task
+        moved = list(self.sessions.values())
+        await asyncio.gather(*(self.close(live, "moved") for live in moved))
+        return [live.id for live in moved]
+
+    def tick_headroom(self) -> float:
+        """The part of a 200 ms slice the recent ticks leave free at their 90th percentile
+        (1.0 when idle, below 0 when ticks overrun)."""
+        if not self.recent_ticks:
+            return 1.0
+        ordered = sorted(self.recent_ticks)
+        return 1.0 - ordered[int(0.9 * (len(ordered) - 1))] / 0.2
+
     def _check_room(self) -> None:
         if len(self.sessions) >= self.limits.max_sessions:
             self.metrics.sessions_refused.labels("max_sessions").inc()
@@ -122,6 +152,7 @@ class Scheduler:
         if self.draining:
             raise ServerError("draining", "the server is shutting down", 503)
         self._check_room()
+        options_resume_id = options.resume_session
         export = await self._resume_export(options)
         if export is not None:
             options = _resumed_options(options, export)
@@ -137,6 +168,9 @@ class Scheduler:
             raise ServerError("invalid", str(exc), 422, "slice_ms") from None
         async with self._engine_lock:
             self._check_room()  # opens that waited behind a tick: the count may be full now
+            if options_resume_id in self.sessions:  # a second resume of it won the race
+                raise ServerError("session_open", f"session {options_resume_id} is still open", 409,
+                                  "resume_session")
             try:
                 engine_id = self.engine.open(params, from_export=export)
             except MicroturnError as exc:
@@ -145,8 +179,10 @@ class Scheduler:
                 self.metrics.sessions_refused.labels("kv_pool").inc()
                 raise ServerError("kv_pool_full", str(exc), 503) from exc
             layout = self.engine.layout(engine_id)
+        # a session resumed from its checkpoint keeps its id: its clients and router know it
+        session_id = options_resume_id or f"{self.id_prefix}{secrets.token_urlsafe(12)}"
         live = LiveSession(
-            id=secrets.token_urlsafe(12), engine_id=engine_id, options=options, clock=clock,
+            id=session_id, engine_id=engine_id, options=options, clock=clock,
             deterministic=self.engine.deterministic or bool(options.deterministic), sink=sink,
             decoder=StreamingDecoder(self.tokenizer),
             inbox=InputQueue(self.limits.max_input_tokens, self.limits.max_buffered_slices),
@@ -182,7 +218,7 @@ class Scheduler:
             raise ServerError("invalid", "this server keeps no checkpoints (serve "
                               "--checkpoint-dir)", 422, "resume_session")
         if options.resume_session in self.sessions:
-            raise ServerError("invalid", f"session {options.resume_session} is still open",
+            raise ServerError("session_open", f"session {options.resume_session} is still open",
                               409, "resume_session")
         export = await self.checkpoints.read(options.resume_session)
         if export is None:
@@ -211,6 +247,12 @@ class Scheduler:
         live.lane.close()  # its background jobs are cancelled: nothing is delivered
         if self.checkpoints is not None and reason in ("client", "idle"):
             await self.checkpoints.forget(live.id)  # ended on purpose: nothing to resume
+        elif self.checkpoints is not None and reason in SAVED_AT_CLOSE:
+            try:  # resumable from exactly here, not from the last periodic checkpoint
+                await self.checkpoints.write(live.id, export)
+                self.metrics.checkpoints.inc()
+            except Exception:
+                log.exception("checkpoint of a closing session failed")
         event = live.ended_event(reason, export)
         live.ended.set_result(event)
         self.metrics.sessions_closed.labels(reason).inc()
@@ -332,6 +374,7 @@ class Scheduler:
                 return
             done = time.monotonic()
         self.metrics.tick_seconds.observe(done - started)
+        self.recent_ticks.append(done - started)
         self.metrics.tick_sessions.observe(len(due))
         # a session resuming takes no slice until its history is fed; then one a tick
         answered = [live.awaiting.popleft() for live in list(self.sessions.values())

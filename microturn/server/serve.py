@@ -96,27 +96,33 @@ def _rank_model(args: argparse.Namespace):
     return rank_loaded(loaded)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    limits = ServerLimits(max_sessions=args.max_sessions,
-                          max_message_bytes=args.max_message_bytes,
-                          max_media_bytes=args.max_media_bytes,
-                          max_input_tokens=args.max_input_tokens,
-                          max_buffered_slices=args.max_buffered_slices,
-                          idle_timeout_s=args.idle_timeout,
-                          start_timeout_s=args.start_timeout,
-                          body_timeout_s=args.body_timeout,
-                          header_timeout_s=args.header_timeout)
+def limits_from(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(max_sessions=args.max_sessions,
+                        max_message_bytes=args.max_message_bytes,
+                        max_media_bytes=args.max_media_bytes,
+                        max_input_tokens=args.max_input_tokens,
+                        max_buffered_slices=args.max_buffered_slices,
+                        idle_timeout_s=args.idle_timeout,
+                        start_timeout_s=args.start_timeout,
+                        body_timeout_s=args.body_timeout,
+                        header_timeout_s=args.header_timeout)
+
+
+def build_app(args: argparse.Namespace, **app_options):
+    """The served app for `serve`'s flags: the model loaded, one engine warmed up, the
+    background worker and checkpoint store; `app_options` go to create_app (a replica's
+    id prefix and cluster view)."""
+    limits = limits_from(args)
     print(f"loading {args.model or 'the default model'} ({args.dtype}) ...", file=sys.stderr)
     # all torch work on one thread: loading, warm-up and every tick (see torch_thread.py)
     loaded = run_on_torch_thread(_rank_model, args)
     engine = run_on_torch_thread(Engine, loaded, EngineConfig(
         kv_budget_mb=args.kv_budget_mb, max_sessions=limits.max_sessions))
     run_on_torch_thread(engine.warm_up, media=True)
-    replicated = None
     if getattr(args, "tp", 1) > 1:
         from microturn.parallel.replicated import ReplicatedEngine
 
-        engine = replicated = ReplicatedEngine(engine)
+        engine = ReplicatedEngine(engine)
     background = None
     if args.background_model == "same":
         background = loaded
@@ -128,7 +134,15 @@ def _serve(args: argparse.Namespace) -> None:
     checkpoints = (CheckpointStore(args.checkpoint_dir, args.checkpoint_every)
                    if args.checkpoint_dir else None)
     app = create_app(engine, limits, api_key=args.api_key, worker=worker,
-                     checkpoints=checkpoints)
+                     checkpoints=checkpoints, **app_options)
+    app.state.loaded, app.state.engine = loaded, engine
+    return app
+
+
+def _serve(args: argparse.Namespace) -> None:
+    app = build_app(args)
+    loaded, limits = app.state.loaded, app.state.limits
+    replicated = app.state.engine if getattr(args, "tp", 1) > 1 else None
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
     # naming the limit; larger ones are cut by the protocol layer (close code 1009).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
