@@ -106,6 +106,12 @@ def run_bench_tp(args: argparse.Namespace) -> None:
     run_tp_bench(args)
 
 
+def run_bench_cluster(args: argparse.Namespace) -> None:
+    from microturn.bench.cluster_bench import run_cluster_bench
+
+    run_cluster_bench(args)
+
+
 def run_bench_scale(args: argparse.Namespace) -> None:
     from microturn.bench.scale_sim import run_scale_sim
 
@@ -428,6 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a session's export growth (text 1.1 kB/s, audio 10.7 kB/s)")
     scale.add_argument("--seed", type=int, default=0)
     scale.set_defaults(run=run_bench_scale)
+
+    cluster = which.add_parser("cluster", help="serve --replicas on Ray Serve: the router's "
+                               "cost, and a replica killed or drained mid-stream")
+    cluster.add_argument("--replicas", type=int, default=2)
+    cluster.add_argument("--sessions", type=int, default=4)
+    cluster.add_argument("--slices", type=int, default=30, help="per session")
+    cluster.add_argument("--pace-ms", type=float, default=200.0,
+                         help="between a slice's answer and the next slice")
+    cluster.add_argument("--checkpoint-every", type=float, default=1.0, metavar="SECONDS")
+    cluster.add_argument("--calls", type=int, default=300, help="round trips for the hop")
+    cluster.add_argument("--json", default=None, metavar="FILE")
+    cluster.set_defaults(run=run_bench_cluster)
 
     background = which.add_parser("background", help="tick latency on the slice clock with and "
                                   "without the background model answering in the idle time")

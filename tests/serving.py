@@ -26,7 +26,7 @@ def serving(engine: Engine, limits: ServerLimits | None = None, api_key: str | N
             worker=None, checkpoints=None):
     limits = limits or ServerLimits()
     app = create_app(engine, limits, api_key=api_key, worker=worker, checkpoints=checkpoints)
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as serve
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="on",

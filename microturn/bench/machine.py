@@ -1,11 +1,23 @@
 """What this machine can do: memory read bandwidth and matmul peak, measured with torch."""
 
+import platform
 import time
 from dataclasses import dataclass
 
 import torch
 
 from microturn.kernels.huge_pages import huge_page_bytes
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def best_seconds(fn, repeats: int, warmup: int = 2) -> float:

@@ -3,13 +3,13 @@ on it (both shapes), skip engines that are not installed (saying so), report."""
 
 import argparse
 import gc
-import platform
 import time
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 
+from microturn.bench.machine import cpu_model
 from microturn.bench.peers.base import ENGINES, SHAPES, PeerUnavailable, Shape
 from microturn.bench.peers.harness import PeerRecord, Workload, measure
 from microturn.bench.peers.report import markdown_table, write_json, write_plot
@@ -19,17 +19,6 @@ from microturn.errors import MicroturnError
 TEXT = ("Interaction models listen and speak at once. Their input and output are continuous "
         "streams cut into short slices of time, and every slice of every session must be "
         "answered before the next one closes, whatever else the machine is doing. ")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build_peer(name: str, loaded, args, shape: Shape, context: int):
