@@ -217,6 +217,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, metavar="N",
                         help="N replicas on Ray Serve (a local Ray cluster), sessions routed "
                              "to their replica, resumed elsewhere if it dies (docs/SCALING.md)")
+    parser.add_argument("--replica-name", default=None, metavar="NAME",
+                        help="start every session id with NAME- (one replica of several behind "
+                             "a proxy that routes by it: docs/SCALING.md, nginx)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")

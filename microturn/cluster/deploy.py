@@ -35,7 +35,7 @@ def deployment(args: argparse.Namespace, replicas: int):
         health_check_period_s=1.0, health_check_timeout_s=10.0,
         graceful_shutdown_timeout_s=10.0,
         request_router_config=RequestRouterConfig(
-            request_router_class=SessionRouter, request_routing_stats_period_s=1.0,
+            request_router_class=SessionRouter, request_routing_stats_period_s=0.5,
             request_routing_stats_timeout_s=1.0),
     ).bind(settings, threads)
 

@@ -5,7 +5,7 @@ A request names its session by the `x-session-id` header (Ray Serve's own sessio
 `microturn.client` sends it), else by its path (`/v1/sessions/<id>...`) or `?session=<id>`.
 Its home, first match wins:
 1. where this router last sent it (a resumed session's new home, at once);
-2. the replica whose routing stats list it (each replica reports its sessions every second);
+2. the replica whose routing stats list it (each replica reports its sessions twice a second);
 3. the replica its id names (a replica mints ids as `<its name>-<random>`).
 A session with no live home (its replica died, or is draining and handed it over) goes to the
 least-loaded replica and stays there; that replica resumes it from the shared checkpoint

@@ -7,6 +7,7 @@ client gets an `ended` event with reason "shutdown", then the process exits 0.
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import socket
 import sys
@@ -140,7 +141,10 @@ def build_app(args: argparse.Namespace, **app_options):
 
 
 def _serve(args: argparse.Namespace) -> None:
-    app = build_app(args)
+    name = getattr(args, "replica_name", None)
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9]{1,16}", name):
+        raise MicroturnError(f"--replica-name: 1 to 16 letters and digits, got {name!r}")
+    app = build_app(args, id_prefix=f"{name}-" if name else "")
     loaded, limits = app.state.loaded, app.state.limits
     replicated = app.state.engine if getattr(args, "tp", 1) > 1 else None
     # WebSocket frames up to 4x the limit reach the app, which answers with an error event
