@@ -106,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> None:
             ids = tokenizer.encode(" " + heard) if heard else []
             spoken = s.spoken[k] if k < s.scenario.slices else None
             scripted = None if spoken is None else script_ids(spoken, tokenizer, markers, budget)
+            s.lane.listen(heard)
             result, job = s.lane.next_result()
             results[s.name] = job.result if job else ""
             engine.append(s.handle, ids, s.media.audio(k) if k < s.scenario.slices else None,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_engine import tiny_loaded
 
+from microturn.background.grounding import ground_numbers
 from microturn.background.lane import BackgroundLane
 from microturn.background.tools import Tool, Tools, arithmetic, calculate
 from microturn.background.worker import MODEL, BackgroundWorker, WorkerConfig, answer_steps
@@ -56,6 +57,32 @@ def test_the_calculator_reads_spoken_arithmetic():
         calculate("what is 12 divided by 0")
     with pytest.raises(ValueError, match="too large"):
         calculate("2 to the power of 1000")
+
+
+def test_an_asks_numbers_are_read_against_what_the_user_said():
+    heard = "hey so what is 91,333 times 636 and also 4,817 plus 2"
+    assert ground_numbers("calculator: 9,1333 times 636", heard) == "calculator: 91333 times 636"
+    assert ground_numbers("91383 times 663", heard) == "91333 times 636"  # a digit, a swap
+    assert ground_numbers("4871 plus 2", heard) == "4817 plus 2"
+    # far from anything said, too short to tell, or nothing said: left as written
+    assert ground_numbers("5000 times 7", heard) == "5000 times 7"
+    assert ground_numbers("17 plus 3", "21 plus 5") == "17 plus 3"
+    assert ground_numbers("calculator: 9,1333 times 636", "") == "calculator: 9,1333 times 636"
+
+
+def test_a_lane_grounds_its_asks_in_the_input_it_heard(tokenizer):
+    worker = BackgroundWorker()
+    lane = BackgroundLane(worker, "s", tokenizer, delay=0)
+    lane.listen("what is 4,817")
+    lane.listen("times 23?")
+    _, jobs = lane.heard("One moment. <ask> calculator: 4871 times 23 </ask>")
+    assert jobs[0].query == "4817 times 23"
+    ids, job = lane.next_result()
+    assert "110,791" in job.result
+    control = BackgroundLane(worker, "t", tokenizer, delay=0)  # heard nothing: as written
+    _, jobs = control.heard("<ask> calculator: 4871 times 23 </ask>")
+    assert jobs[0].query == "4871 times 23"
+    worker.close()
 
 
 def test_routing_prefix_auto_and_registered_tools():

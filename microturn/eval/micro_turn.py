@@ -113,6 +113,7 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
             k, text, spoken = r.k, r.text[r.k], r.spoken[r.k]
             ids = tokenizer.encode(" " + text) if text else []
             scripted = None if spoken is None else script_ids(spoken, tokenizer, markers, budget)
+            r.lane.listen(text)
             result, job = r.lane.next_result()
             r.transcript.results.append(job.result if job else "")
             engine.append(r.handle, ids, r.media.audio(k), r.media.frames.get(k, []), scripted,

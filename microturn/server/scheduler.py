@@ -360,6 +360,7 @@ class Scheduler:
             due = [d for d in due if d.live.open]  # a close may have won the lock first
             for d in due:
                 media = d.media or NO_MEDIA
+                d.live.lane.listen(self.tokenizer.decode(d.tokens) if d.tokens else "")
                 result, d.result = d.live.lane.next_result()
                 self.engine.append(d.live.engine_id, d.tokens, media.audio, media.frames,
                                    result_ids=result)
