@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_engine import tiny_loaded
 
-from microturn.background.grounding import ground_numbers
+from microturn.background.grounding import ground, ground_numbers
 from microturn.background.lane import BackgroundLane
 from microturn.background.tools import Tool, Tools, arithmetic, calculate
 from microturn.background.worker import MODEL, BackgroundWorker, WorkerConfig, answer_steps
@@ -68,6 +68,23 @@ def test_an_asks_numbers_are_read_against_what_the_user_said():
     assert ground_numbers("5000 times 7", heard) == "5000 times 7"
     assert ground_numbers("17 plus 3", "21 plus 5") == "17 plus 3"
     assert ground_numbers("calculator: 9,1333 times 636", "") == "calculator: 9,1333 times 636"
+
+
+def test_an_ask_no_tool_takes_goes_where_the_users_last_question_does():
+    tools = Tools()
+    heard = "Could you figure out 1,558 added to 694 for me? I will look for my glasses."
+    garbled = "Can you help me figure out what I'm missing in my life?"
+    assert ground(garbled, heard, tools) == ("calculator: Could you figure out 1,558 added to "
+                                             "694 for me?")
+    assert ground("what time is it", heard, tools) == "what time is it"  # a tool takes it
+    assert ground(garbled, "tell me about dragons", tools) == garbled  # nothing to go by
+
+
+def test_the_calculator_finds_the_sum_in_a_slipped_sentence():
+    assert arithmetic("What is 6,279 multiplied 257?") == "6279 * 257"
+    assert arithmetic("2165 plus 244 adds up to 244?") == "2165 + 244"
+    assert arithmetic("9042 plus 39 is added to?") == "9042 + 39"
+    assert arithmetic("what is the time") is None and arithmetic("3 +") is None
 
 
 def test_a_lane_grounds_its_asks_in_the_input_it_heard(tokenizer):

@@ -7,9 +7,15 @@ A background worker in the field gets the conversation with the request, so here
 numbers are checked against the numbers in the user's recent words: one the user never said,
 but close to one they did (a digit dropped, doubled, swapped or changed, a comma misplaced),
 is replaced by what they said. Numbers far from anything said are left alone.
+
+An ask that no tool takes even then ("<ask> Can you help me figure out what I'm missing?
+</ask>" for "Could you figure out 1,558 added to 694 for me?") goes to the tool that takes the
+user's latest sentence, if one does: the request is about what they just asked.
 """
 
 import re
+
+from microturn.background.tools import Tools
 
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 MAX_EDITS = 2  # and at most a third of the digits (one for short numbers): "17" is never "21"
@@ -50,3 +56,15 @@ def ground_numbers(query: str, heard: str) -> str:
         return best if best_edits <= limit else match.group()
 
     return NUMBER.sub(nearest, query)
+
+
+def ground(query: str, heard: str, tools: Tools) -> str:
+    """The query a tool (or the background model) gets for an ask written after `heard`."""
+    query = ground_numbers(query, heard)
+    if tools.route(query)[0] is not None:
+        return query
+    for sentence in reversed(re.split(r"(?<=[.?!])\s+", heard.strip())):
+        tool, _ = tools.route(sentence)
+        if tool is not None:
+            return f"{tool.name}: {sentence}"
+    return query

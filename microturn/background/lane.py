@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from microturn.background.grounding import ground_numbers
+from microturn.background.grounding import ground
 from microturn.background.worker import BackgroundWorker, Job
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.sequence.segments import AskReader, result_segment
@@ -43,7 +43,7 @@ class BackgroundLane:
     def heard(self, output_text: str) -> tuple[str, list[Job]]:
         """(the speech in this output slice, the jobs its closed asks started)."""
         speech, queries = self.reader.push(output_text)
-        jobs = [self.worker.ask(self.session, ground_numbers(q, self.recent_input))
+        jobs = [self.worker.ask(self.session, ground(q, self.recent_input, self.worker.tools))
                 for q in queries]
         self.slice += 1
         if self.delay is not None:

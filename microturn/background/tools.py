@@ -60,6 +60,7 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
 _WORDS = [  # spoken arithmetic -> symbols, longest phrases first
     (r"\bmultiplied by\b", "*"), (r"\bdivided by\b", "/"), (r"\bto the power of\b", "**"),
     (r"\badded to\b", "+"), (r"\btake away\b", "-"),
+    (r"\bmultiplied\b", "*"), (r"\bdivided\b", "/"), (r"\badded\b", "+"),  # "by" left out
     (r"\btimes\b", "*"), (r"\bplus\b", "+"), (r"\bminus\b", "-"), (r"\bover\b", "/"),
     (r"\bmodulo\b|\bmod\b", "%"), (r"(?<=\d)\s*[x×]\s*(?=\d)", "*"), (r"÷", "/"),
     (r"\bsquared\b", "**2"), (r"\bcubed\b", "**3")]
@@ -71,6 +72,8 @@ _VERBS = [  # "add 3 to 10" and friends: the operands' order as said
     (r"\bdivide (\S+) by (\S+)", r"\1 / \2")]
 MAX_OPERAND = 10**15  # and exponents at most 64: an answer someone can say
 _PROBLEM = re.compile(r"^[\d\s.+\-*/%()]+$")
+# a run of numbers joined by operators: the sum inside "2165 + 244 244" or "9042 + 39 +"
+_RUN = re.compile(r"\d+(?:\.\d+)?(?:\s*(?:\*\*|[+\-*/%])\s*\d+(?:\.\d+)?)+")
 
 
 def arithmetic(query: str) -> str | None:
@@ -86,7 +89,18 @@ def arithmetic(query: str) -> str | None:
     expression = " ".join(kept.split()).strip()
     if not re.search(r"\d", expression) or not re.search(r"[+\-*/%]", expression):
         return None
-    return expression if _PROBLEM.match(expression) else None
+    if _PROBLEM.match(expression) and _parses(expression):
+        return expression
+    run = _RUN.search(expression)  # said with a slip around it: the first whole sum in it
+    return run.group() if run else None
+
+
+def _parses(expression: str) -> bool:
+    try:
+        ast.parse(expression, mode="eval")
+    except SyntaxError:
+        return False
+    return True
 
 
 def calculate(query: str) -> str:
