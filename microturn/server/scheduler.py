@@ -200,6 +200,10 @@ class Scheduler:
             live.next_close = self._origin + live.slice_s * math.floor(
                 (now - self._origin) / live.slice_s + 1.5)
         self.sessions[live.id] = live
+        if self.checkpoints is not None:  # resumable from its first slice, not its first save
+            async with self._engine_lock:
+                export = self.engine.export(engine_id)
+            await self.checkpoints.write(live.id, export)
         self.metrics.sessions_opened.inc()
         self.metrics.live_sessions.set(len(self.sessions))
         self._pool_metrics()
