@@ -4,7 +4,7 @@ whole microturn app (engine, tick loop, WebSocket and HTTP API), exactly as `ser
 Its session ids start with its name, so the router (`router.py`) can tell a session's home
 from the id alone. Each second it tells the router (Ray's routing stats) and the other replicas
 (the registry) its sessions, tick headroom and whether it drains. On a drain order it hands its
-sessions over (`Scheduler.hand_over`), then fails its health check so Ray replaces it.
+sessions over (`Scheduler.drain("moved")`), then fails its health check so Ray replaces it.
 """
 
 import argparse
@@ -86,7 +86,7 @@ class MicroturnReplica:
                 orders = await self.registry.report.remote(self.name, self._health(),
                                                            self.scheduler.metrics.render())
                 if orders["drain"] and not self.scheduler.draining:
-                    moved = await self.scheduler.hand_over()
+                    moved = await self.scheduler.drain("moved")
                     self.handed_over = True
                     log.info("replica %s handed %d sessions over", self.name, len(moved))
             except Exception:  # the registry restarting must not stop the replica

@@ -105,7 +105,7 @@ def create_app(engine: Engine, limits: ServerLimits | None = None,
         if scheduler.draining:
             return
         if cluster is not None and checkpoints is not None:  # a replica stopped: hand over
-            await scheduler.hand_over()
+            await scheduler.drain("moved")
         else:
             await scheduler.drain()
 

@@ -104,23 +104,12 @@ class Scheduler:
                 except Exception:  # a full disk must not stop the server
                     log.exception("checkpoint of a session failed")
 
-    async def drain(self) -> None:
+    async def drain(self, reason: str = "shutdown") -> list[str]:
         """Graceful stop: refuse new sessions, let the current tick finish, close every session
-        (each client gets its `ended` event with reason "shutdown")."""
-        self.draining = True
-        self._wake.set()
-        if self._saver is not None:
-            self._saver.cancel()
-        if self._task is not None:
-            await self._task
-        await asyncio.gather(*(self.close(live, "shutdown") for live in
-                               list(self.sessions.values())))
-
-    async def hand_over(self) -> list[str]:
-        """Drain for a rolling restart: refuse new sessions, let the current tick finish, then
-        close each session with reason "moved", which saves its checkpoint as it stands (its
-        client resumes it elsewhere with `resume_session`, losing nothing). The ids moved."""
-        if self.checkpoints is None:
+        with `reason` ("shutdown"; or "moved" for a rolling restart's hand-over, which saves
+        each checkpoint as it stands so its client resumes elsewhere losing nothing). The ids
+        closed."""
+        if reason == "moved" and self.checkpoints is None:
             raise MicroturnError("hand-over needs a checkpoint store (--checkpoint-dir)")
         self.draining = True
         self._wake.set()
@@ -128,9 +117,9 @@ class Scheduler:
             self._saver.cancel()
         if self._task is not None:
             await self._task
-        moved = list(self.sessions.values())
-        await asyncio.gather(*(self.close(live, "moved") for live in moved))
-        return [live.id for live in moved]
+        closing = list(self.sessions.values())
+        await asyncio.gather(*(self.close(live, reason) for live in closing))
+        return [live.id for live in closing]
 
     def tick_headroom(self) -> float:
         """The part of a 200 ms slice the recent ticks leave free at their 90th percentile
