@@ -303,8 +303,10 @@ def add_server_bench_flags(parser: argparse.ArgumentParser) -> None:
 def add_peers_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated, from {', '.join(ENGINES)}")
-    parser.add_argument("--shapes", default="speech,sglang",
-                        help="speech (16 in / 2 out), sglang (16 in / 8 out)")
+    parser.add_argument("--shapes", default="speech,audio,sglang",
+                        help="speech (16 in / 2 out), audio (speech + a voice slice's audio "
+                        "positions: dMel for microturn, as many text tokens for the others), "
+                        "sglang (16 in / 8 out)")
     parser.add_argument("--sessions", dest="max_capacity", type=int, default=32,
                         help="largest N the capacity search tries")
     parser.add_argument("--turns", type=int, default=600, help="micro-turns of the long session")
@@ -320,6 +322,9 @@ def add_peers_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="PATH")
     parser.add_argument("--json", default=None, metavar="FILE")
     parser.add_argument("--plot", default=None, metavar="FILE.png")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every engine in this process (beside torch's threads) "
+                        "instead of a fresh process each: shows what sharing costs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="search the largest N with p99 tick latency under the slice")
     engine.add_argument("--capacity-turns", type=int, default=40,
                         help="micro-turns per capacity probe")
+    engine.add_argument("--profile", action="store_true",
+                        help="then where a tick's time goes, phase by phase beside each "
+                        "phase's floor (at the capacity found, else at --sessions)")
     engine.add_argument("--kv-budget-mb", type=int, default=1024)
     engine.add_argument("--model", default=None, metavar="PATH")
     engine.add_argument("--json", default=None, metavar="FILE")

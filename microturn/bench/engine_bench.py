@@ -25,6 +25,7 @@ from microturn.bench.machine import measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionInfo, SessionParams
+from microturn.engine.tick_profile import TickProfile
 from microturn.errors import MicroturnError
 from microturn.frontend.assembler import MediaAssembler
 from microturn.frontend.video import fit_frame
@@ -99,6 +100,28 @@ class Floors:
                 total_flops += 2 * c.vocab_size * c.hidden_size  # one logits row
         return total_bytes / self.bandwidth + total_flops / self.peak
 
+    def phases(self, loaded: LoadedModel, passes: list[list[tuple[int, int]]]) -> dict:
+        """The same floor as `tick`, split as the profile splits a pass: each linear (its
+        weights read once a pass, 2 FLOPs a weight a row), attention (the KV read back and its
+        FLOPs), the head (one logits row a session); the rest has no floor of its own."""
+        c, size = loaded.config, loaded.model.dtype.itemsize
+        matrices = {"qkv": c.hidden_size * (c.q_size + 2 * c.kv_size),
+                    "o": c.q_size * c.hidden_size,
+                    "gate/up": c.hidden_size * 2 * c.intermediate_size,
+                    "down": c.intermediate_size * c.hidden_size}
+        floors = dict.fromkeys([*matrices, "attention", "head"], 0.0)
+        for rows in passes:
+            new = sum(n for n, _ in rows)
+            for name, params in matrices.items():
+                floors[name] += (c.num_layers * params * (size / self.bandwidth
+                                                          + 2 * new / self.peak))
+            for n, ctx in rows:
+                floors["attention"] += (2 * c.num_layers * c.kv_size * ctx * size / self.bandwidth
+                                        + 4 * c.num_layers * c.q_size * n * ctx / self.peak)
+            floors["head"] += c.vocab_size * c.hidden_size * (size / self.bandwidth
+                                                              + 2 * len(rows) / self.peak)
+        return floors
+
     def roofline(self, loaded: LoadedModel, feed: float, context: float, output_tokens: int,
                  slice_ms: float, most: int = 4096) -> int:
         """Roofline capacity: the most sessions, each feeding `feed` positions at `context`
@@ -144,6 +167,7 @@ class ShapeRun:
         self.samples = 0
         self.tokens = self.misses = self.peak_blocks = 0
         self.busy = 0.0  # seconds spent in ticks (throughput excludes the other mode's turns)
+        self.phase_floors: dict[str, float] = {}  # with a profile: each phase's floor, summed
 
     def turn(self, index: int) -> float:
         engine, ids = self.engine, self.ids
@@ -174,6 +198,9 @@ class ShapeRun:
         if index >= self.warmup:
             self.latencies.append(latency)
             self.floors_ms.append(self.floors.tick(self.loaded, passes) * 1e3)
+            if engine.profile is not None:
+                for name, seconds in self.floors.phases(self.loaded, passes).items():
+                    self.phase_floors[name] = self.phase_floors.get(name, 0.0) + seconds
             self.tokens += sum(feeds.values()) + len(ids) * (self.output_tokens - 1)
             self.fed += sum(feeds.values())
             self.read += sum(after.values())
@@ -281,6 +308,47 @@ def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, tu
     return [run.result() for run in runs]
 
 
+def profile_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
+                  input_tokens: int, output_tokens: int, args, console: Console) -> dict:
+    """Where a tick's time goes at `sessions` sessions: the profile's phases per tick, each
+    beside its floor; ticks after the warm-up only."""
+    run = ShapeRun(loaded, floors, shape, sessions, turns, input_tokens, output_tokens,
+                   args.slice_ms, args.kv_budget_mb, policy.deterministic(), audio=args.audio,
+                   video=args.video)
+    for index in range(run.warmup):
+        run.turn(index)
+    run.engine.profile, frontend = TickProfile(), run.engine.frontend_seconds
+    for index in range(run.warmup, run.warmup + turns):
+        run.turn(index)
+        if index % 50 == 0:
+            console.log(f"profile {shape} x{sessions}: turn {index}")
+    profile, run.engine.profile = run.engine.profile, None
+    per = 1e3 / turns
+    rows = [{"phase": name, "ms": ms,
+             "floor_ms": run.phase_floors.get(name.removeprefix("forward: "), 0.0) * per}
+            for name, ms in profile.rows(run.engine.frontend_seconds - frontend)]
+    result = run.result()
+    return {"shape": shape, "sessions": sessions, "turns": turns, "tick_ms": result.p50_ms,
+            "mean_tick_ms": profile.tick_seconds * per, "floor_ms": result.floor_ms,
+            "rows": rows}
+
+
+def print_profile(out: Console, profile: dict) -> None:
+    table = Table(title=f"where a tick goes: {profile['shape']}, {profile['sessions']} "
+                        f"sessions, mean of {profile['turns']} ticks "
+                        f"({profile['mean_tick_ms']:.1f} ms; floor {profile['floor_ms']:.1f} ms)")
+    for column in ("phase", "ms per tick", "share", "floor ms", "x floor", "over floor ms"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for row in profile["rows"]:
+        floor = row["floor_ms"]
+        table.add_row(row["phase"], f"{row['ms']:.2f}",
+                      f"{row['ms'] / profile['mean_tick_ms']:.1%}",
+                      f"{floor:.2f}" if floor else "-",
+                      f"{row['ms'] / floor:.2f}" if floor else "-",
+                      f"{row['ms'] - floor:.2f}")
+    out.print(table)
+
+
 def mode_name(deterministic: bool) -> str:
     return "deterministic" if deterministic else "shape-dependent"
 
@@ -376,9 +444,19 @@ def run_engine_bench(args: argparse.Namespace) -> None:
         out.print(f"{det.shape}: deterministic mode costs "
                   f"{(det.p50_ms / fast.p50_ms - 1) * 100:+.1f}% p50 tick latency, "
                   f"{(fast.tokens_per_s / det.tokens_per_s - 1) * 100:+.1f}% throughput")
+    profiles = []
+    if args.profile:
+        for shape, (in_tokens, out_tokens) in shapes.items():
+            found = [r.capacity_sessions for r in results if r.shape == shape
+                     and r.capacity_sessions]
+            sessions = found[0] if found else args.sessions  # at capacity where it was found
+            profiles.append(profile_shape(loaded, floors, shape, sessions, args.turns,
+                                          in_tokens, out_tokens, args, console))
+            print_profile(out, profiles[-1])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": args.dtype, "slice_ms": args.slice_ms,
                        "bandwidth_GBps": floors.bandwidth / 1e9,
                        "matmul_GFLOPs": floors.peak / 1e9,
-                       "results": [asdict(r) for r in results]}, f, indent=2)
+                       "results": [asdict(r) for r in results], "profiles": profiles}, f,
+                      indent=2)

@@ -25,6 +25,7 @@ from microturn.checkpoint.loader import LoadedModel
 from microturn.engine.kv_pool import KVPool, PoolStats
 from microturn.engine.paged_attention import PagedAttention, PagedBatch, Segment
 from microturn.engine.session import Resume, Session, SessionInfo, SessionParams, SliceOutput
+from microturn.engine.tick_profile import TickProfile
 from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
@@ -82,6 +83,7 @@ class Engine:
         self.sessions: dict[int, Session] = {}
         self.frontend: FrontEnd | None = loaded.frontend  # else the first media session loads it
         self.frontend_seconds = 0.0  # time spent embedding media (benchmarks read it)
+        self.profile: TickProfile | None = None  # set by `bench engine --profile`
         self._ids = count(1)
         self._lock = threading.Lock()  # one tick at a time; open/append/close between ticks
 
@@ -268,7 +270,12 @@ class Engine:
                 return {}
             mode = self.deterministic or any(s.params.deterministic for s in active)
             with policy.deterministic_mode(mode):
-                return self._tick(active)
+                if self.profile is None:
+                    return self._tick(active)
+                self.profile.begin()
+                outputs = self._tick(active)
+                self.profile.end()
+                return outputs
 
     def _tick(self, active: list[Session]) -> dict[int, SliceOutput]:
         """The input step for every active session (a resuming one feeds its next chunk of
@@ -365,12 +372,18 @@ class Engine:
         """One forward over every session's new tokens; sample one token per session (where
         `draws` says so: a scripted slice draws nothing). Media positions in the feeds take
         their vectors from `audio` and `patches`."""
+        lap = self.profile.lap if self.profile is not None else _no_profile
+        lap(None)
         step = self._prepare(sessions, feeds)
+        lap("prepare")
         logits = self._forward(step, audio, patches)
+        lap("forward")
         draws = draws or [True] * len(sessions)
         drawn = [self._draw(s, row) if draw else None
                  for s, row, draw in zip(sessions, step.last_rows(logits), draws, strict=True)]
+        lap("sample")
         self._record(step, logits, drawn)
+        lap("record")
 
     def _prepare(self, sessions: list[Session], feeds: list[list[int]]) -> "_Step":
         """One row of tokens and positions with each session's segment (room in the pool was
@@ -472,6 +485,10 @@ class Engine:
         s.num_blocks -= evict
         s.length -= evict * bs
         s.evictions.append((len(s.fed), start * bs, evict * bs))
+
+
+def _no_profile(phase: str | None) -> None:
+    pass
 
 
 class PoolFull(MicroturnError):

@@ -34,8 +34,13 @@ class Shape:
     name: str
     input_tokens: int
     output_tokens: int
+    # A voice session's audio positions per slice (`<audio>` and its dMel frames). microturn
+    # feeds real audio there; an engine without an audio front-end gets as many more text
+    # tokens instead, so every engine puts the same positions through the model a slice.
+    audio_positions: int = 0
 
 
-ENGINES = ("microturn", "microturn-fast", "transformers-bf16", "transformers-fp32", "llamacpp",
-           "reprefill")
-SHAPES = {"speech": Shape("speech", 16, 2), "sglang": Shape("sglang", 16, 8)}
+ENGINES = ("microturn", "microturn-fast", "transformers-bf16", "transformers-fp32",
+           "llamacpp-batched", "llama-server", "llamacpp-sequential", "reprefill")
+SHAPES = {"speech": Shape("speech", 16, 2), "sglang": Shape("sglang", 16, 8),
+          "audio": Shape("audio", 16, 2)}  # its audio positions are the layout's (run.py)

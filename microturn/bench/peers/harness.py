@@ -20,6 +20,7 @@ class PeerRecord:
     shape: str
     input_tokens: int
     output_tokens: int
+    audio_positions: int  # per slice: microturn's audio, the others' extra text tokens
     turns: int  # micro-turns measured in the long session
     stopped_early: bool  # the long session hit the per-engine time budget
     p50_ms: float
@@ -31,16 +32,20 @@ class PeerRecord:
     tokens_per_s: float
     latency_ms: list[float] = field(repr=False)  # per measured micro-turn
     context_tokens: list[int] = field(repr=False)  # session length after that micro-turn
+    process: dict = field(default_factory=dict)  # the process it ran in (process.py)
 
 
 class Workload:
-    """Input tokens for micro-turn k of session s: real text, cycled, different per session."""
+    """Input tokens for micro-turn k of session s: real text, cycled, different per session;
+    at a shape with audio, as many more tokens as the audio's positions (a peer with an audio
+    front-end feeds its audio there instead)."""
 
     def __init__(self, text_tokens: list[int], shape: Shape):
         self.tokens, self.shape = text_tokens, shape
+        self.per_turn = shape.input_tokens + shape.audio_positions + shape.output_tokens
 
     def inputs(self, turn: int, session: int) -> list[int]:
-        n = self.shape.input_tokens
+        n = self.shape.input_tokens + self.shape.audio_positions
         start = (turn * n + session * 131) % len(self.tokens)
         return (self.tokens[start:] + self.tokens)[:n]
 
@@ -52,9 +57,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def long_session(peer: Peer, work: Workload, turns: int, budget_s: float, log):
     """Per-micro-turn latency of one session alone, until `turns` or the time budget."""
-    shape, session = work.shape, peer.open()
+    shape, per_turn = work.shape, work.per_turn
+    reserve(peer, 1, (turns + WARMUP + 1) * (per_turn + 4))
+    session = peer.open()
     latencies, contexts, started, stopped = [], [], time.perf_counter(), False
-    per_turn = shape.input_tokens + shape.output_tokens
     try:
         for k in range(turns + WARMUP):
             t0 = time.perf_counter()
@@ -76,6 +82,7 @@ def long_session(peer: Peer, work: Workload, turns: int, budget_s: float, log):
 
 def cycle_p99(peer: Peer, work: Workload, sessions: int, turns: int) -> float:
     """p99 time (ms) to serve one micro-turn of every one of `sessions` sessions."""
+    reserve(peer, sessions, (turns + 3) * (work.per_turn + 4))
     opened = [peer.open() for _ in range(sessions)]
     cycles = []
     try:
@@ -90,6 +97,12 @@ def cycle_p99(peer: Peer, work: Workload, sessions: int, turns: int) -> float:
             peer.close(session)
         gc.collect()
     return percentile(cycles, 0.99)
+
+
+def reserve(peer: Peer, sessions: int, tokens_per_session: int) -> None:
+    """Peers that size one shared context up front (llama.cpp batched) are told the load."""
+    if hasattr(peer, "reserve"):
+        peer.reserve(sessions, tokens_per_session)
 
 
 def capacity(peer: Peer, work: Workload, slice_ms: int, turns: int, max_sessions: int,
@@ -120,10 +133,11 @@ def measure(peer: Peer, work: Workload, turns: int, slice_ms: int, capacity_turn
     n = min(HEAD_TAIL, max(1, len(latencies) // 2))
     head, tail = statistics.mean(latencies[:n]), statistics.mean(latencies[-n:])
     sessions, capped = capacity(peer, work, slice_ms, capacity_turns, max_sessions, log)
-    per_turn = shape.input_tokens + shape.output_tokens
+    per_turn = work.per_turn
     return PeerRecord(
         engine=peer.name, config=peer.config, shape=shape.name,
         input_tokens=shape.input_tokens, output_tokens=shape.output_tokens,
+        audio_positions=shape.audio_positions,
         turns=len(latencies), stopped_early=stopped,
         p50_ms=round(statistics.median(latencies), 2),
         p99_ms=round(percentile(latencies, 0.99), 2), tail_head_ratio=round(tail / head, 3),

@@ -8,28 +8,25 @@ tokens, drop the oldest quarter after them, shift the rest down (its K cache is 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from microturn.bench.peers.base import PeerUnavailable
-from microturn.model.config import ModelConfig
 
 SINK = 64  # tokens kept at the start (microturn's engine keeps the same sink)
 
 
 class LlamaCppPeer:
-    name = "llamacpp"
+    name = "llamacpp-sequential"
 
-    def __init__(self, gguf: Path, config: ModelConfig, context: int):
+    def __init__(self, gguf: Path, context: int, trained_context: int, threads: int,
+                 kv_bytes_per_token: int):
         try:
             import llama_cpp
         except ImportError:
             raise PeerUnavailable("llama-cpp-python is not installed (pip install "
                                   "'microturn[bench]'; it compiles llama.cpp, ~7 min)") from None
-        context = min(context, config.max_position)
+        context = min(context, trained_context)
         self.llama_cpp, self.gguf, self.context = llama_cpp, gguf, context
-        self.threads = torch.get_num_threads()
-        # f16 K and V per token: what a session keeps between micro-turns
-        self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+        self.threads, self.bytes_per_token = threads, kv_bytes_per_token
         self.config = (f"llama-cpp-python {llama_cpp.__version__}, GGUF weights as stored "
                        f"(Q4_1/Q8_0), f16 KV, one context per session (n_ctx {context}, "
                        f"context shift when full), "

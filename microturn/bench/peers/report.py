@@ -19,6 +19,11 @@ def tail_head_at(record: PeerRecord, turns: int) -> float:
     return (sum(ms[-n:]) / n) / (sum(ms[:n]) / n)
 
 
+def label(record: PeerRecord) -> str:
+    audio = f"+{record.audio_positions}" if record.audio_positions else ""
+    return f"{record.shape} {record.input_tokens}{audio}/{record.output_tokens}"
+
+
 def markdown_table(records: list[PeerRecord], slice_ms: int) -> str:
     lines = ["| engine | shape | p50 ms | p99 ms | tail/head | micro-turns | tail/head at "
              f"common length | capacity (p99 < {slice_ms} ms) | KV MiB/session | tokens/s |",
@@ -27,7 +32,7 @@ def markdown_table(records: list[PeerRecord], slice_ms: int) -> str:
         turns = f"{r.turns}{' (time budget)' if r.stopped_early else ''}"
         cap = f"{r.capacity_sessions}{'+' if r.capacity_limited_by_search else ''}"
         common = common_length(records, r.shape)
-        lines.append(f"| {r.engine} | {r.shape} {r.input_tokens}/{r.output_tokens} | "
+        lines.append(f"| {r.engine} | {label(r)} | "
                      f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.tail_head_ratio:.2f} | {turns} | "
                      f"{tail_head_at(r, common):.2f} ({common}) | {cap} | "
                      f"{r.memory_per_session_mb:.1f} | {r.tokens_per_s:.0f} |")
@@ -55,7 +60,7 @@ def write_plot(records: list[PeerRecord], path: str, title: str, slice_ms: int) 
                                       gridspec_kw={"width_ratios": [1.6, 1]})
     for r in records:
         left.plot(r.context_tokens, r.latency_ms, styles[r.shape], color=colors[r.engine],
-                  linewidth=1.2, label=f"{r.engine}, {r.shape} {r.input_tokens}/{r.output_tokens}")
+                  linewidth=1.2, label=f"{r.engine}, {label(r)}")
     left.axhline(slice_ms, color="grey", linewidth=0.8, linestyle="-.")
     left.text(0.01, slice_ms, f"{slice_ms} ms slice", va="bottom", fontsize=8, color="grey",
               transform=left.get_yaxis_transform())

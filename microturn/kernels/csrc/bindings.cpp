@@ -1,5 +1,6 @@
 // The Python module: every entry point, with the long calls releasing the GIL.
 #include "api.h"
+#include "phase_clock.h"
 
 // The long calls release the GIL, so a server's event loop keeps running during a tick.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -36,4 +37,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_angles", &rotary_angles, "cos/sin of rotary angles, per element in double");
   m.def("token_logprobs", &token_logprobs, "log-probability of one target per row of logits");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("phase_profile", [](bool on) { return g_phase_profile.exchange(on); },
+        "keep each paged pass's wall time by phase (bench engine --profile); returns the old");
+  m.def("phase_seconds", [] {
+    py::dict out;  // seconds per phase since the last call, which resets them
+    for (int p = 0; p < PHASE_COUNT; ++p)
+      out[PHASE_NAMES[p]] = static_cast<double>(g_phase_ns[p].exchange(0)) * 1e-9;
+    return out;
+  }, "wall seconds per phase of the paged passes since the last call (then zero)");
 }

@@ -2,6 +2,7 @@
 #include "elementwise.h"
 #include "layer_stack.h"
 #include "paged.h"
+#include "phase_clock.h"
 
 // y [m, n] = x [m, k] times a packed weight, as packed_linear computes it: bf16 pairs straight
 // into the dot-product kernel, anything else widened into `wide` first (grown only then). With
@@ -64,13 +65,16 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       linear_rows(in, n, k, panels, bias, out, cols, wide, residual);
       seat.reversed = false;
     };
+    PhaseClock clock;
     for (int64_t l = 0; l < layers; ++l) {
       const torch::Tensor* w = weights.data() + 7 * l;
       const float* bias = w[2].numel() ? w[2].data_ptr<float>() : nullptr;
       T* k_pool = k_pools + l * pool_layer_elems;
       T* v_pool = v_pools + l * pool_layer_elems;
       rms_norm_rows(x, w[0].data_ptr<T>(), normed.data(), n, hidden, eps);
+      clock.lap(PHASE_NORM);
       linear(normed.data(), hidden, w[1], bias, qkv.data(), width, PLAIN, IN_ORDER);
+      clock.lap(PHASE_QKV);
       // in a team every thread rotates its own copy and writes the new keys and values itself,
       // so attention starts without a barrier: the threads store identical bytes into the same
       // slots (a race only in name: whichever store lands, every later read sees those bytes)
@@ -80,6 +84,7 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       write_rows(k_pool, v_pool, panel_keys, rotated + q_size, rotated + q_size + kv_size,
                  write_blocks, write_offsets, n, hkv, bs, d, width);
       for (int64_t t = 0; t < n; ++t) scale_rows(rotated + t * width, q_scale, q32.data() + t * q_size, q_size);
+      clock.lap(PHASE_ROTARY);
       for (const AttentionPlan::Pass& pass : plan.passes) {
         paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
                     seat.team ? &attention : nullptr);
@@ -89,12 +94,18 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
         if (seat.team && plan.passes.size() > 1) team_barrier();  // the next pass reuses them
       }
       scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
+      clock.lap(PHASE_ATTENTION);
       linear(att.data(), q_size, w[3], nullptr, x, hidden, RESIDUAL, REVERSED);
+      clock.lap(PHASE_O);
       rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
+      clock.lap(PHASE_NORM);
       linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate, PLAIN,
              IN_ORDER);
+      clock.lap(PHASE_GATE_UP);
       silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
+      clock.lap(PHASE_SILU);
       linear(act.data(), intermediate, w[6], nullptr, x, hidden, RESIDUAL, REVERSED);
+      clock.lap(PHASE_DOWN);
     }
   };
   // Decode-sized passes run as one team: their element-wise steps are a few hundred values
@@ -191,6 +202,7 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pa
   const torch::Tensor& inv_freq = stack.shape.inv_freq;
   // After a pass over the weights every ATen op meets cold caches (~10 µs each): the pass reads
   // its small inputs through pointers and allocates only its hidden rows and its logits.
+  PhaseClock clock;
   const auto& embedding = stack.embedding();
   const int64_t hidden = embedding.size(1);
   const auto ids = as_int64(token_ids);
@@ -224,7 +236,9 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pa
     angles_into(n, [&](int64_t t) { return pp[t]; }, inv_freq.data_ptr<float>(), half, cos.data(),
                 sin.data());
   }
+  clock.lap(PHASE_EMBED);
   paged_decoder_layers_(x, stack, cos.data(), sin.data(), pass);
+  clock = PhaseClock{};  // the layers kept their own time
   std::vector<int64_t> picked;  // the rows whose logits are asked for, Python's negative indices too
   if (logits_at.has_value()) {
     const auto at = as_int64(*logits_at);
@@ -256,6 +270,7 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pa
   } else {
     head(x.data_ptr<float>());
   }
+  clock.lap(PHASE_HEAD);
   return logits;
 }
 
