@@ -12,7 +12,8 @@ LAYER_PHASES = ("norm", "qkv", "rotary+write", "attention", "o", "gate/up", "sil
 
 
 def stream(checkpoint, profile: TickProfile | None, ticks: int = 6) -> list[list[int]]:
-    engine = Engine(LoadedModel.from_checkpoint(checkpoint), EngineConfig(kv_budget_mb=64, max_sessions=2))
+    engine = Engine(LoadedModel.from_checkpoint(checkpoint),
+                    EngineConfig(kv_budget_mb=64, max_sessions=2))
     engine.profile = profile
     ids = [engine.open(SessionParams(max_output_tokens=2, force_output=True)) for _ in range(2)]
     outputs = []
