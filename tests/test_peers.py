@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from microturn.bench.peers.llamacpp_server import find_llama_server
 from microturn.bench.peers.run import run_peers
 
 
@@ -109,3 +110,34 @@ def test_llamacpp_batched_decodes_what_one_context_per_session_decodes(smollm_bf
     for t in range(12):
         batched.turn(sessions, [text[t:t + 16], text[t + 3:t + 19]], 4)
         assert all(s["pos"] <= 128 for s in sessions)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or find_llama_server() is None,
+                    reason="llama-cpp-python or llama-server is not installed")
+def test_llama_server_decodes_what_one_context_per_session_decodes(smollm_bf16):
+    """Two sessions as two slots of one `llama-server --parallel 2`, over HTTP: each session's
+    greedy tokens are those of its own llama.cpp context."""
+    from microturn.bench.peers.llamacpp_peer import LlamaCppPeer
+    from microturn.bench.peers.llamacpp_server import LlamaServerPeer
+
+    text = smollm_bf16.tokenizer.encode(" a small boat drifts down the slow brown river past "
+                                        "the old mill and the sleeping town" * 4)
+    inputs = [[text[9 * s + 16 * t:9 * s + 16 * t + 16] for s in range(2)] for t in range(3)]
+    server = LlamaServerPeer(smollm_bf16.path, 512, 8192, 2, 1)
+    alone = LlamaCppPeer(smollm_bf16.path, 512, 8192, 2, 1)
+    try:
+        server.reserve(2, 256)
+        sessions = [server.open() for _ in range(2)]
+        for turn in inputs:
+            server.turn(sessions, turn, 3)
+        for s, session in enumerate(sessions):
+            own, mine = alone.open(), []
+            for turn in inputs:
+                alone.turn([own], [turn[s]], 3)
+                mine += [own["pending"][0]]
+            alone.close(own)
+            # each turn adds 16 input tokens and 3 generated ones: the turn's last is compared
+            generated = [session["history"][19 * (t + 1) - 1] for t in range(len(inputs))]
+            assert generated == mine, s
+    finally:
+        server._stop()
