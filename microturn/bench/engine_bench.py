@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from microturn.bench.machine import measure_machine
+from microturn.bench.machine import best_seconds, measure_machine
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionInfo, SessionParams
@@ -71,6 +71,16 @@ class ShapeResult:
     video_positions_per_slice: float | None = None
 
 
+def engine_linear_peak(model, rows: int = 256, repeats: int = 8) -> float:
+    """FLOP/s of the best of `repeats` runs of the model's first gate/up projection, as the
+    engine calls it (deterministic kernels), over `rows` rows: compute-bound."""
+    linear = model.layers[0].mlp.gate_up_proj
+    x = torch.randn(rows, linear.weight.shape[1]).to(linear.weight.dtype)
+    with policy.deterministic_mode(True), torch.inference_mode():
+        seconds = best_seconds(lambda: linear(x), repeats, warmup=1)
+    return 2 * rows * linear.weight.numel() / seconds
+
+
 @dataclass(frozen=True)
 class Floors:
     bandwidth: float  # bytes/s
@@ -82,7 +92,11 @@ class Floors:
     def measure(cls, loaded: LoadedModel, compute: torch.dtype) -> "Floors":
         peaks = measure_machine({"compute": compute})
         model = loaded.model
-        return cls(peaks.read_bytes_per_second, peaks.matmul_flops_per_second["compute"],
+        # the peak is what the machine can do: torch's square matmul, or the engine's own
+        # linear on a compute-bound batch where that is faster (a floor from a lower peak
+        # would let phases run "under" it)
+        peak = max(peaks.matmul_flops_per_second["compute"], engine_linear_peak(model))
+        return cls(peaks.read_bytes_per_second, peak,
                    sum(p.numel() for p in model.parameters()),
                    sum(p.numel() for p in model.layers.parameters() if p.dim() == 2))
 

@@ -64,7 +64,7 @@ class LlamaServerPeer:
              "--parallel", str(sessions), "--ctx-size", str(sessions * self.per_session),
              "--kv-unified", "--threads", str(self.threads), "--threads-batch",
              str(self.threads), "--batch-size", str(max(512, 64 * sessions)),
-             "--no-webui", "--log-disable"],
+             "--flash-attn", "off", "--no-webui", "--log-disable"],
             stdout=subprocess.DEVNULL, stderr=self.log)
         self._wait_ready()
         self.pool = ThreadPoolExecutor(sessions)

@@ -3,13 +3,14 @@
 An engine that shares a process with torch shares it with torch's OpenMP team: threads that
 spin after every parallel region, on the cores the other engine's threads need. llama.cpp
 measured inside the run that had just run microturn got capacity 0; alone, 2. So every
-(engine, shape) runs in a fresh spawned process that builds only that engine, and a
-llama.cpp process never imports torch at all (each record says so: `process`)."""
+(engine, shape) runs in a fresh interpreter that builds only that engine, and a llama.cpp
+process never imports torch at all (each record says so: `process`)."""
 
-import multiprocessing
 import os
+import pickle
+import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,12 +96,33 @@ def run_job(job: PeerJob) -> PeerRecord:
 
 
 def run_in_own_process(job: PeerJob) -> PeerRecord:
-    """`run_job` in a fresh spawned process (nothing inherited from this one's torch)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_job, job).result()
+    """`run_job` in a fresh interpreter (`python -m` this module): nothing inherited from this
+    process, not even its `__main__` (multiprocessing's spawn would re-import the CLI, and with
+    it torch). The job goes in on stdin, the record or the exception comes back in a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.pickle"
+        child = subprocess.run([sys.executable, "-m", __name__, str(result)],
+                               input=pickle.dumps(job), check=False)
+        if not result.exists():
+            raise RuntimeError(f"the {job.engine} process exited with {child.returncode} "
+                               "and no result")
+        outcome = pickle.loads(result.read_bytes())
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _os_threads() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
+
+
+if __name__ == "__main__":
+    job = pickle.loads(sys.stdin.buffer.read())
+    try:
+        outcome = run_job(job)
+    except Exception as exc:  # handed back to the parent, which reports it
+        outcome = exc
+    with open(sys.argv[1], "wb") as f:
+        pickle.dump(outcome, f)
