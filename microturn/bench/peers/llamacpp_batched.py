@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from microturn.bench.peers.base import PeerUnavailable
-from microturn.bench.peers.llamacpp_peer import SINK
+from microturn.bench.peers.llamacpp_peer import SINK, shift_drop
 
 
 class LlamaCppBatchedPeer:
@@ -104,10 +104,9 @@ class LlamaCppBatchedPeer:
         return rows
 
     def _make_room(self, session: dict, incoming: int) -> None:
-        if session["pos"] + incoming <= self.per_session:
-            return
         seq, pos = session["seq"], session["pos"]
-        drop = max(pos + incoming - self.per_session, self.per_session // 4)
+        if not (drop := shift_drop(pos, incoming, self.per_session)):
+            return
         self.lib.llama_memory_seq_rm(self.memory, seq, SINK, SINK + drop)
         self.lib.llama_memory_seq_add(self.memory, seq, SINK + drop, pos, -drop)
         session["pos"] = pos - drop

@@ -14,6 +14,14 @@ from microturn.bench.peers.base import PeerUnavailable
 SINK = 64  # tokens kept at the start (microturn's engine keeps the same sink)
 
 
+def shift_drop(length: int, incoming: int, context: int) -> int:
+    """llama.cpp's context shift: how many tokens after the sink to drop so that `incoming`
+    more fit in `context` (at least a quarter of it at once); 0 when they fit already."""
+    if length + incoming <= context:
+        return 0
+    return max(length + incoming - context, context // 4)
+
+
 class LlamaCppPeer:
     name = "llamacpp-sequential"
 
@@ -56,9 +64,8 @@ class LlamaCppPeer:
     def _make_room(self, llm, incoming: int) -> None:
         """Context shift: keep SINK tokens, drop at least a quarter of the context after them,
         move the rest down by as many positions."""
-        if llm.n_tokens + incoming <= self.context:
+        if not (drop := shift_drop(llm.n_tokens, incoming, self.context)):
             return
-        drop = max(llm.n_tokens + incoming - self.context, self.context // 4)
         lib, memory = self.llama_cpp, self.llama_cpp.llama_get_memory(llm._ctx.ctx)
         lib.llama_memory_seq_rm(memory, 0, SINK, SINK + drop)
         lib.llama_memory_seq_add(memory, 0, SINK + drop, llm.n_tokens, -drop)

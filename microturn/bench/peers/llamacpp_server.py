@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from microturn.bench.peers.base import PeerUnavailable
-from microturn.bench.peers.llamacpp_peer import SINK
+from microturn.bench.peers.llamacpp_peer import SINK, shift_drop
 
 SERVER_ENV = "MICROTURN_LLAMA_SERVER"  # path to a llama-server binary, if not on PATH
 
@@ -115,9 +115,8 @@ class LlamaServerPeer:
 
     def _make_room(self, session: dict, output_tokens: int) -> None:
         history = session["history"]
-        if len(history) + output_tokens <= self.per_session:
+        if not (drop := shift_drop(len(history), output_tokens, self.per_session)):
             return
-        drop = max(len(history) + output_tokens - self.per_session, self.per_session // 4)
         session["history"] = history[:SINK] + history[SINK + drop:]
 
     def resident_bytes(self, session: dict) -> int:

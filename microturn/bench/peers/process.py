@@ -38,8 +38,8 @@ class PeerJob:
 
     @property
     def context(self) -> int:
-        per_turn = self.shape.input_tokens + self.shape.audio_positions + self.shape.output_tokens
-        return max(512, (self.turns + 8) * (per_turn + 4))
+        """Tokens a long session may hold: every micro-turn's positions and markers."""
+        return max(512, (self.turns + 8) * (Workload(self.text, self.shape).per_turn + 4))
 
 
 def build_peer(job: PeerJob):
