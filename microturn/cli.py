@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="then where a tick's time goes, phase by phase beside each "
                         "phase's floor (at the capacity found, else at --sessions)")
     engine.add_argument("--kv-budget-mb", type=int, default=1024)
+    engine.add_argument("--context-limit", type=int, default=None, metavar="SLOTS",
+                        help="KV slots per session before the long-session policy evicts "
+                        "(default: the model's trained context)")
     engine.add_argument("--model", default=None, metavar="PATH")
     engine.add_argument("--json", default=None, metavar="FILE")
     engine.add_argument("--audio", action="store_true",

@@ -8,6 +8,7 @@ flat when the engine has no O(history) overhead.
 """
 
 import argparse
+import bisect
 import json
 import random
 import resource
@@ -69,6 +70,10 @@ class ShapeResult:
     frontend_share: float | None = None  # of the mean tick
     audio_positions_per_slice: float | None = None
     video_positions_per_slice: float | None = None
+    # how far back the first session's text (every text and marker token since) and media
+    # reach at the end, in seconds of session time; None before anything was evicted
+    text_reach_s: float | None = None
+    media_reach_s: float | None = None
 
 
 def engine_linear_peak(model, rows: int = 256, repeats: int = 8) -> float:
@@ -157,14 +162,15 @@ class ShapeRun:
     def __init__(self, loaded: LoadedModel, floors: Floors, shape: str, sessions: int,
                  turns: int, input_tokens: int, output_tokens: int, slice_ms: int,
                  kv_budget_mb: int, deterministic: bool, warmup: int = 3,
-                 audio: bool = False, video: bool = False):
+                 audio: bool = False, video: bool = False, context_limit: int | None = None):
         self.loaded, self.floors, self.shape = loaded, floors, shape
         self.turns, self.warmup, self.slice_ms = turns, warmup, slice_ms
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
         self.deterministic = deterministic
         self.engine = Engine(loaded, EngineConfig(kv_budget_mb=kv_budget_mb,
                                                   max_sessions=sessions,
-                                                  deterministic=deterministic))
+                                                  deterministic=deterministic,
+                                                  context_limit=context_limit))
         self.rng = random.Random(0)
         self.vocab = loaded.config.vocab_size - len(self.engine.markers.added)
         params = SessionParams(max_output_tokens=output_tokens, slice_ms=slice_ms,
@@ -182,6 +188,7 @@ class ShapeRun:
         self.tokens = self.misses = self.peak_blocks = 0
         self.busy = 0.0  # seconds spent in ticks (throughput excludes the other mode's turns)
         self.phase_floors: dict[str, float] = {}  # with a profile: each phase's floor, summed
+        self.turn_ends: list[int] = []  # the first session's sequence length after each turn
 
     def turn(self, index: int) -> float:
         engine, ids = self.engine, self.ids
@@ -204,6 +211,7 @@ class ShapeRun:
         # markers and media), then output_tokens - 1 decode steps; contexts read back after
         # any eviction
         info = {sid: engine.session_info(sid) for sid in ids}
+        self.turn_ends.append(info[ids[0]].sequence_tokens)
         feeds = {sid: len(info[sid].last_input) + (1 if index else 0) for sid in ids}
         after = {sid: info[sid].kv_slots - (self.output_tokens - 1) for sid in ids}
         passes = [[(feeds[sid], after[sid]) for sid in ids]]
@@ -239,6 +247,9 @@ class ShapeRun:
     def result(self) -> ShapeResult:
         engine, ids = self.engine, self.ids
         evictions = sum(engine.session_info(sid).evictions for sid in ids)
+        first = engine.session_info(ids[0])
+        reach = {"text_reach_s": self._reach(first.text_since),
+                 "media_reach_s": self._reach(first.media_since)} if first.evictions else {}
         for sid in ids:
             engine.close(sid)
         ms = [x * 1e3 for x in self.latencies]
@@ -256,7 +267,12 @@ class ShapeRun:
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool_stats().blocks_total,
             evictions=evictions, mean_feed=self.fed / max(1, self.samples),
-            mean_context=self.read / max(1, self.samples), **self._media_result(ms))
+            mean_context=self.read / max(1, self.samples), **self._media_result(ms), **reach)
+
+    def _reach(self, token: int) -> float:
+        """Session seconds from the turn that holds sequence index `token` to the end."""
+        turn = bisect.bisect_right(self.turn_ends, token)
+        return (len(self.turn_ends) - turn) * self.slice_ms / 1e3
 
     def _media_result(self, ms: list[float]) -> dict:
         if not self.media:
@@ -302,11 +318,12 @@ class MediaSource:
 def run_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int, turns: int,
               input_tokens: int, output_tokens: int, slice_ms: int, realtime: bool,
               kv_budget_mb: int, console: Console, modes: list[bool], audio: bool = False,
-              video: bool = False) -> list[ShapeResult]:
+              video: bool = False, context_limit: int | None = None) -> list[ShapeResult]:
     """Run the shape once per mode, the modes ticked in lockstep (alternating which goes
     first), so a comparison between them is not a comparison between two stretches of time."""
     runs = [ShapeRun(loaded, floors, shape, sessions, turns, input_tokens, output_tokens,
-                     slice_ms, kv_budget_mb, deterministic, audio=audio, video=video)
+                     slice_ms, kv_budget_mb, deterministic, audio=audio, video=video,
+                     context_limit=context_limit)
             for deterministic in modes]
     next_tick = time.perf_counter()
     for index in range(turns + runs[0].warmup):
@@ -416,7 +433,8 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     for shape, (in_tokens, out_tokens) in shapes.items():
         for result in run_shape(loaded, floors, shape, args.sessions, args.turns, in_tokens,
                                 out_tokens, args.slice_ms, args.realtime, args.kv_budget_mb,
-                                console, modes, args.audio, args.video):
+                                console, modes, args.audio, args.video,
+                                args.context_limit):
             if args.find_capacity and shape in SHAPES:
                 result.capacity_sessions, result.roofline_sessions = find_capacity(
                     loaded, floors, shape, args, console, result.deterministic)
@@ -454,6 +472,11 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                       f"ms per tick = {r.frontend_share * 100:.1f}% of the tick (dMel, frame "
                       f"resize and patching, embedding); positions per input slice: "
                       f"{positions}")
+    for r in results:
+        if r.text_reach_s is not None:
+            out.print(f"{r.shape} {mode_name(r.deterministic)}: long session: every text and "
+                      f"marker token of the last {r.text_reach_s:.0f} s is resident, media of "
+                      f"the last {r.media_reach_s:.0f} s ({r.evictions} evictions)")
     for det, fast in zip(results[::2], results[1::2], strict=True) if args.compare_modes else ():
         out.print(f"{det.shape}: deterministic mode costs "
                   f"{(det.p50_ms / fast.p50_ms - 1) * 100:+.1f}% p50 tick latency, "

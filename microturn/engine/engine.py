@@ -33,6 +33,7 @@ from microturn.kernels import ops, policy
 from microturn.sampling import draw_seed, sample_with_logprob
 from microturn.sequence.markers import MarkerTokens, MediaTokens
 from microturn.sequence.media_specs import FrameSpec
+from microturn.sequence.residency import Eviction, Residency, replay
 from microturn.sequence.segments import MAX_RESULT_TOKENS
 from microturn.sequence.timeline import MicroTurn, SliceLayout, Timeline, turn_media
 
@@ -47,6 +48,10 @@ class EngineConfig:
     context_limit: int | None = None  # KV slots per session; default: the trained context
     sink_tokens: int = 64  # kept forever at the start of a long session (rounded up to blocks)
     evict_fraction: float = 0.25  # share of the context dropped at once when it is full
+    # media sessions: old slices' media positions go before their text (`residency.py`); the
+    # newest media_window of the context keeps its media
+    compact_media: bool = True
+    media_window: float = 0.25
     keep_logits: bool = False  # record logits and log-probabilities for every fed token
     deterministic: bool | None = None  # batch-invariant kernels; None: the process default
     resume_chunk: int = 256  # history tokens a session opened from an export feeds per tick
@@ -62,6 +67,8 @@ class EngineConfig:
             raise MicroturnError(f"resume_chunk must be in [16, 8192], got {self.resume_chunk}")
         if not 0.0 < self.evict_fraction < 1.0:
             raise MicroturnError(f"evict_fraction must be in (0, 1), got {self.evict_fraction}")
+        if not 0.0 < self.media_window < 1.0:
+            raise MicroturnError(f"media_window must be in (0, 1), got {self.media_window}")
 
 
 class Engine:
@@ -72,6 +79,7 @@ class Engine:
         self.context_limit = config.context_limit or loaded.config.max_position
         blocks_per_session = -(-self.context_limit // config.block_size)
         self.sink_blocks = -(-config.sink_tokens // config.block_size)
+        self.media_window_blocks = max(1, int(config.media_window * blocks_per_session))
         if self.sink_blocks + 2 > blocks_per_session:
             raise MicroturnError(f"context_limit {self.context_limit} leaves no window after "
                                  f"a sink of {config.sink_tokens} tokens")
@@ -111,7 +119,9 @@ class Engine:
                 raise MicroturnError(f"max_sessions reached ({self.config.max_sessions} open)")
             sid = next(self._ids)
             generator = torch.Generator(device="cpu").manual_seed(params.sampling.seed)
-            session = self.sessions[sid] = Session(sid, params, row, timeline, generator)
+            residency = Residency(self.pool.block_size, self.sink_blocks * self.pool.block_size)
+            session = self.sessions[sid] = Session(sid, params, row, timeline, generator,
+                                                   residency)
             if resume is not None:
                 session.resume = resume
                 for name in ("logprobs", "policy_logprobs"):
@@ -150,9 +160,13 @@ class Engine:
                for t in history):
             raise MicroturnError("from_export: a token id outside this model's vocabulary")
         audio, patches = timeline.media()
-        replay = deque((int(e["at_token"]), int(e["first_slot"]), int(e["slots"]))
-                       for e in evictions)
-        return timeline, Resume(history, audio, patches, replay, tokens[len(history):])
+        try:
+            records = [Eviction.from_dict(e) for e in evictions]
+            replay(records, self.pool.block_size, mine["sink_slots"], history,
+                   self.markers.vocab_size)
+        except (KeyError, TypeError, ValueError) as error:
+            raise MicroturnError(f"from_export: evictions: {error}") from None
+        return timeline, Resume(history, audio, patches, deque(records), tokens[len(history):])
 
     def warm_up(self, input_tokens: int = 16, media: bool = False) -> None:
         """One throwaway tick (kernels load, weights pack, caches fill) so that the first real
@@ -227,8 +241,7 @@ class Engine:
                              "seed": s.params.sampling.seed},
                 "logprobs": [s.logprobs.get(i) for i in range(len(tokens))],
                 "policy_logprobs": [s.policy_logprobs.get(i) for i in range(len(tokens))],
-                "evictions": [{"at_token": fed, "first_slot": slot, "slots": n}
-                              for fed, slot, n in s.evictions],
+                "evictions": [e.to_dict() for e in s.evictions],
                 "kv": {"block_size": self.pool.block_size, "context_limit": self.context_limit,
                        "sink_slots": self.sink_blocks * self.pool.block_size}}
 
@@ -246,6 +259,9 @@ class Engine:
             id=sid, layout=s.timeline.layout, turns=len(s.timeline.turns),
             sequence_tokens=len(s.fed) + len(s.unfed), kv_slots=s.length,
             kv_blocks=s.num_blocks, evictions=len(s.evictions),
+            text_since=s.residency.compacted[0] if s.residency.compacted
+            else (0 if not s.evictions else s.residency.raw_start),
+            media_since=s.residency.raw_start if s.evictions else 0,
             last_input=tuple(s.timeline.input_tokens(last)) if last else ())
 
     def resuming(self, sid: int) -> bool:
@@ -324,15 +340,11 @@ class Engine:
         """A resuming session's next chunk of history (and its media rows), cut where the
         session once evicted, that eviction replayed first: the same blocks dropped at the
         same point, so every later token sees the window it saw before."""
-        r, bs = s.resume, self.pool.block_size
-        if r.evictions and r.evictions[0][0] == r.at:
-            at, first, slots = r.evictions.popleft()
-            self.pool.drop(s.row, s.num_blocks, first // bs, slots // bs)
-            s.num_blocks -= slots // bs
-            s.length -= slots
-            s.evictions.append((at, first, slots))
+        r = s.resume
+        while r.evictions and r.evictions[0].at_token == r.at:
+            self._apply(s, r.evictions.popleft())
         end = min(r.at + self.config.resume_chunk, len(r.tokens),
-                  r.evictions[0][0] if r.evictions else len(r.tokens))
+                  r.evictions[0].at_token if r.evictions else len(r.tokens))
         feed = r.tokens[r.at:end]
         m = self.markers.media
         n_audio, n_patches = feed.count(m.audio_frame), feed.count(m.patch)
@@ -472,19 +484,43 @@ class Engine:
             s.num_blocks += 1
 
     def _evict(self, s: Session, slots_needed: int) -> None:
-        """Long-session policy: drop whole blocks right after the sink, at least
-        evict_fraction of the context at once (so the O(blocks) table shift is rare).
-        Kept tokens keep their positions: rotary scores depend on position differences,
-        so what the window sees of itself is unchanged."""
-        bs = self.pool.block_size
-        at_least = int(self.config.evict_fraction * self.context_limit) // bs
-        evict = min(max(-(-slots_needed // bs), at_least, 1),
+        """Long-session policy (`sequence/residency.py`). A media session first compacts its
+        oldest raw blocks outside the media window: their media positions go, their text and
+        markers stay. Where that is not room enough, whole blocks right after the sink go, the
+        compacted zone's first; before anything was compacted at least evict_fraction of the
+        context at once (so the O(blocks) table shift is rare). Kept tokens keep their
+        positions: rotary scores depend on position differences, so what the window sees of
+        itself is unchanged."""
+        bs, residency = self.pool.block_size, s.residency
+        need, freed = -(-slots_needed // bs), 0
+        layout = s.timeline.layout
+        if self.config.compact_media and (layout.audio or layout.video):
+            region = (len(s.fed) - residency.raw_start) // bs - self.media_window_blocks
+            if region > 1 and (e := residency.plan_compaction(
+                    s.fed, len(s.fed), region, self.markers.vocab_size)):
+                self._apply(s, e)
+                freed = (e.slots - e.kept_slots) // bs
+        if freed >= need:
+            return
+        at_least = 1 if residency.compacted else \
+            int(self.config.evict_fraction * self.context_limit) // bs
+        evict = min(max(need - freed, at_least, 1),
                     s.num_blocks - self.sink_blocks - 1)  # keep the block being written
-        start = self.sink_blocks
-        self.pool.drop(s.row, s.num_blocks, start, evict)
-        s.num_blocks -= evict
-        s.length -= evict * bs
-        s.evictions.append((len(s.fed), start * bs, evict * bs))
+        self._apply(s, Eviction(len(s.fed), self.sink_blocks * bs, evict * bs))
+
+    def _apply(self, s: Session, e: Eviction) -> None:
+        """One eviction on the session's blocks (live, or replayed on resume)."""
+        bs = self.pool.block_size
+        if e.kept:  # slot offsets inside the region, which starts at the raw zone's start
+            offsets = torch.tensor([t - s.residency.raw_start for first, n in e.kept
+                                    for t in range(first, first + n)])
+            self.pool.compact(s.row, s.num_blocks, e.first_slot // bs, e.slots // bs, offsets)
+        else:
+            self.pool.drop(s.row, s.num_blocks, e.first_slot // bs, e.slots // bs)
+        s.residency.apply(e)
+        s.num_blocks -= (e.slots - e.kept_slots) // bs
+        s.length -= e.slots - e.kept_slots
+        s.evictions.append(e)
 
 
 def _no_profile(phase: str | None) -> None:

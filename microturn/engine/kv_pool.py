@@ -146,6 +146,22 @@ class KVPool:
         table[start:num_blocks - count] = table[end:num_blocks].clone()
         table[num_blocks - count:num_blocks] = -1
 
+    def compact(self, row: int, num_blocks: int, start: int, count: int,
+                offsets: torch.Tensor) -> None:
+        """Keep the slots at `offsets` (in order; a whole number of blocks) of the `count`
+        blocks from index `start` of a row, packed into the first of those blocks, and free
+        the rest. KV is copied bit for bit: kept keys keep their rotary positions."""
+        bs = self.block_size
+        region = self.block_table[row, start:start + count].long()
+        keep = len(offsets) // bs
+        blocks = region[:keep].repeat_interleave(bs)
+        at = torch.arange(bs).repeat(keep)
+        for layer in range(self.v.shape[0]):  # read whole, then write: the regions overlap
+            k = self.keys(layer, region).transpose(1, 2).flatten(0, 1)[offsets]
+            v = self.v[layer, region].transpose(1, 2).flatten(0, 1)[offsets]
+            self.write(layer, blocks, at, k.contiguous(), v.contiguous())
+        self.drop(row, num_blocks, start + keep, count - keep)
+
     def stats(self) -> PoolStats:
         return PoolStats(self.num_blocks, len(self.free_blocks), self.block_bytes)
 

@@ -8,6 +8,7 @@ import torch
 from microturn.errors import MicroturnError
 from microturn.sampling import SamplingParams
 from microturn.sequence.media_specs import DMelSpec, FrameSpec
+from microturn.sequence.residency import Eviction, Residency
 from microturn.sequence.timeline import SliceLayout, Timeline
 
 
@@ -58,7 +59,7 @@ class Resume:
     tokens: list[int]  # the history to feed (everything the export had fed)
     audio: torch.Tensor | None  # the history's dMel codes and patches, in sequence order
     patches: torch.Tensor | None
-    evictions: deque  # (at_token, first_slot, slots) to replay, in order
+    evictions: deque  # the export's `Eviction`s to replay, in order
     unfed: list[int]  # the export's last sampled token(s), fed with the next slice
     at: int = 0  # tokens fed so far
     audio_at: int = 0  # media rows fed so far
@@ -72,6 +73,7 @@ class Session:
     row: int  # this session's row of the KV pool's block table
     timeline: Timeline
     generator: torch.Generator
+    residency: Residency  # which tokens' KV is resident (the long-session policy's state)
     num_blocks: int = 0
     length: int = 0  # KV slots written
     next_position: int = 0  # position of the next token fed
@@ -85,7 +87,7 @@ class Session:
     # sequence index -> log p(sampled token) under the distribution it was drawn from
     # (temperature, top-k, top-p; 0.0 greedy): the behaviour policy's, for importance ratios
     policy_logprobs: dict[int, float] = field(default_factory=dict)
-    evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (fed, slot, count)
+    evictions: list[Eviction] = field(default_factory=list)
     closed: bool = False
     failed: str | None = None  # why the session can take no more steps (e.g. kv_pool_full)
     resume: Resume | None = None  # opened from an export: its history is still being fed
@@ -109,4 +111,6 @@ class SessionInfo:
     kv_slots: int  # KV slots written (fewer than fed tokens after an eviction)
     kv_blocks: int
     evictions: int
+    text_since: int  # every text and marker token from this sequence index on is resident
+    media_since: int  # every media position from this sequence index on is resident
     last_input: tuple[int, ...]  # the last micro-turn's input half, markers included

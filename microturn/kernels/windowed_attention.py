@@ -1,13 +1,15 @@
 """Whole-sequence attention that sees what a long streamed session saw after its evictions.
 
-The engine keeps a session's first `sink_slots` KV slots forever and, when the context is
-full, drops whole blocks right after them (`Engine._evict`); kept tokens keep their positions.
-So from an eviction on, token p attends to the sink and to the tokens from `sink_slots +
-evicted` to p, where `evicted` counts every slot dropped so far. `windowed_attention` computes
-exactly that for whole sequences: in deterministic mode through the engine's paged kernel, each
-epoch between two evictions one segment whose block table lists the sink's blocks and then
-the resident ones, so every query's arithmetic is the one it had while streaming (bit for bit);
-its gradient is autograd through the masked torch formula.
+The engine keeps a session's first `sink_slots` KV slots forever; when the context is full it
+compacts old slices (their media positions go, their text stays, packed into whole blocks) or
+drops whole blocks right after the sink (`sequence/residency.py`); kept tokens keep their
+positions. So token p attends to the sink, to the compacted tokens of its epoch, and to the raw
+tokens from the epoch's `raw_start` to p. `windowed_attention` computes exactly that for whole
+sequences: in deterministic mode through the engine's paged kernel, each epoch one segment
+whose block table lists the sink's blocks, the compacted blocks (gathered from the sequence
+into blocks of their own, as the engine packed them) and the raw ones, so every query's
+arithmetic is the one it had while streaming (bit for bit); its gradient is autograd through
+the masked torch formula.
 """
 
 import functools
@@ -18,32 +20,34 @@ import torch.nn.functional as F
 
 from microturn.kernels import autograd, policy
 from microturn.kernels.ops import _needs_grad, kernels_for
+from microturn.sequence.residency import Epoch
 
 
 @dataclass(frozen=True)
 class ResidentWindows:
     block_size: int
     sink_slots: int  # a whole number of blocks
-    # per batch row: (first token after the eviction, slots evicted so far), in order
-    evictions: tuple[tuple[tuple[int, int], ...], ...]
+    epochs: tuple[tuple[Epoch, ...], ...]  # per batch row, from token 0, in order
 
-    def epochs(self, row: int, steps: int) -> list[tuple[int, int, int]]:
-        """(first token, end token, slots evicted before it) of each stretch of row `row`."""
-        cuts = [(0, 0), *[(at, e) for at, e in self.evictions[row] if at < steps]]
-        ends = [at for at, _ in cuts[1:]] + [steps]
-        return [(at, end, e) for (at, e), end in zip(cuts, ends, strict=True)]
+    def stretches(self, row: int, steps: int) -> list[tuple[int, int, Epoch]]:
+        """(first token, end token, residency) of each stretch of row `row`."""
+        epochs = [e for e in self.epochs[row] if e.at < steps]
+        ends = [e.at for e in epochs[1:]] + [steps]
+        return [(e.at, end, e) for e, end in zip(epochs, ends, strict=True)]
 
     def mask(self, steps: int, device=None) -> torch.Tensor:
         """[B, 1, T, T] bool: query p sees key j."""
         j = torch.arange(steps, device=device)
+        causal = j.unsqueeze(0) <= j.unsqueeze(1)
         rows = []
-        for b in range(len(self.evictions)):
-            evicted = torch.zeros(steps, dtype=torch.long, device=device)
-            for at, end, e in self.epochs(b, steps):
-                evicted[at:end] = e
-            p = j.unsqueeze(1)
-            seen = (j <= p) & ((j < self.sink_slots) | (j >= self.sink_slots + evicted[p]))
-            rows.append(seen)
+        for b in range(len(self.epochs)):
+            seen = torch.zeros(steps, steps, dtype=torch.bool, device=device)
+            for first, end, epoch in self.stretches(b, steps):
+                resident = (j < self.sink_slots) | (j >= epoch.raw_start)
+                for start, n in epoch.compacted:
+                    resident[start:start + n] = True
+                seen[first:end] = resident
+            rows.append(seen & causal)
         return torch.stack(rows).unsqueeze(1)
 
 
@@ -69,32 +73,47 @@ def _paged_windows(kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, q_heads, steps, dim = q.shape
     kv_heads, bs = k.shape[1], windows.block_size
     blocks = -(-steps // bs)
-    pad = blocks * bs - steps
+    table, rows, keys, starts, gather = _metadata(windows, batch, steps)
 
-    def pool(t):  # [B, Hkv, T, D] -> [B * blocks, Hkv, bs, D]: block i of row b is b * blocks + i
-        t = F.pad(t, (0, 0, 0, pad)).view(batch, kv_heads, blocks, bs, dim)
-        return t.permute(0, 2, 1, 3, 4).reshape(batch * blocks, kv_heads, bs, dim).contiguous()
+    def pool(t):  # [B, Hkv, T, D] -> [B * blocks + compacted, Hkv, bs, D]: the sequence's
+        # blocks (block i of row b is b * blocks + i), then the compacted ones
+        slots = F.pad(t, (0, 0, 0, blocks * bs - steps)).transpose(1, 2).flatten(0, 1)
+        packed = torch.cat([slots, slots[gather]]) if len(gather) else slots
+        return packed.view(-1, bs, kv_heads, dim).transpose(1, 2).contiguous()
 
     flat_q = q.transpose(1, 2).reshape(batch * steps, q_heads, dim).contiguous()
-    out = kernels.paged_attention(flat_q, pool(k), pool(v), *_metadata(windows, batch, steps))
+    out = kernels.paged_attention(flat_q, pool(k), pool(v), table, rows, keys, starts)
     return out.view(batch, steps, q_heads, dim).transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=8)
 def _metadata(windows: ResidentWindows, batch: int, steps: int) -> tuple[torch.Tensor, ...]:
-    """(table, rows, keys, starts) for the paged kernel: one segment per stretch between
-    evictions, its table row the sink's blocks then the resident ones. The same for every
-    layer of a pass, so built once."""
+    """(table, rows, keys, starts) for the paged kernel, and the slots (row-major over the
+    padded batch) gathered into compacted blocks: one segment per stretch, its table row the
+    sink's blocks, the compacted blocks, then the raw ones. The same for every layer of a
+    pass, so built once."""
     bs = windows.block_size
     blocks, sink_blocks = -(-steps // bs), windows.sink_slots // bs
-    table, rows, keys, starts = [], [], [], [0]
+    table, rows, keys, starts, gather = [], [], [], [0], []
+    packed: dict[tuple[int, ...], int] = {}  # a compacted block's slots -> its pool block
     for b in range(batch):
-        for first, end, evicted in windows.epochs(b, steps):
-            resident = [*range(sink_blocks), *range(sink_blocks + evicted // bs, blocks)]
-            table.append([b * blocks + i for i in resident])
+        for first, end, epoch in windows.stretches(b, steps):
+            compacted = [b * blocks * bs + t for start, n in epoch.compacted
+                         for t in range(start, start + n)]
+            ids = []
+            for i in range(0, len(compacted), bs):
+                block = tuple(compacted[i:i + bs])
+                if block not in packed:
+                    packed[block] = batch * blocks + len(packed)
+                    gather += block
+                ids.append(packed[block])
+            table.append([*(b * blocks + i for i in range(sink_blocks)), *ids,
+                          *(b * blocks + i for i in range(epoch.raw_start // bs, blocks))])
             rows += [len(table) - 1] * (end - first)
-            keys += [p + 1 - evicted for p in range(first, end)]
+            before = windows.sink_slots + len(compacted) - epoch.raw_start
+            keys += [p + 1 + before for p in range(first, end)]
             starts.append(starts[-1] + end - first)
     width = max(len(t) for t in table)
     padded = [t + [0] * (width - len(t)) for t in table]
-    return tuple(torch.tensor(x, dtype=torch.int32) for x in (padded, rows, keys, starts))
+    return (*(torch.tensor(x, dtype=torch.int32) for x in (padded, rows, keys, starts)),
+            torch.tensor(gather, dtype=torch.long))

@@ -7,6 +7,7 @@ import torch
 
 from microturn.frontend.embedding import FrontEnd
 from microturn.model.decoder import Decoder
+from microturn.sequence.residency import Eviction, replay
 from microturn.sequence.timeline import Timeline
 from microturn.train.batch import resident_windows
 from microturn.train.logprobs import sequence_logprobs
@@ -36,7 +37,7 @@ def verify_alignment(export: dict, model: Decoder,
     # layout the pass replays each token's resident window; without it, it reproduces the
     # tokens up to the first eviction, whose own token it includes (its log-probability came
     # from the step before the eviction)
-    evicted = check_evictions(export, len(tokens))
+    evicted = check_evictions(export, tokens, timeline.markers.vocab_size)
     windows = resident_windows([export])
     limit = len(tokens) if windows is not None else min(evicted + [len(tokens) - 1]) + 1
     kept = Timeline(timeline.markers, _turns_within(timeline, limit), timeline.layout)
@@ -59,22 +60,21 @@ def verify_alignment(export: dict, model: Decoder,
     return AlignmentReport(compared, worst, first, skipped)
 
 
-def check_evictions(export: dict, length: int) -> list[int]:
-    """The evictions' token indices, once each record is what the engine's policy writes: in
-    order, inside the session, whole blocks right after the sink, never past the context limit
-    (a forged record would hide what comes after it)."""
+def check_evictions(export: dict, tokens: list[int], vocab_size: int = 0) -> list[int]:
+    """The evictions' token indices, once each record is what the engine's policy writes
+    (`sequence/residency.py`): in order, inside the session, whole blocks after the sink,
+    a compaction dropping media only (a forged record would hide what comes after it)."""
     evictions, kv = export.get("evictions", []), export.get("kv")
     at = [int(e["at_token"]) for e in evictions]
-    if any(not 0 < a < length for a in at) or at != sorted(set(at)):
+    if any(not 0 < a < len(tokens) for a in at) or at != sorted(at):
         raise ValueError(f"export: evictions must fall in order inside the session's "
-                         f"{length} tokens")
+                         f"{len(tokens)} tokens")
     if kv is not None:
-        for e in evictions:
-            if e["first_slot"] != kv["sink_slots"] or e["slots"] <= 0 or \
-                    e["slots"] % kv["block_size"] or e["slots"] > kv["context_limit"]:
-                raise ValueError(f"export: eviction at token {e['at_token']} is not one the "
-                                 f"engine makes (whole blocks after the {kv['sink_slots']}-slot "
-                                 f"sink)")
+        try:
+            replay([Eviction.from_dict(e) for e in evictions], kv["block_size"],
+                   kv["sink_slots"], tokens, vocab_size)
+        except ValueError as error:
+            raise ValueError(f"export: {error}") from None
     return at
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from microturn.kernels.windowed_attention import ResidentWindows
+from microturn.sequence.residency import Eviction, replay
 from microturn.sequence.timeline import Timeline
 
 
@@ -74,11 +75,7 @@ def resident_windows(exports: list[dict]) -> ResidentWindows | None:
     layouts = {(e["kv"]["block_size"], e["kv"]["sink_slots"]) for e in exports if "kv" in e}
     if len(layouts) != 1 or any(e.get("evictions") and "kv" not in e for e in exports):
         return None
-    (block_size, sink_slots), rows = layouts.pop(), []
-    for export in exports:
-        evicted, row = 0, []
-        for e in export.get("evictions") or []:
-            evicted += int(e["slots"])
-            row.append((int(e["at_token"]), evicted))
-        rows.append(tuple(row))
-    return ResidentWindows(block_size, sink_slots, tuple(rows))
+    (block_size, sink_slots) = layouts.pop()
+    rows = tuple(tuple(replay([Eviction.from_dict(e) for e in export.get("evictions") or []],
+                              block_size, sink_slots)) for export in exports)
+    return ResidentWindows(block_size, sink_slots, rows)
