@@ -1,9 +1,11 @@
 """`microturn train`'s loop on a tiny model: it learns a timing task, and resumes bit for bit."""
 
+import json
 import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_engine import tiny_loaded
 
 from microturn import cli
@@ -21,6 +23,7 @@ from microturn.train.data import (
 )
 from microturn.train.loop import LoopConfig, TrainingRun, learning_rate
 from microturn.train.targets import TargetConfig
+from microturn.train.validate import Validation
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="CPU kernels unavailable here")
 
@@ -51,14 +54,35 @@ def test_loop_learns_to_speak_at_slice_k(tokenizer, tmp_path):
     loaded, examples = setup(tokenizer)
     heldout = [speak_at(s) for s in range(10_000, 10_040)]  # seeds training never saw
     config = LoopConfig(steps=70, batch_size=8, lr=5e-3, warmup=10, full=True,
-                        checkpoint_every=1000)
+                        checkpoint_every=1000, validate_every=10)
     run = TrainingRun(loaded, examples, config, tmp_path, heldout, progress=False)
     history = run.train()
     assert history[-1].loss < 0.1 * history[0].loss
     final = run.validations[-1]
     assert final.step == 70 and final.overall >= 0.95, final
-    assert {"checkpoint.safetensors", "model.safetensors", "history.json"} <= {
-        p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.safetensors", "model.safetensors", "history.json",
+            "best-model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    # the best validation's weights are kept: the first one (step 10) had not learnt it yet
+    assert run.validations[0].overall < 0.95 and run.best.macro >= 0.95
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved["best_step"] == run.best.step == max(
+        reversed(run.validations), key=lambda v: v.macro).step
+    if run.best.step == 70:
+        best, last = (load_file(tmp_path / f) for f in ("best-model.safetensors",
+                                                         "model.safetensors"))
+        assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_best_is_the_highest_family_mean_the_latest_of_equals():
+    def v(step, rates):
+        return Validation(step, rates, 0, 1)
+
+    run = TrainingRun.__new__(TrainingRun)
+    run.validations = [v(10, {"a": 1.0, "b": 0.0}), v(20, {"a": 0.5, "b": 0.75}),
+                       v(30, {"a": 0.75, "b": 0.5}), v(40, {"a": 0.25, "b": 0.25})]
+    assert run.best.step == 30  # 0.625 twice: the later; a family mean, not the scenario count
+    run.validations = []
+    assert run.best is None
 
 
 def test_resume_continues_bit_identically(tokenizer, tmp_path):
@@ -142,10 +166,46 @@ def test_a_run_can_start_from_a_trained_adapter(tokenizer, tmp_path):
         assert torch.equal(p, start.params[name]), name
     fresh = run(tmp_path / "c", 1)  # negative control: a fresh adapter's B is zero
     assert any(not torch.equal(p, fresh.params[n]) for n, p in first.params.items())
-    with pytest.raises(Exception, match="init_adapter: .* has LoRAConfig"):
+    with pytest.raises(Exception, match="init_adapter: .* has rank 4 .* this run rank 2"):
         loaded, examples = setup(tokenizer, range(2))
         TrainingRun(loaded, examples, LoopConfig(lora=LoRAConfig(rank=2), init_adapter=str(
             tmp_path / "a" / "adapter.safetensors")), tmp_path / "d", progress=False)
+    with pytest.raises(Exception, match="init_adapter: .* on qkv,o,gate_up,down, this run "
+                                        "rank 8 on qkv,o"):
+        loaded, examples = setup(tokenizer, range(2))
+        TrainingRun(loaded, examples, LoopConfig(lora=LoRAConfig(rank=8, targets=("qkv", "o")),
+                                                 init_adapter=str(tmp_path / "a" /
+                                                                  "adapter.safetensors")),
+                    tmp_path / "e", progress=False)
+
+
+@pytest.mark.parametrize("alpha", [16.0, 12.0])
+def test_a_higher_rank_grows_a_trained_adapter_and_serves_the_same_weights(tokenizer, tmp_path,
+                                                                             alpha):
+    from microturn.train.lora import lora_modules
+
+    def run(out, lora, steps, init=None):
+        loaded, examples = setup(tokenizer, range(8))
+        config = LoopConfig(steps=steps, batch_size=4, lr=1e-2, warmup=1, lora=lora,
+                            init_adapter=init)
+        return TrainingRun(loaded, examples, config, out, progress=False)
+
+    small = run(tmp_path / "a", LoRAConfig(rank=4, alpha=8), 3)
+    small.train()
+    grown = run(tmp_path / "b", LoRAConfig(rank=8, alpha=alpha), 2,
+                str(tmp_path / "a" / "adapter.safetensors"))
+    fresh = run(tmp_path / "c", LoRAConfig(rank=8, alpha=alpha), 2)  # negative control
+    before = {n: m.merged_weight() for n, m in lora_modules(small.loaded.model).items()}
+    after = {n: m.merged_weight() for n, m in lora_modules(grown.loaded.model).items()}
+    unadapted = {n: m.merged_weight() for n, m in lora_modules(fresh.loaded.model).items()}
+    # the same scale (alpha / rank = 2) serves the same weights bit for bit; another scale
+    # rescales B, within a rounding of the merged weight
+    same = torch.equal if alpha == 16.0 else (lambda x, y: torch.allclose(x, y, atol=1e-6))
+    assert all(same(after[n], before[n]) for n in before)
+    assert not all(torch.equal(unadapted[n], before[n]) for n in before)
+    grown.train()  # the new rank learns too
+    assert any(float(m.b[:, 4:].abs().sum()) > 0
+               for m in lora_modules(grown.loaded.model).values())
 
 
 def test_family_weights_parse_and_refuse_clearly():

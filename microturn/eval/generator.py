@@ -154,11 +154,11 @@ def time(rng, book: Book, slice_ms: int) -> dict:
         text = _pick(rng, book.counting).format(n=_number(rng, n), m=_number(rng, m))
         steps = [(i * n, number_forms(i)) for i in range(1, m + 1)]
     elif kind < 0.35:
-        n = int(rng.integers(2, 16))
+        n = int(rng.integers(*book.wait_s))
         text = _pick(rng, book.when_passed).format(n=_number(rng, n))
         steps = [(n, ())]
     else:
-        n, word = int(rng.integers(2, 16)), _pick(rng, book.targets)
+        n, word = int(rng.integers(*book.wait_s)), _pick(rng, book.targets)
         text = _pick(rng, book.timed).format(n=_number(rng, n), word=word)
         steps = [(n, (word,))]
     words, end = speaker.say(text, int(rng.integers(200, 800)))
@@ -196,7 +196,7 @@ def cue_audio(rng, book: Book, slice_ms: int) -> dict:
     (name, kind), word = _pick(rng, book.sound_names), _pick(rng, book.targets)
     text = _pick(rng, book.audio_cues).format(sound=name, word=word)
     words, end = speaker.say(text, int(rng.integers(200, 800)))
-    start_ms = end + int(rng.integers(1500, 6001))
+    start_ms = end + int(rng.integers(*book.sound_onset_ms))
     length = {"beep": int(rng.integers(150, 450)), "chime": int(rng.integers(300, 800)),
               "click": int(rng.integers(20, 60))}[kind]
     sound = Sound(kind, start_ms, length, float(rng.uniform(500, 2500)),

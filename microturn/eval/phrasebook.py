@@ -34,6 +34,10 @@ class Book:
     chatter: tuple[str, ...]  # what the user says around a cue word
     audio_cues: tuple[str, ...]  # {sound} {word}
     sound_names: tuple[tuple[str, str], ...]  # (name in the instruction, Sound.kind)
+    # what the numbers are drawn from: a sound's onset after the instruction, a timed wait
+    # (training draws wider than the eval, so that no onset or wait is a safe guess)
+    sound_onset_ms: tuple[int, int]
+    wait_s: tuple[int, int]
     visual_colour_cues: tuple[str, ...]  # {colour} {word}
     visual_shape_cues: tuple[str, ...]  # {shape} {word}
     colours: tuple[tuple[str, tuple[int, int, int]], ...]
@@ -91,6 +95,8 @@ HELDOUT = Book(
     audio_cues=("Say {word} the moment you hear a {sound}.",
                 "As soon as a {sound} plays, say {word}."),
     sound_names=(("tone", "beep"), ("chime", "chime"), ("bell", "chime")),
+    sound_onset_ms=(1500, 6001),
+    wait_s=(2, 16),
     visual_colour_cues=("Say {word} once the picture becomes {colour}.",
                         "The moment everything turns {colour}, say {word}."),
     visual_shape_cues=("Say {word} as soon as a {shape} shows up.",),
@@ -216,7 +222,10 @@ TRAIN = Book(
     sound_names=(("beep", "beep"), ("click", "click"), ("ding", "chime"), ("ring", "chime"),
                  ("gong", "chime"), ("ping", "beep"), ("buzz", "beep"), ("whistle", "beep"),
                  ("knock", "click"), ("tap", "click"), ("sound", "chime"), ("noise", "click"),
-                 ("signal", "beep")),
+                 ("signal", "beep"), ("jingle", "chime"), ("clang", "chime"),
+                 ("tinkle", "chime")),
+    sound_onset_ms=(1000, 12001),
+    wait_s=(2, 21),
     visual_colour_cues=("When the screen turns {colour}, say {word}.",
                         "If the screen goes {colour}, say {word}.",
                         "Say {word} when the screen becomes {colour}.",

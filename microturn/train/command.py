@@ -62,8 +62,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                      help="loss weight of the slices where a behaviour is decided (a timed "
                           "word, a reply's start, a stop) and the two before them")
     opt.add_argument("--init-adapter", default=None, metavar="PATH",
-                     help="start from this trained adapter (same LoRA settings) instead of "
-                          "a fresh one")
+                     help="start from this trained adapter (same targets; a higher --lora-rank "
+                          "grows it) instead of a fresh one")
     val = parser.add_argument_group("validation")
     val.add_argument("--val-every", type=int, default=100, help="steps (0: at the end only)")
     val.add_argument("--val-per-family", type=int, default=4,
@@ -142,6 +142,9 @@ def run_train(args: argparse.Namespace) -> None:
         v = run.validations[-1]
         rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(v.pass_rate.items()))
         print(f"validation at step {v.step}: {v.overall:.0%} ({rates})", file=sys.stderr)
+        best = run.best
+        print(f"best validation (mean family pass rate {best.macro:.0%}) at step {best.step}: "
+              f"{run.out_dir / ('best-' + run.artifact.name)}", file=sys.stderr)
 
 
 def parse_family_weights(text: str | None, families: list[str]) -> dict[str, int]:

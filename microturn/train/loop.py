@@ -12,7 +12,9 @@ the engine's own model code with deterministic kernels (the sampler's bits). LoR
 
 `out_dir` holds `checkpoint.safetensors` (trainable weights, optimizer state, step, data
 position: a resumed run continues bit for bit), `history.json`, the final artifact
-(`adapter.safetensors`, or `model.safetensors` for a full fine-tune) and `training.png`.
+(`adapter.safetensors`, or `model.safetensors` for a full fine-tune), `training.png`, and with
+validation `best-adapter.safetensors` (`best-model…`): the artifact at the validation with the
+highest mean family pass rate, since a run that moves one behaviour can lose another.
 """
 
 import json
@@ -139,12 +141,12 @@ class TrainingRun:
                 self.history.append(record)
                 bar.update(record)
                 if c.validate_every and self.step % c.validate_every == 0 and self.validation:
-                    self.validations.append(self.run_validation())
+                    self._validate_and_keep_best()
                     bar.note(self.validations[-1])
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     self.save(self.out_dir / CHECKPOINT)
         if self.validation and (not self.validations or self.validations[-1].step != self.step):
-            self.validations.append(self.run_validation())
+            self._validate_and_keep_best()
         self.artifact = self.save_artifact()
         self._write_history()
         plot_history(self.history, self.validations, self.out_dir / "training.png")
@@ -183,6 +185,16 @@ class TrainingRun:
     def run_validation(self) -> Validation:
         return validate(self.loaded, self.validation, self.step)
 
+    @property
+    def best(self) -> Validation | None:
+        """The validation with the highest mean family pass rate (the latest of equals)."""
+        return max(reversed(self.validations), key=lambda v: v.macro, default=None)
+
+    def _validate_and_keep_best(self) -> None:
+        self.validations.append(self.run_validation())
+        if self.best is self.validations[-1]:
+            self.save_artifact(best=True)
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
@@ -208,17 +220,18 @@ class TrainingRun:
         self.history = [StepRecord(**r) for r in json.loads(metadata["history"])]
         self.validations = [Validation(**v) for v in json.loads(metadata["validations"])]
 
-    def save_artifact(self) -> Path:
+    def save_artifact(self, best: bool = False) -> Path:
         """What serving loads: the adapter (small), or the whole model for a full run."""
+        prefix = "best-" if best else ""
         if self.config.full:
-            path = self.out_dir / "model.safetensors"
+            path = self.out_dir / f"{prefix}model.safetensors"
             named = dict(self.loaded.model.named_parameters())
             if self.frontend is not None and self.config.train_frontend:
                 named |= {f"frontend.{n}": p for n, p in self.frontend.named_parameters()}
             save_file({n: p.detach().contiguous() for n, p in named.items()}, str(path),
                       {"format": "microturn-full", "step": str(self.step)})
             return path
-        path = self.out_dir / "adapter.safetensors"
+        path = self.out_dir / f"{prefix}adapter.safetensors"
         save_adapter(path, self.loaded.model, self.config.lora,
                      self.frontend if self.config.train_frontend else None,
                      {"step": str(self.step), "clock": str(self.loaded.clock).lower()})
@@ -226,13 +239,17 @@ class TrainingRun:
 
     def _start_from(self, path: Path) -> None:
         """A run that goes on from a trained adapter (a new data mix or schedule): its A, B
-        and front-end become this run's starting point."""
+        and front-end become this run's starting point (a higher rank here grows it:
+        `load_adapter`)."""
         if self.config.full:
             raise MicroturnError("init_adapter: a full fine-tune starts from the base weights")
         saved, _, _ = read_adapter(path)
-        if saved != self.config.lora:
-            raise MicroturnError(f"init_adapter: {path} has {saved}, this run has "
-                                 f"{self.config.lora}")
+        ours = self.config.lora
+        if saved.targets != ours.targets or saved.rank > ours.rank:
+            raise MicroturnError(f"init_adapter: {path} has rank {saved.rank} on "
+                                 f"{','.join(saved.targets)}, this run rank {ours.rank} on "
+                                 f"{','.join(ours.targets)} (the same targets, a rank as "
+                                 f"high or higher)")
         load_adapter(path, self.loaded.model,
                      self.frontend if self.config.train_frontend else None)
 
@@ -245,7 +262,8 @@ class TrainingRun:
     def _write_history(self) -> None:
         (self.out_dir / "history.json").write_text(json.dumps(
             {"steps": [asdict(r) for r in self.history],
-             "validations": [asdict(v) for v in self.validations]}, indent=1))
+             "validations": [asdict(v) for v in self.validations],
+             "best_step": self.best.step if self.best else None}, indent=1))
 
 
 def _has_media(examples: Examples) -> bool:
@@ -295,7 +313,8 @@ class _Progress:
 
     def note(self, validation: Validation) -> None:
         rates = ", ".join(f"{f} {r:.0%}" for f, r in sorted(validation.pass_rate.items()))
-        line = f"step {validation.step}: validation {validation.overall:.0%} ({rates})"
+        line = (f"step {validation.step}: validation {validation.overall:.0%}, family mean "
+                f"{validation.macro:.0%} ({rates})")
         if self.enabled:
             self.bar.console.print(line)
         elif self.log_every:

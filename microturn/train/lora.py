@@ -173,13 +173,23 @@ def save_adapter(path: str | Path, model: Decoder, config: LoRAConfig,
 
 def load_adapter(path: str | Path, model: Decoder,
                  frontend: FrontEnd | None = None) -> LoRAConfig:
-    """Into a model that carries the same adapter (`add_lora` with the file's config): the
-    trainer's side. Front-end weights, when the file has them, go into `frontend`."""
+    """Into a model that carries an adapter on the same targets (`add_lora`): the trainer's
+    side. An adapter of a lower rank than the model's grows into it: its A and B fill the
+    first rows and columns (B rescaled to the model's alpha / rank), the rest keep their
+    initialisation (B zero), so the model computes what the file's adapter computes and has
+    room to learn more. Front-end weights, when the file has them, go into `frontend`."""
     config, tensors, _ = read_adapter(path)
     modules = lora_modules(model)
     with torch.no_grad():
         for name, module in modules.items():
-            module.a.copy_(take(tensors, f"lora.{name}.a", module.a.shape, path))
-            module.b.copy_(take(tensors, f"lora.{name}.b", module.b.shape, path))
+            rank = module.a.shape[0]
+            if config.rank > rank:
+                raise MicroturnError(f"{path}: rank {config.rank} does not fit an adapter of "
+                                     f"rank {rank}")
+            a = take(tensors, f"lora.{name}.a", (config.rank, module.a.shape[1]), path)
+            b = take(tensors, f"lora.{name}.b", (module.b.shape[0], config.rank), path)
+            module.a[:config.rank].copy_(a)
+            module.b[:, :config.rank].copy_(b if config.scale == module.scale
+                                            else b * (config.scale / module.scale))
     load_frontend_tensors(tensors, frontend, path)
     return config

@@ -28,6 +28,12 @@ class Validation:
     def overall(self) -> float:
         return self.passed / self.total
 
+    @property
+    def macro(self) -> float:
+        """Every family counts the same (each is a goal of its own), however many
+        scenarios it has: what picks the best checkpoint."""
+        return sum(self.pass_rate.values()) / len(self.pass_rate)
+
 
 def validate(loaded: LoadedModel, scenarios: list[Scenario], step: int,
              settings: MicroTurnSettings | None = None) -> Validation:
