@@ -110,6 +110,28 @@ def test_resume_continues_bit_identically(tokenizer, tmp_path):
     assert all(k.startswith("lora.") for k in tensors)
 
 
+def test_stop_after_pauses_a_schedule_that_goes_on_bit_for_bit(tokenizer, tmp_path):
+    """A run of 6 steps stopped at 3 (its schedule still the 6-step cosine) and run again
+    equals 6 straight; a 3-step run (its own schedule) is the negative control."""
+    def run(out, steps, stop_after=None):
+        loaded, examples = setup(tokenizer, range(16))
+        config = LoopConfig(steps=steps, batch_size=4, lr=1e-2, warmup=1,
+                            lora=LoRAConfig(rank=4, alpha=8), checkpoint_every=100)
+        trainer = TrainingRun(loaded, examples, config, out, progress=False)
+        trainer.train(stop_after=stop_after)
+        return trainer
+
+    straight = run(tmp_path / "a", 6)
+    paused = run(tmp_path / "b", 6, stop_after=3)
+    assert paused.step == 3 and [r.lr for r in paused.history] == [
+        r.lr for r in straight.history[:3]]
+    resumed = run(tmp_path / "b", 6)
+    assert [r.loss for r in resumed.history] == [r.loss for r in straight.history]
+    assert all(torch.equal(p, resumed.params[n]) for n, p in straight.params.items())
+    short = run(tmp_path / "c", 3)
+    assert [r.lr for r in short.history] != [r.lr for r in paused.history]
+
+
 def test_data_order_is_a_function_of_seed_epoch_and_position(tokenizer):
     _, examples = setup(tokenizer, range(20))
     plan = epoch_plan(examples, 4, seed=0, epoch=0)

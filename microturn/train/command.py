@@ -69,6 +69,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--val-per-family", type=int, default=4,
                      help="train-split validation scenarios per family (0: none)")
     parser.add_argument("--no-resume", action="store_true", help="start over in --out")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="stop at this step of the --steps schedule (run again without "
+                             "it, or with a later one, to go on)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -103,6 +106,8 @@ def run_train(args: argparse.Namespace) -> None:
                                  f"got {getattr(args, name)}")
     if not 0.0 <= args.in_a_room <= 1.0:
         raise MicroturnError(f"--in-a-room must be a fraction in [0, 1], got {args.in_a_room}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise MicroturnError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.val_per_family < 0:
         raise MicroturnError(f"--val-per-family must be >= 0, got {args.val_per_family}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -132,7 +137,7 @@ def run_train(args: argparse.Namespace) -> None:
     interactive = not args.no_progress and sys.stderr.isatty()
     run = TrainingRun(loaded, examples, config, out, validation, progress=interactive,
                       log_every=0 if interactive or args.no_progress else 10)
-    history = run.train(resume=not args.no_resume)
+    history = run.train(resume=not args.no_resume, stop_after=args.stop_after)
     seconds = sum(r.seconds for r in history)
     tokens = sum(r.tokens for r in history)
     print(f"trained {run.step} steps on {len(examples)} timelines: {tokens} tokens in "

@@ -129,21 +129,24 @@ class TrainingRun:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train(self, resume: bool = True) -> list[StepRecord]:
+    def train(self, resume: bool = True, stop_after: int | None = None) -> list[StepRecord]:
+        """Up to `config.steps`, or only up to `stop_after` of them (the schedule still spans
+        `steps`: the run stops there as a checkpoint would, and goes on when run again)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (self.out_dir / CHECKPOINT).is_file():
             self.load(self.out_dir / CHECKPOINT)
         c = self.config
+        end = c.steps if stop_after is None else min(c.steps, stop_after)
         stream = batches_from(self.examples, c.batch_size, c.seed, self.position)
-        with _Progress(self.show_progress, c.steps, self.step, self.log_every) as bar:
-            while self.step < c.steps:
+        with _Progress(self.show_progress, end, self.step, self.log_every) as bar:
+            while self.step < end:
                 record = self._optimizer_step(stream)
                 self.history.append(record)
                 bar.update(record)
                 if c.validate_every and self.step % c.validate_every == 0 and self.validation:
                     self._validate_and_keep_best()
                     bar.note(self.validations[-1])
-                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                if self.step % c.checkpoint_every == 0 or self.step == end:
                     self.save(self.out_dir / CHECKPOINT)
         if self.validation and (not self.validations or self.validations[-1].step != self.step):
             self._validate_and_keep_best()
