@@ -38,7 +38,6 @@ class Book:
     # (training draws wider than the eval, so that no onset or wait is a safe guess)
     sound_onset_ms: tuple[int, int]
     wait_s: tuple[int, int]
-    counting_share: float  # of the timed scenarios (training leans on the hardest kind)
     visual_colour_cues: tuple[str, ...]  # {colour} {word}
     visual_shape_cues: tuple[str, ...]  # {shape} {word}
     colours: tuple[tuple[str, tuple[int, int, int]], ...]
@@ -98,7 +97,6 @@ HELDOUT = Book(
     sound_names=(("tone", "beep"), ("chime", "chime"), ("bell", "chime")),
     sound_onset_ms=(1500, 6001),
     wait_s=(2, 16),
-    counting_share=0.2,
     visual_colour_cues=("Say {word} once the picture becomes {colour}.",
                         "The moment everything turns {colour}, say {word}."),
     visual_shape_cues=("Say {word} as soon as a {shape} shows up.",),
@@ -195,14 +193,7 @@ TRAIN = Book(
                  "{n} seconds.", "Let me know after {n} seconds.", "Ping me in {n} seconds."),
     counting=("Count to {m}, saying one number every {n} seconds.", "Count up to {m}, one "
               "number every {n} seconds.", "Every {n} seconds say the next number, up to "
-              "{m}.", "Say one number every {n} seconds until you reach {m}.",
-              "Count out loud to {m}, one number each {n} seconds.", "Please count up to "
-              "{m} for me, a number every {n} seconds.", "Can you count to {m}? Say a number "
-              "every {n} seconds.", "Start counting, one number every {n} seconds, and stop "
-              "at {m}.", "Count slowly up to {m}, with {n} seconds between numbers.",
-              "Every {n} seconds, count one higher until {m}.", "I'd like you to count to "
-              "{m}, saying the next number every {n} seconds.", "Count for me: every {n} "
-              "seconds a number, up to {m}."),
+              "{m}.", "Say one number every {n} seconds until you reach {m}."),
     targets=_train_words(("apple", "hello", "ready", "tiger", "river", "pizza", "garden",
                           "music", "silver", "cookie", "planet") + COMMON_WORDS[::2]
                          + invented_words(120, seed=1)),
@@ -235,7 +226,6 @@ TRAIN = Book(
                  ("tinkle", "chime")),
     sound_onset_ms=(1000, 12001),
     wait_s=(2, 21),
-    counting_share=0.35,
     visual_colour_cues=("When the screen turns {colour}, say {word}.",
                         "If the screen goes {colour}, say {word}.",
                         "Say {word} when the screen becomes {colour}.",
