@@ -273,8 +273,9 @@ def test_cli_train_runs_end_to_end(tokenizer, tmp_path, monkeypatch, capsys):
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert "trained 2 steps on 4 timelines" in err and "validation at step 2" in err
+    assert f"at step 2: {tmp_path / 'best-adapter.safetensors'}" in err
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"adapter.safetensors", "checkpoint.safetensors", "teacher.json",
-            "history.json"} <= names
+    assert {"adapter.safetensors", "best-adapter.safetensors", "checkpoint.safetensors",
+            "teacher.json", "history.json"} <= names
     assert cli.main(args) == 0  # resumed: already done, nothing more to train
     assert "trained 2 steps" in capsys.readouterr().err

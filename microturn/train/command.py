@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"validation at step {v.step}: {v.overall:.0%} ({rates})", file=sys.stderr)
         best = run.best
         print(f"best validation (mean family pass rate {best.macro:.0%}) at step {best.step}: "
-              f"{run.out_dir / ('best-' + run.artifact.name)}", file=sys.stderr)
+              f"{run.artifact_path(best=True)}", file=sys.stderr)
 
 
 def parse_family_weights(text: str | None, families: list[str]) -> dict[str, int]:

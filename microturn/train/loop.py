@@ -223,18 +223,20 @@ class TrainingRun:
         self.history = [StepRecord(**r) for r in json.loads(metadata["history"])]
         self.validations = [Validation(**v) for v in json.loads(metadata["validations"])]
 
+    def artifact_path(self, best: bool = False) -> Path:
+        name = "model.safetensors" if self.config.full else "adapter.safetensors"
+        return self.out_dir / (f"best-{name}" if best else name)
+
     def save_artifact(self, best: bool = False) -> Path:
         """What serving loads: the adapter (small), or the whole model for a full run."""
-        prefix = "best-" if best else ""
+        path = self.artifact_path(best)
         if self.config.full:
-            path = self.out_dir / f"{prefix}model.safetensors"
             named = dict(self.loaded.model.named_parameters())
             if self.frontend is not None and self.config.train_frontend:
                 named |= {f"frontend.{n}": p for n, p in self.frontend.named_parameters()}
             save_file({n: p.detach().contiguous() for n, p in named.items()}, str(path),
                       {"format": "microturn-full", "step": str(self.step)})
             return path
-        path = self.out_dir / f"{prefix}adapter.safetensors"
         save_adapter(path, self.loaded.model, self.config.lora,
                      self.frontend if self.config.train_frontend else None,
                      {"step": str(self.step), "clock": str(self.loaded.clock).lower()})
