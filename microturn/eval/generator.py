@@ -121,20 +121,25 @@ def _question(rng, book: Book) -> tuple[str, tuple[str, ...]]:
 def interruption(rng, book: Book, slice_ms: int) -> dict:
     speaker = Speaker(rng)
     onset_ms = int(rng.integers(1500, 3500))
-    onset = _slice_of(onset_ms, slice_ms)
+    onset = onset_ms // slice_ms  # the slice whose audio carries the first word's onset
     text = _pick(rng, book.interruptions)
     answer: tuple[str, ...] = ()
     if rng.random() < 0.5:  # the interruption carries a question whose answer is checkable
         question, answer = _question(rng, book)
         text = f"{text} {question}"
     words, end = speaker.say(text, onset_ms)
-    stop_at = _slice_of(words[0].end_ms, slice_ms)  # the first word reaches the lane here
+    voiced = rng.random() < 0.5  # a voice session: the audio carries the first word's onset
+    stop_at = onset if voiced else _slice_of(words[0].end_ms, slice_ms)  # heard here first
     turn_end = _slice_of(end, slice_ms)
     spoken = [""] + _spoken_chunks(_pick(rng, book.monologues), stop_at - 1, rng)
-    del onset
-    return dict(words=words, slices=turn_end + REPLY_SLICES, spoken=tuple(spoken),
+    media = {}
+    if voiced:
+        media = dict(voice=_pick(rng, book.voices), voice_level=float(rng.uniform(0.3, 0.8)),
+                     noise_level=float(rng.uniform(0.002, 0.02)),
+                     audio_seed=int(rng.integers(2**31)))
+    return dict(words=words, slices=turn_end + REPLY_SLICES, spoken=tuple(spoken), **media,
                 expect=Expectation(turn_end=turn_end, stop_onset=stop_at, answer=answer),
-                note="the user talks over the model")
+                note="the user talks over the model" + (f" ({media['voice']})" if voiced else ""))
 
 
 def backchannel(rng, book: Book, slice_ms: int) -> dict:

@@ -130,7 +130,7 @@ def _interruption(sc: Scenario, out: list[str]) -> Verdict:
     took, latency = _reply(sc, out)
     tor = stop is not None and took
     values = {"tor": tor, "stopped": stop is not None, "stop_latency_ms": stop_ms,
-              "latency_ms": latency}
+              "latency_ms": latency, "voice": bool(sc.voice)}
     if sc.expect.answer:
         values["correct"] = says_across(out[sc.expect.turn_end:], sc.expect.answer)
     reason = ("kept talking over the user" if stop is None else

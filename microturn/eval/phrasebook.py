@@ -34,6 +34,7 @@ class Book:
     chatter: tuple[str, ...]  # what the user says around a cue word
     audio_cues: tuple[str, ...]  # {sound} {word}
     sound_names: tuple[tuple[str, str], ...]  # (name in the instruction, Sound.kind)
+    voices: tuple[str, ...]  # espeak-ng voices (accent + variant) of voiced sessions
     # what the numbers are drawn from: a sound's onset after the instruction, a timed wait
     # (training draws wider than the eval, so that no onset or wait is a safe guess)
     sound_onset_ms: tuple[int, int]
@@ -95,6 +96,7 @@ HELDOUT = Book(
     audio_cues=("Say {word} the moment you hear a {sound}.",
                 "As soon as a {sound} plays, say {word}."),
     sound_names=(("tone", "beep"), ("chime", "chime"), ("bell", "chime")),
+    voices=("en-gb-x-rp+f3", "en-us-nyc+m5", "en-gb-x-gbclan+f4", "en-gb-x-rp+m1"),
     sound_onset_ms=(1500, 6001),
     wait_s=(2, 16),
     visual_colour_cues=("Say {word} once the picture becomes {colour}.",
@@ -223,7 +225,13 @@ TRAIN = Book(
                  ("gong", "chime"), ("ping", "beep"), ("buzz", "beep"), ("whistle", "beep"),
                  ("knock", "click"), ("tap", "click"), ("sound", "chime"), ("noise", "click"),
                  ("signal", "beep"), ("jingle", "chime"), ("clang", "chime"),
-                 ("tinkle", "chime")),
+                 ("tinkle", "chime"), ("note", "beep"), ("hum", "beep"), ("chirp", "beep"),
+                 ("pulse", "beep"), ("alarm", "beep"), ("bleep", "beep"), ("pip", "beep"),
+                 ("toot", "beep"), ("clap", "click"), ("snap", "click"), ("pop", "click"),
+                 ("ting", "chime"), ("dong", "chime"), ("cymbal", "chime")),
+    voices=("en-us", "en-gb", "en-us+f2", "en-gb+m3", "en-029+f5", "en-gb-scotland+m2",
+            "en-us+m7", "en-gb-x-gbcwmd+f1", "en-us+klatt", "en-029+m4", "en-gb+f2",
+            "en-gb-scotland+m6"),
     sound_onset_ms=(1000, 12001),
     wait_s=(2, 21),
     visual_colour_cues=("When the screen turns {colour}, say {word}.",

@@ -23,6 +23,7 @@ class Row:
     kind: str  # "rate" or "ms"
     better: str  # "higher" | "lower"
     missing_as_inf: bool = False
+    voice: bool | None = None  # only the voice sessions (True), only the others (False)
 
 
 ROWS = (
@@ -33,6 +34,10 @@ ROWS = (
     Row("interruption TOR", "interruption", "tor", "rate", "higher"),
     Row("interruption stop latency p50", "interruption", "stop_latency_ms", "ms", "lower",
         missing_as_inf=True),
+    Row("interruption stop latency p50, voice", "interruption", "stop_latency_ms", "ms", "lower",
+        missing_as_inf=True, voice=True),
+    Row("interruption stop latency p50, text", "interruption", "stop_latency_ms", "ms", "lower",
+        missing_as_inf=True, voice=False),
     Row("TimeSpeak accuracy", "time", "accuracy", "rate", "higher"),
     Row("CueSpeak text", "cue_text", "accuracy", "rate", "higher"),
     Row("CueSpeak audio", "cue_audio", "accuracy", "rate", "higher"),
@@ -53,7 +58,8 @@ def summarise(verdicts: dict[str, list[Verdict]]) -> dict[str, dict[str, dict]]:
     for system, items in verdicts.items():
         table[system] = {}
         for row in ROWS:
-            chosen = [v for v in items if v.family == row.family]
+            chosen = [v for v in items if v.family == row.family and
+                      (row.voice is None or v.values.get("voice") == row.voice)]
             if not chosen:
                 continue
             if row.kind == "rate":

@@ -9,6 +9,8 @@ harness, another tokenizer) can run it and any metric can score it:
   interruption and backchannel families start with the model talking).
 - `sounds` / `screen`: audio and video, described (a tone at a time, a colour from a time)
   and rendered on demand (`render_audio`, `render_frames`), so a scenario stays small JSON.
+- `voice`: an espeak-ng voice that speaks the user's words into the audio stream (`voice.py`),
+  so a voice session hears a word's onset in its slice, before its text arrives.
 - `expect`: slice indices the metrics read (`metrics.py`).
 
 Slice k's output is heard from the close of input slice k, at (k + 1) * slice_ms: the earliest
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from microturn.eval.voice import add_voice
 from microturn.sequence.media_specs import AUDIO_RATE
 
 
@@ -98,11 +101,13 @@ class Scenario:
     noise_level: float = 0.0  # background noise of the audio stream (0: no audio stream)
     screen: Screen | None = None
     audio_seed: int = 0
+    voice: str = ""  # an espeak-ng voice speaking `words` into the audio ("": none)
+    voice_level: float = 0.0  # the voice's peak amplitude
     note: str = ""  # one line for people: what is being tested
 
     @property
     def has_audio(self) -> bool:
-        return self.noise_level > 0 or bool(self.sounds)
+        return self.noise_level > 0 or bool(self.sounds) or bool(self.voice)
 
     @property
     def result_delay(self) -> int:
@@ -173,6 +178,8 @@ def render_audio(scenario: Scenario) -> np.ndarray:
         else:  # click: a short burst of broadband noise
             wave = rng.standard_normal(n) * np.exp(-t / 0.01)
         out[start:start + n] += (sound.level * wave / np.abs(wave).max()).astype(np.float32)
+    if scenario.voice:
+        add_voice(out, scenario.words, scenario.voice, scenario.voice_level)
     return np.clip(out, -1.0, 1.0)
 
 

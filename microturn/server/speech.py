@@ -48,13 +48,13 @@ class Voice:
             binary, "--stdout", "-v", self.name, "-s", str(self.words_per_minute), "--", text,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         wav, _ = await process.communicate()
-        samples = _wav_samples(wav)
+        samples = wav_samples(wav)
         if self.rate != ESPEAK_RATE and samples.size:
             samples = soxr.resample(samples, ESPEAK_RATE, self.rate, quality="HQ")
         return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-def _wav_samples(wav: bytes) -> np.ndarray:
+def wav_samples(wav: bytes) -> np.ndarray:
     """float32 samples of espeak-ng's streamed WAV (its header's lengths are placeholders)."""
     at = wav.find(b"data")
     if at < 0:

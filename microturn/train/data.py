@@ -25,6 +25,7 @@ import torch
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.errors import MicroturnError
 from microturn.eval.generator import generate
+from microturn.eval.phrasebook import BOOKS
 from microturn.eval.scenario import Scenario
 from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.timeline import Timeline
@@ -115,16 +116,25 @@ def train_scenarios(seed: int, rounds: int, per_family: int,
             for sc in generate("train", s, per_family, families)]
 
 
+UNVOICED_IN_A_ROOM = ("interruption", "backchannel")  # their timing depends on what is heard
+
+
 def in_a_room(scenarios: list[Scenario], fraction: float, seed: int) -> list[Scenario]:
     """About `fraction` of the text-only scenarios become audio sessions: the same words with
-    a room's noise on an audio stream, so the model learns that a conversation (a question,
-    a timed request, a cue word) goes the same way with a microphone open, as served."""
+    a room's noise on an audio stream, and (but where the expected timing depends on when the
+    user is first heard) the user's voice speaking them, so the model learns that a
+    conversation (a question, a timed request, a cue word) goes the same way with a
+    microphone open, as served, and that a voice is not a cue sound."""
     out = []
     for sc in scenarios:
         rng = np.random.default_rng([seed, zlib.crc32(sc.id.encode())])
         if not sc.has_audio and not sc.has_video and rng.random() < fraction:
             sc = replace(sc, noise_level=float(rng.uniform(0.002, 0.02)),
                          audio_seed=int(rng.integers(2**31)))
+            voices = BOOKS[sc.split].voices
+            if sc.family not in UNVOICED_IN_A_ROOM and rng.random() < 0.7:
+                sc = replace(sc, voice=voices[int(rng.integers(len(voices)))],
+                             voice_level=float(rng.uniform(0.3, 0.8)))
         out.append(sc)
     return out
 
