@@ -220,7 +220,9 @@ TRAIN = Book(
     audio_cues=("When you hear a {sound}, say {word}.", "If you hear a {sound}, say {word}.",
                 "Say {word} as soon as there is a {sound}.", "Say {word} when a {sound} "
                 "sounds.", "Once you hear the {sound}, say {word}.", "Listen for a {sound} "
-                "and say {word} right away.", "If a {sound} goes off, reply {word}."),
+                "and say {word} right away.", "If a {sound} goes off, reply {word}.",
+                "Say {word} the instant you hear a {sound}.", "Right when you hear a {sound}, "
+                "say {word}.", "The second a {sound} rings out, tell me {word}."),
     sound_names=(("beep", "beep"), ("click", "click"), ("ding", "chime"), ("ring", "chime"),
                  ("gong", "chime"), ("ping", "beep"), ("buzz", "beep"), ("whistle", "beep"),
                  ("knock", "click"), ("tap", "click"), ("sound", "chime"), ("noise", "click"),
@@ -228,7 +230,8 @@ TRAIN = Book(
                  ("tinkle", "chime"), ("note", "beep"), ("hum", "beep"), ("chirp", "beep"),
                  ("pulse", "beep"), ("alarm", "beep"), ("bleep", "beep"), ("pip", "beep"),
                  ("toot", "beep"), ("clap", "click"), ("snap", "click"), ("pop", "click"),
-                 ("ting", "chime"), ("dong", "chime"), ("cymbal", "chime")),
+                 ("ting", "chime"), ("dong", "chime"), ("cymbal", "chime"),
+                 ("pitch", "beep"), ("tune", "chime")),
     voices=("en-us", "en-gb", "en-us+f2", "en-gb+m3", "en-029+f5", "en-gb-scotland+m2",
             "en-us+m7", "en-gb-x-gbcwmd+f1", "en-us+klatt", "en-029+m4", "en-gb+f2",
             "en-gb-scotland+m6"),
