@@ -17,6 +17,7 @@ from microturn.train.targets import (
     TargetConfig,
     build_target,
     target_export,
+    yield_slice,
 )
 from microturn.train.teacher import ChatTeacher
 
@@ -84,8 +85,8 @@ def test_content_reply_names_the_answer_and_scripted_speech_is_kept(tokenizer, s
             n = len(sc.spoken)
             assert target.outputs[:n] == sc.spoken and all(target.scripted[:n])
             assert not any(target.scripted[n:])
-        if sc.family == "interruption":  # silent from the slice the user's word arrives in
-            assert target.outputs[sc.expect.stop_onset] == ""
+        if sc.family == "interruption":  # silent from the slice the user is first heard in
+            assert target.outputs[yield_slice(sc)] == ""
 
 
 def test_heldout_scenarios_never_become_training_data(tokenizer):
@@ -131,3 +132,39 @@ def test_target_is_a_frozen_record(tokenizer, scenarios):
     assert isinstance(target, Target) and len(target.outputs) == scenarios[0].slices
     with pytest.raises(dataclasses.FrozenInstanceError):
         target.outputs = ()
+
+
+def test_rooms_carry_the_users_voice_where_timing_allows():
+    from microturn.eval.phrasebook import TRAIN
+    from microturn.train.data import UNVOICED_IN_A_ROOM, in_a_room
+
+    scenarios = [sc for s in range(4) for sc in generate("train", s, 6)]
+    roomed = in_a_room(scenarios, 0.6, seed=3)
+    assert roomed == in_a_room(scenarios, 0.6, seed=3)  # the same rooms from the same seed
+    voiced = 0
+    for before, after in zip(scenarios, roomed, strict=True):
+        assert (before.words, before.expect) == (after.words, after.expect)
+        if after.voice and not before.voice:
+            voiced += 1
+            assert after.family not in UNVOICED_IN_A_ROOM and after.voice in TRAIN.voices
+            assert 0.3 <= after.voice_level <= 0.8 and after.noise_level > 0
+    assert voiced > 10
+    # negative control: no room, no voice added
+    assert in_a_room(scenarios, 0.0, seed=3) == scenarios
+
+
+def test_interruption_is_yielded_to_once_it_is_recognisable(tokenizer):
+    scenarios = [sc for s in range(6) for sc in generate("train", s, 12, ["interruption"])]
+    late = [sc for sc in scenarios if yield_slice(sc) > sc.expect.stop_onset]
+    assert late and all(not sc.voice for sc in late)
+    for sc in late:  # "Right, but ...": a first word that could be a backchannel alone
+        assert sc.words[0].text.strip(",.").lower() in {"yes", "right", "hmm", "alright"}
+        assert yield_slice(sc) == (sc.words[1].end_ms - 1) // 200
+        target = build_target(sc, chatty, tokenizer)
+        assert target.outputs[sc.expect.stop_onset] and not target.outputs[yield_slice(sc)]
+        assert score(sc, list(target.outputs)).passed  # still inside the eval's stop window
+    voiced = [sc for sc in scenarios if sc.voice]
+    assert voiced and all(yield_slice(sc) == sc.expect.stop_onset for sc in voiced)
+    # negative control: "Wait, stop ..." is an interruption from its first word
+    plain = [sc for sc in scenarios if not sc.voice and sc.words[0].text.startswith("Wait")]
+    assert plain and all(yield_slice(sc) == sc.expect.stop_onset for sc in plain)

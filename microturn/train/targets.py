@@ -7,8 +7,10 @@ The scenario gives the timing, a teacher (`teacher.py`) the words. Per family:
   name the answer: if the teacher's does not, it becomes "The answer is X." (prepending the
   keyword to a wrong answer would teach the contradiction too), in its spoken form; with
   `checked_answers=False` the teacher's words stay as they are.
-- interruption: the model's own speech (scripted, then continued) until the user's first
-  word reaches the lane, silence from that slice, the reply after the user's turn.
+- interruption: the model's own speech (scripted, then continued) until the user is first
+  heard (the onset's slice in a voice session, else the slice the first word reaches the lane;
+  the next word's, on a text lane, where the first could be a backchannel alone: "Right,
+  but ..."), silence from that slice, the reply after the user's turn.
 - backchannel: the monologue goes on through the "mm-hm" (then the teacher's continuation of
   it, or another of the model's monologues if the teacher says too little).
 - background: arithmetic goes to the calculator. An acknowledgement in the slice of the
@@ -161,9 +163,10 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
         moments = (e.turn_end + config.reply_delay,)
         _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
     elif family == "interruption":
-        _go_on(out, scripted, e.stop_onset, scenario, teacher, chunker)
-        start = max(e.turn_end + config.reply_delay, e.stop_onset + 1)
-        moments = (e.stop_onset, start)
+        stop = yield_slice(scenario)
+        _go_on(out, scripted, stop, scenario, teacher, chunker)
+        start = max(e.turn_end + config.reply_delay, stop + 1)
+        moments = (stop, start)
         _reply(out, start, scenario, teacher, chunker, config)
     elif family == "backchannel":
         moments = (e.keep_talking,)
@@ -176,6 +179,19 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
 
 ACKS = ("One moment.", "Let me check.", "Let me work that out.", "Hold on.", "Just a second.",
         "Sure, one moment.")
+
+
+def yield_slice(sc: Scenario) -> int:
+    """Where the model stops for an interruption: where the user is first heard, unless (on a
+    text lane) the first word could be a backchannel on its own ("Right, but ..."): then where
+    the next word arrives, since yielding to every "right" is failing the backchannels."""
+    if sc.voice or len(sc.words) < 2:
+        return sc.expect.stop_onset
+    backchannel_words = {w for b in BOOKS[sc.split].backchannels for w in words_of(b)}
+    first = words_of(sc.words[0].text)
+    if first and first[0] in backchannel_words:
+        return max(sc.expect.stop_onset, (sc.words[1].end_ms - 1) // sc.slice_ms)
+    return sc.expect.stop_onset
 
 
 def _delegate(out: list[str], exact: list, results: list[str], question_end: int,
