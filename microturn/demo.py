@@ -38,9 +38,10 @@ from microturn.sequence.media_specs import FrameSpec
 SESSIONS = {"pause": ("pause", 40), "reply": ("content", 30), "interrupt": ("interruption", 40),
             "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40),
             "delegate": ("background", 70)}
-# the reminder is one word at one time ("say X in N seconds"), not a count; the delegation is
-# a sum the user talks on after
+# the reminder is one word at one time ("say X in N seconds"), not a count; the interruption
+# asks something (so the reply after it shows); the delegation is a sum the user talks on after
 SHOWS = {"time": lambda sc: len(sc.expect.events) == 1 and bool(sc.expect.events[0].keywords),
+         "interruption": lambda sc: bool(sc.expect.answer),
          "background": lambda sc: sc.expect.delegation.should and sc.expect.hold is not None}
 
 
