@@ -14,8 +14,8 @@ import numpy as np
 import soxr
 
 from microturn.errors import MicroturnError
+from microturn.frontend.espeak import ESPEAK_RATE, wav_samples
 from microturn.sequence.media_specs import AUDIO_RATE
-from microturn.server.speech import ESPEAK_RATE, wav_samples
 
 WORDS_PER_MINUTE = 175
 FADE_MS = 8  # a cut word fades out over this long instead of clicking

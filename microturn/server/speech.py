@@ -13,8 +13,8 @@ import numpy as np
 import soxr
 
 from microturn.errors import MicroturnError
+from microturn.frontend.espeak import ESPEAK_RATE, wav_samples
 
-ESPEAK_RATE = 22_050  # espeak-ng's native output rate
 SENTENCE_ENDS = (".", "!", "?", "…", '"', "'", ")")
 
 
@@ -52,15 +52,6 @@ class Voice:
         if self.rate != ESPEAK_RATE and samples.size:
             samples = soxr.resample(samples, ESPEAK_RATE, self.rate, quality="HQ")
         return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-def wav_samples(wav: bytes) -> np.ndarray:
-    """float32 samples of espeak-ng's streamed WAV (its header's lengths are placeholders)."""
-    at = wav.find(b"data")
-    if at < 0:
-        return np.zeros(0, dtype=np.float32)
-    pcm = wav[at + 8:]
-    return np.frombuffer(pcm[:len(pcm) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
 
 
 class Speaker:
