@@ -6,7 +6,6 @@ the transcript says the user is talking, and its onset is heard in the slice it 
 before the word's end brings its text to the text lane. Words are cached per voice.
 """
 
-import shutil
 import subprocess
 from functools import lru_cache
 
@@ -14,7 +13,7 @@ import numpy as np
 import soxr
 
 from microturn.errors import MicroturnError
-from microturn.frontend.espeak import ESPEAK_RATE, wav_samples
+from microturn.frontend.espeak import ESPEAK_RATE, espeak_argv, wav_samples
 from microturn.sequence.media_specs import AUDIO_RATE
 
 WORDS_PER_MINUTE = 175
@@ -24,11 +23,8 @@ FADE_MS = 8  # a cut word fades out over this long instead of clicking
 @lru_cache(maxsize=8192)
 def spoken_word(voice: str, text: str) -> np.ndarray:
     """One word in `voice` at 16 kHz, peak 1, leading and trailing silence trimmed."""
-    binary = shutil.which("espeak-ng")
-    if binary is None:
-        raise MicroturnError("voiced scenarios need espeak-ng (apt-get install espeak-ng)")
-    done = subprocess.run([binary, "--stdout", "-v", voice, "-s", str(WORDS_PER_MINUTE),
-                           "--", text], capture_output=True, check=False)
+    done = subprocess.run(espeak_argv(voice, WORDS_PER_MINUTE, text, "a voiced scenario"),
+                          capture_output=True, check=False)
     samples = wav_samples(done.stdout)
     if done.returncode != 0 or not samples.size:
         raise MicroturnError(f"voice: espeak-ng could not speak {text!r} in {voice!r}")

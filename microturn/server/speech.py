@@ -5,7 +5,6 @@ downloads), one short utterance at a time, as PCM16 at the rate a client asked f
 """
 
 import asyncio
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import numpy as np
 import soxr
 
 from microturn.errors import MicroturnError
-from microturn.frontend.espeak import ESPEAK_RATE, wav_samples
+from microturn.frontend.espeak import ESPEAK_RATE, espeak_argv, wav_samples
 
 SENTENCE_ENDS = (".", "!", "?", "…", '"', "'", ")")
 
@@ -41,11 +40,8 @@ class Voice:
         """PCM16 mono at `self.rate` for `text` (empty for nothing speakable)."""
         if not text.strip():
             return b""
-        binary = shutil.which("espeak-ng")
-        if binary is None:
-            raise MicroturnError("spoken output needs espeak-ng (apt-get install espeak-ng)")
         process = await asyncio.create_subprocess_exec(
-            binary, "--stdout", "-v", self.name, "-s", str(self.words_per_minute), "--", text,
+            *espeak_argv(self.name, self.words_per_minute, text, "spoken output"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         wav, _ = await process.communicate()
         samples = wav_samples(wav)
