@@ -9,7 +9,7 @@ from test_engine import tiny_loaded
 from microturn import MicroturnError
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.eval.generator import FAMILIES, generate
-from microturn.eval.metrics import says_across, score
+from microturn.eval.metrics import BACKCHANNEL_WINDOW_SLICES, says_across, score
 from microturn.sequence.timeline import Timeline
 from microturn.train.targets import (
     TIMED_FAMILIES,
@@ -168,3 +168,28 @@ def test_interruption_is_yielded_to_once_it_is_recognisable(tokenizer):
     # negative control: "Wait, stop ..." is an interruption from its first word
     plain = [sc for sc in scenarios if not sc.voice and sc.words[0].text.startswith("Wait")]
     assert plain and all(yield_slice(sc) == sc.expect.stop_onset for sc in plain)
+
+
+def test_the_decisions_the_metrics_judge_are_moments(tokenizer):
+    """Backchannel: every slice of the window the metric watches weighs as a moment. A result
+    that lands while the user talks: each slice it waits is a moment, silent in the target,
+    and speaking in one of them fails the metric (the negative control)."""
+    for sc in generate("train", 5, 6, ["backchannel"]):
+        target = build_target(sc, chatty, tokenizer)
+        window = range(sc.expect.keep_talking, sc.expect.keep_talking + BACKCHANNEL_WINDOW_SLICES)
+        assert set(window) <= set(target.moments)
+    held = [sc for s in range(4) for sc in generate("train", s, 8, ["background"])
+            if sc.expect.hold is not None]
+    waited = 0
+    for sc in held:
+        target = build_target(sc, chatty, tokenizer)
+        landing = next(k for k, r in enumerate(target.results) if r)
+        waiting = range(landing + 1, sc.expect.turn_end)
+        assert set(waiting) <= set(target.moments)
+        assert not any(target.outputs[k] for k in waiting)
+        if len(waiting) and sc.expect.hold[0] <= waiting[0] < sc.expect.hold[1]:
+            outputs = list(target.outputs)
+            outputs[waiting[0]] = " The answer is here."
+            assert score(sc, list(target.outputs)).passed and not score(sc, outputs).passed
+            waited += 1
+    assert waited

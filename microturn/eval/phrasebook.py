@@ -182,20 +182,36 @@ TRAIN = Book(
     backchannels=("mm-hm", "uh-huh", "yeah", "right", "mm", "sure", "yes", "got it",
                   "alright", "true", "exactly", "oh", "wow", "cool", "nice", "hmm",
                   "yeah yeah", "right right", "makes sense", "of course", "uh huh", "ah",
-                  "oh really", "totally", "ok", "yes yes", "mm hmm", "I know", "go on"),
+                  "oh really", "totally", "ok", "yes yes", "mm hmm", "I know", "go on",
+                  "yup", "uh", "aha", "ooh", "hm", "ahh", "gotcha", "indeed", "sure thing",
+                  "I get it", "understood", "fair enough", "sounds good", "I hear you",
+                  "absolutely", "definitely", "for sure", "really", "interesting", "oh wow",
+                  "oh nice", "that's right", "good", "great", "fine", "agreed", "very true",
+                  "oh right", "keep going", "yeah sure", "uh-huh yeah", "mm yeah", "neat",
+                  "no way", "ah right", "right, yeah", "oh yes", "sure, sure", "wow, really",
+                  "yeah, that's true", "I understand", "ah, got it", "mm, interesting"),
     timed=("Say {word} in {n} seconds.", "In {n} seconds, say {word}.",
            "Wait {n} seconds and then say {word}.", "Please say {word} after {n} seconds.",
            "{n} seconds from now, say {word}.", "I want you to say {word} in {n} seconds.",
            "Wait for {n} seconds, then tell me {word}.", "After waiting {n} seconds, say "
            "{word}.", "Count {n} seconds silently and then say {word}.",
            "In exactly {n} seconds, tell me {word}.", "Let {n} seconds pass, then say "
-           "{word}.", "Say the word {word} {n} seconds from now."),
+           "{word}.", "Say the word {word} {n} seconds from now.", "Hold on {n} seconds, "
+           "then say {word}.", "{n} seconds later, say {word}.", "Once you have waited {n} "
+           "seconds, say {word}.", "Say {word}, but only after {n} seconds.", "Let {n} "
+           "seconds go by and say {word}.", "Pause {n} seconds before you say {word}."),
     when_passed=("Let me know when {n} seconds are up.", "Say something once {n} seconds "
                  "are over.", "Tell me when {n} seconds have gone by.", "Speak up after "
                  "{n} seconds.", "Let me know after {n} seconds.", "Ping me in {n} seconds."),
     counting=("Count to {m}, saying one number every {n} seconds.", "Count up to {m}, one "
               "number every {n} seconds.", "Every {n} seconds say the next number, up to "
-              "{m}.", "Say one number every {n} seconds until you reach {m}."),
+              "{m}.", "Say one number every {n} seconds until you reach {m}.",
+              "Count from one to {m}, a number each {n} seconds.", "Count slowly to {m}, "
+              "{n} seconds per number.", "Give me a number every {n} seconds, up to {m}.",
+              "Start counting, {n} seconds between numbers, and stop at {m}.", "Count up, "
+              "one number each {n} seconds, until you get to {m}.", "Every {n} seconds, "
+              "count one higher; stop at {m}.", "Please count to {m} with {n} seconds "
+              "between the numbers."),
     targets=_train_words(("apple", "hello", "ready", "tiger", "river", "pizza", "garden",
                           "music", "silver", "cookie", "planet") + COMMON_WORDS[::2]
                          + invented_words(120, seed=1)),
@@ -222,7 +238,11 @@ TRAIN = Book(
                 "sounds.", "Once you hear the {sound}, say {word}.", "Listen for a {sound} "
                 "and say {word} right away.", "If a {sound} goes off, reply {word}.",
                 "Say {word} the instant you hear a {sound}.", "Right when you hear a {sound}, "
-                "say {word}.", "The second a {sound} rings out, tell me {word}."),
+                "say {word}.", "The second a {sound} rings out, tell me {word}.",
+                "Say {word} immediately when a {sound} plays.", "When the {sound} comes, "
+                "say {word} straight away.", "Wait for a {sound}, then say {word}.",
+                "Whenever a {sound} is heard, answer {word}.", "Be ready: when there is a "
+                "{sound}, say {word}.", "Say {word} as a {sound} starts."),
     sound_names=(("beep", "beep"), ("click", "click"), ("ding", "chime"), ("ring", "chime"),
                  ("gong", "chime"), ("ping", "beep"), ("buzz", "beep"), ("whistle", "beep"),
                  ("knock", "click"), ("tap", "click"), ("sound", "chime"), ("noise", "click"),
@@ -231,7 +251,10 @@ TRAIN = Book(
                  ("pulse", "beep"), ("alarm", "beep"), ("bleep", "beep"), ("pip", "beep"),
                  ("toot", "beep"), ("clap", "click"), ("snap", "click"), ("pop", "click"),
                  ("ting", "chime"), ("dong", "chime"), ("cymbal", "chime"),
-                 ("pitch", "beep"), ("tune", "chime")),
+                 ("pitch", "beep"), ("tune", "chime"), ("blip", "beep"), ("boop", "beep"),
+                 ("buzzer", "beep"), ("trill", "chime"), ("peal", "chime"), ("clink", "click"),
+                 ("clack", "click"), ("chord", "chime"), ("sound effect", "beep"),
+                 ("short sound", "click")),
     voices=("en-us", "en-gb", "en-us+f2", "en-gb+m3", "en-029+f5", "en-gb-scotland+m2",
             "en-us+m7", "en-gb-x-gbcwmd+f1", "en-us+klatt", "en-029+m4", "en-gb+f2",
             "en-gb-scotland+m6"),

@@ -43,7 +43,7 @@ from microturn.background.tools import CALCULATOR
 from microturn.checkpoint.tokenizer import Tokenizer
 from microturn.errors import MicroturnError
 from microturn.eval.generator import ACK_SLICES
-from microturn.eval.metrics import says, takes_turn, words_of
+from microturn.eval.metrics import BACKCHANNEL_WINDOW_SLICES, says, takes_turn, words_of
 from microturn.eval.micro_turn import SlicedMedia, script_ids
 from microturn.eval.phrasebook import BOOKS
 from microturn.eval.scenario import Scenario, TimedEvent
@@ -169,7 +169,8 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
         moments = (stop, start)
         _reply(out, start, scenario, teacher, chunker, config)
     elif family == "backchannel":
-        moments = (e.keep_talking,)
+        # the slip is stopping anywhere in the window the metric watches, not only at its start
+        moments = tuple(range(e.keep_talking, e.keep_talking + BACKCHANNEL_WINDOW_SLICES))
         _go_on(out, scripted, scenario.slices, scenario, teacher, chunker)
     else:
         raise MicroturnError(f"scenario {scenario.id}: no target rule for family {family!r}")
@@ -213,7 +214,8 @@ def _delegate(out: list[str], exact: list, results: list[str], question_end: int
     for k, ids in enumerate(chunker.token_slices(answer), say_at):
         if k < len(out):
             out[k], exact[k] = tokenizer.decode(list(ids)), ids
-    return (question_end, start, closed, landing, say_at)
+    # every slice the result waits for the user is a decision too: not yet, they are talking
+    return (question_end, start, closed, landing, say_at) + tuple(range(landing + 1, say_at))
 
 
 def _clock_ticks(sc: Scenario) -> set[int]:
