@@ -83,7 +83,7 @@ def test_serving_swap_is_the_merged_model_and_restores_the_adapter(tokenizer):
     assert verify_alignment(export, trainer).aligned
 
 
-def test_adapter_round_trip_is_bitwise_and_small(tokenizer, tmp_path):
+def test_adapter_round_trip_is_bitwise_and_small(tokenizer, tmp_path, capsys):
     loaded = base_model(tokenizer, torch.float32)
     config = LoRAConfig(rank=4, alpha=8, targets=("qkv", "down"))
     trainer = adapted(loaded, config)
@@ -108,8 +108,13 @@ def test_adapter_round_trip_is_bitwise_and_small(tokenizer, tmp_path):
     _, tensors, metadata = read_adapter(path)
     assert len([k for k in tensors if k.startswith("lora.")]) == 2 * 2 * 2  # 2 layers, 2 targets
     served = copy.deepcopy(loaded)
-    apply_adapter(served, path)  # the front-end comes with it
+    capsys.readouterr()
+    apply_adapter(served, path)  # the front-end comes with it: no "untrained" notice
     assert torch.equal(served.frontend.markers, frontend.markers)
+    assert "freshly initialised" not in capsys.readouterr().err
+    bare = copy.deepcopy(loaded)
+    bare.load_frontend()  # the negative control: no weights anywhere, so the notice
+    assert "freshly initialised" in capsys.readouterr().err
 
 
 def test_only_the_adapter_learns(tokenizer):

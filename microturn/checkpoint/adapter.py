@@ -116,7 +116,7 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
                                        b.to(linear.weight.device), config.scale)
                 linear.weight = nn.Parameter(merged, requires_grad=False)  # repacks panels
     if any(k.startswith("frontend.") for k in tensors):
-        frontend = loaded.load_frontend()  # replaced by the adapter's weights below
+        frontend = loaded.load_frontend(notice=False)  # the adapter's weights replace it below
         load_frontend_tensors(tensors, frontend, path)
         frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)
     return config

@@ -92,9 +92,10 @@ def frontend_weights_path(checkpoint: Path) -> Path:
     return checkpoint.parent / (checkpoint.name + FRONTEND_WEIGHTS_SUFFIX)
 
 
-def load_frontend(model: Decoder, media: MediaTokens, path: Path | None) -> FrontEnd:
+def load_frontend(model: Decoder, media: MediaTokens, path: Path | None,
+                  notice: bool = True) -> FrontEnd:
     """The front-end for `model`: weights from the file at `path`, else fresh ones (seed 0),
-    with a notice on stderr. Reads the model's token embedding; never changes the model."""
+    with a notice on stderr if asked. Reads the model's token embedding; never changes it."""
     frontend = FrontEnd(media, model.config.hidden_size)
     if path is not None and path.is_file():
         try:
@@ -112,7 +113,8 @@ def load_frontend(model: Decoder, media: MediaTokens, path: Path | None) -> Fron
                                  f"({str(error).splitlines()[-1].strip()})") from None
     else:
         frontend.initialise(model.embed_tokens.weight)
-        print(f"notice: no front-end weights at {path or '(no checkpoint path)'}; audio and "
-              "video embeddings are freshly initialised (seed 0) and untrained",
-              file=sys.stderr)
+        if notice:
+            print(f"notice: no front-end weights at {path or '(no checkpoint path)'}; audio "
+                  "and video embeddings are freshly initialised (seed 0) and untrained",
+                  file=sys.stderr)
     return frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)

@@ -68,14 +68,15 @@ class LoadedModel(Checkpoint):
         """The front-end if it has been loaded (`load_frontend`), else None."""
         return self._frontend
 
-    def load_frontend(self, path: str | Path | None = None) -> FrontEnd:
+    def load_frontend(self, path: str | Path | None = None, notice: bool = True) -> FrontEnd:
         """The audio/video front-end, loaded on the first call (weights from `path` or beside
-        the checkpoint, else fresh ones with a notice) and shared by every engine after."""
+        the checkpoint, else fresh ones with a notice unless the caller brings its own) and
+        shared by every engine after."""
         if self._frontend is None:
             if path is None and self.path is not None:
                 path = frontend_weights_path(Path(self.path))
             self._frontend = load_frontend(self.model, self.markers.media,
-                                           Path(path) if path is not None else None)
+                                           Path(path) if path is not None else None, notice)
         return self._frontend
 
 
