@@ -2,11 +2,12 @@
 
 The sessions are held-out benchmark scenarios (`microturn.eval`): a pause inside a sentence, a
 question to answer, being talked over, a timed reminder, a beep in the audio, a colour change
-in the video, a sum the model hands to the calculator while the user talks on. Every slice
-each session gets what arrived in it (words, dMel, frames, a background result, or the model's
-own earlier speech where the scenario scripts it), the engine runs ONE tick for all of them,
-and the live view prints each session's two lanes and the tick's latency against the
-deadline. At the end each session is scored by the benchmark's own metric.
+in the video, a sum the model hands to the calculator, and one whose result lands while the
+user talks on. Every slice each session gets what arrived in it (words, dMel, frames, a
+background result, or the model's own earlier speech where the scenario scripts it), the
+engine runs ONE tick for all of them, and the live view prints each session's two lanes and
+the tick's latency against the deadline. At the end each session is scored by the
+benchmark's own metric.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +36,27 @@ from microturn.lanes import latency_mark
 from microturn.sampling import SamplingParams
 from microturn.sequence.media_specs import FrameSpec
 
-# session name -> (family, longest scenario in slices): short enough to watch
-SESSIONS = {"pause": ("pause", 40), "reply": ("content", 30), "interrupt": ("interruption", 40),
-            "reminder": ("time", 40), "beep": ("cue_audio", 40), "colour": ("cue_visual", 40),
-            "delegate": ("background", 70)}
+
+@dataclass(frozen=True)
+class Show:
+    family: str
+    longest: int  # slices: short enough to watch
+    shows: Callable[[Scenario], bool] = lambda sc: True  # the scenario shows the behaviour
+
+
 # the reminder is one word at one time ("say X in N seconds"), not a count; the interruption
-# asks something (so the reply after it shows); the delegation is a sum the user talks on after
-SHOWS = {"time": lambda sc: len(sc.expect.events) == 1 and bool(sc.expect.events[0].keywords),
-         "interruption": lambda sc: bool(sc.expect.answer),
-         "background": lambda sc: sc.expect.delegation.should and sc.expect.hold is not None}
+# asks something (so the reply after it shows); the delegated sum is asked and waited for,
+# the talked-on one is a sum whose result lands while the user talks on (it waits for them)
+SESSIONS = {
+    "pause": Show("pause", 40), "reply": Show("content", 30),
+    "interrupt": Show("interruption", 40, lambda sc: bool(sc.expect.answer)),
+    "reminder": Show("time", 40, lambda sc: len(sc.expect.events) == 1
+                     and bool(sc.expect.events[0].keywords)),
+    "beep": Show("cue_audio", 40), "colour": Show("cue_visual", 40),
+    "delegate": Show("background", 40, lambda sc: sc.expect.delegation.should
+                     and sc.expect.hold is None),
+    "talk-on": Show("background", 70, lambda sc: sc.expect.delegation.should
+                    and sc.expect.hold is not None)}
 
 
 @dataclass
@@ -56,15 +70,14 @@ class DemoSession:
     lane: BackgroundLane
 
 
-def pick(family: str, longest: int, slice_ms: int) -> Scenario:
-    """The first held-out scenario of `family` (seeds 0, 1, ...) that fits in `longest` and
-    shows the session's behaviour."""
-    shows = SHOWS.get(family, lambda sc: True)
+def pick(show: Show, slice_ms: int) -> Scenario:
+    """The first held-out scenario of the show's family (seeds 0, 1, ...) that fits in its
+    length and shows its behaviour."""
     for seed in range(100):
-        scenario = generate("heldout", seed, 1, [family], slice_ms)[0]
-        if scenario.slices <= longest and shows(scenario):
+        scenario = generate("heldout", seed, 1, [show.family], slice_ms)[0]
+        if scenario.slices <= show.longest and show.shows(scenario):
             return scenario
-    raise MicroturnError(f"no {family} scenario of at most {longest} slices")
+    raise MicroturnError(f"no {show.family} scenario of at most {show.longest} slices")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -76,8 +89,8 @@ def run_demo(args: argparse.Namespace) -> None:
     frames = FrameSpec()
     worker = BackgroundWorker()
     sessions = []
-    for i, (name, (family, longest)) in enumerate(SESSIONS.items()):
-        sc = pick(family, longest, args.slice_ms)
+    for i, (name, show) in enumerate(SESSIONS.items()):
+        sc = pick(show, args.slice_ms)
         params = SessionParams(max_output_tokens=budget, slice_ms=args.slice_ms,
                                sampling=SamplingParams(temperature=args.temperature,
                                                        seed=args.seed + i),

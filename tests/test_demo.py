@@ -17,10 +17,10 @@ def test_demo_runs_summarises_and_its_sessions_verify(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "slice  0" in out and "reply" in out and "silence" in out
-    for behaviour in ("pause", "interrupt", "reminder", "beep", "colour", "delegate"):
+    for behaviour in ("pause", "interrupt", "reminder", "beep", "colour", "delegate", "talk-on"):
         assert f"{behaviour} (" in out  # each session's verdict by the benchmark's metric
     assert "summary" in out and "deadline misses" in out and "KV pool" in out
-    assert "exported 7 sessions" in out
+    assert "exported 8 sessions" in out
 
     session = tmp_path / "reply.json"
     verified = run_cli("verify-alignment", str(session))
