@@ -153,6 +153,38 @@ def test_rooms_carry_the_users_voice_where_timing_allows():
     assert in_a_room(scenarios, 0.0, seed=3) == scenarios
 
 
+def test_catch_trials_never_cue_and_their_target_is_silence(tokenizer):
+    from microturn.eval.micro_turn import SlicedMedia
+    from microturn.sequence.media_specs import FrameSpec
+    from microturn.train.data import CAUGHT_FAMILIES, catch_trials
+
+    scenarios = [sc for s in range(3) for sc in generate("train", s, 6)]
+    caught = catch_trials(scenarios, 0.5, seed=4)
+    assert caught == catch_trials(scenarios, 0.5, seed=4)
+    n = 0
+    for before, after in zip(scenarios, caught, strict=True):
+        if after == before:
+            continue
+        n += 1
+        assert after.family in CAUGHT_FAMILIES and not after.expect.events and not after.sounds
+        assert (after.words, after.slices) == (before.words, before.slices)
+        media = SlicedMedia(after, FrameSpec())
+        if after.family == "cue_audio":  # the noise goes on, the sound never comes
+            assert all(media.audio(k).max() < 13 for k in range(after.slices))
+        else:  # the screen never changes
+            assert after.screen.change_ms is None
+        target = build_target(after, chatty, tokenizer)
+        assert score(after, list(target.outputs)).passed
+        assert not any(target.outputs[before.expect.quiet_from:])
+        # negative control: the word said where the cue would have been fails the catch trial
+        guessed = list(target.outputs)
+        event = before.expect.events[0]
+        guessed[event.slice] = f" {event.keywords[0]}."
+        assert not score(after, guessed).passed and score(before, guessed).passed
+    assert n >= 3
+    assert catch_trials(scenarios, 0.0, seed=4) == scenarios
+
+
 def test_interruption_is_yielded_to_once_it_is_recognisable(tokenizer):
     scenarios = [sc for s in range(6) for sc in generate("train", s, 12, ["interruption"])]
     late = [sc for sc in scenarios if yield_slice(sc) > sc.expect.stop_onset]

@@ -160,7 +160,8 @@ def _timed(sc: Scenario, out: list[str]) -> Verdict:
     allowed = {k for e in events for k in range(_window(e, sc.slices)[0],
                                                _window(e, sc.slices)[1] + 1)}
     stray = [k for k in range(quiet, sc.slices) if k not in allowed and is_speech(out[k])]
-    stray = [k for k in stray if k < _window(events[-1], sc.slices)[1]]
+    if events:  # after the last window the task is over; with none (a catch trial) it never is
+        stray = [k for k in stray if k < _window(events[-1], sc.slices)[1]]
     echo = [k for k in range(quiet) if any(says(out[k], e.keywords) for e in events
                                             if e.keywords)]
     if stray:

@@ -39,6 +39,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--in-a-room", type=float, default=0.0, metavar="FRACTION",
                       help="this fraction of the text-only scenarios get an audio stream of "
                            "room noise (the same talk with a microphone open)")
+    data.add_argument("--catch-trials", type=float, default=0.0, metavar="FRACTION",
+                      help="this fraction of the sound and sight cue scenarios never get "
+                           "their cue (the target: silence), so saying the word at a guessed "
+                           "time costs")
     data.add_argument("--teacher-answers-only", action="store_true",
                       help="keep the teacher's content answers as they are (no \"The answer "
                            "is X.\" where it missed)")
@@ -78,7 +82,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from microturn.checkpoint.adapter import LoRAConfig
     from microturn.checkpoint.loader import load_model
-    from microturn.train.data import ExportExamples, TargetExamples, in_a_room, train_scenarios
+    from microturn.train.data import (
+        ExportExamples,
+        TargetExamples,
+        catch_trials,
+        in_a_room,
+        train_scenarios,
+    )
     from microturn.train.loop import LoopConfig, TrainingRun
     from microturn.train.targets import TargetConfig
     from microturn.train.teacher import ChatTeacher
@@ -106,6 +116,9 @@ def run_train(args: argparse.Namespace) -> None:
                                  f"got {getattr(args, name)}")
     if not 0.0 <= args.in_a_room <= 1.0:
         raise MicroturnError(f"--in-a-room must be a fraction in [0, 1], got {args.in_a_room}")
+    if not 0.0 <= args.catch_trials <= 1.0:
+        raise MicroturnError(f"--catch-trials must be a fraction in [0, 1], got "
+                             f"{args.catch_trials}")
     if args.stop_after is not None and args.stop_after < 1:
         raise MicroturnError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.val_per_family < 0:
@@ -124,6 +137,7 @@ def run_train(args: argparse.Namespace) -> None:
                                for sc in train_scenarios(args.seed, args.rounds,
                                                          args.per_family * weights.get(family, 1),
                                                          [family])], args.in_a_room, args.seed)
+        scenarios = catch_trials(scenarios, args.catch_trials, args.seed)
         teacher = ChatTeacher(loaded, args.teacher_tokens, out / "teacher.json")
         print(f"building {len(scenarios)} target timelines (teacher: the base model)",
               file=sys.stderr)

@@ -139,6 +139,25 @@ def in_a_room(scenarios: list[Scenario], fraction: float, seed: int) -> list[Sce
     return out
 
 
+CAUGHT_FAMILIES = ("cue_audio", "cue_visual")  # where the cue is a sound or a sight
+
+
+def catch_trials(scenarios: list[Scenario], fraction: float, seed: int) -> list[Scenario]:
+    """About `fraction` of the sound and sight cue scenarios become catch trials: the same
+    instruction, and the cue never comes (the session ends first), so the target is silence
+    to the end. With the cue always coming, a model that has not heard it is still rewarded
+    for saying the word at a typical time; a catch trial makes guessing the time cost."""
+    out = []
+    for sc in scenarios:
+        rng = np.random.default_rng([seed, zlib.crc32(sc.id.encode()), 1])
+        if sc.family in CAUGHT_FAMILIES and rng.random() < fraction:
+            screen = sc.screen and replace(sc.screen, change_ms=None)
+            sc = replace(sc, sounds=(), screen=screen, expect=replace(sc.expect, events=()),
+                         note=f"{sc.note}; catch trial: the cue never comes")
+        out.append(sc)
+    return out
+
+
 @dataclass(frozen=True)
 class Position:
     epoch: int = 0
