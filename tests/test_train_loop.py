@@ -260,6 +260,10 @@ def test_cli_train_errors_in_one_line(capsys, tmp_path):
     assert cli.main(["train", "--out", str(tmp_path), "--lora-targets", "q,v"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("microturn: error: lora targets") and "\n" not in err
+    for flag in ("--in-a-room", "--catch-trials"):
+        assert cli.main(["train", "--out", str(tmp_path), flag, "1.5"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"microturn: error: {flag} must be a fraction in [0, 1], got 1.5")
 
 
 def test_cli_train_runs_end_to_end(tokenizer, tmp_path, monkeypatch, capsys):

@@ -114,11 +114,10 @@ def run_train(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise MicroturnError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(args, name)}")
-    if not 0.0 <= args.in_a_room <= 1.0:
-        raise MicroturnError(f"--in-a-room must be a fraction in [0, 1], got {args.in_a_room}")
-    if not 0.0 <= args.catch_trials <= 1.0:
-        raise MicroturnError(f"--catch-trials must be a fraction in [0, 1], got "
-                             f"{args.catch_trials}")
+    for name in ("in_a_room", "catch_trials"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise MicroturnError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], "
+                                 f"got {getattr(args, name)}")
     if args.stop_after is not None and args.stop_after < 1:
         raise MicroturnError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.val_per_family < 0:
