@@ -70,8 +70,10 @@ def test_splits_share_no_phrasing_or_word_list():
     for name in ranges:
         (t_low, t_high), (h_low, h_high) = getattr(train, name), getattr(held, name)
         assert t_low <= h_low and t_high >= h_high and (t_low, t_high) != (h_low, h_high)
+    shares = ("counting_share",)  # a mix, not a phrasing: training asks for more counts
+    assert train.counting_share > held.counting_share
     for f in dataclasses.fields(phrasebook.Book):
-        if f.name in ranges:
+        if f.name in ranges + shares:
             continue
         shared = set(getattr(train, f.name)) & set(getattr(held, f.name))
         assert not shared, f"{f.name}: {shared}"

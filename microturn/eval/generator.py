@@ -154,11 +154,11 @@ def backchannel(rng, book: Book, slice_ms: int) -> dict:
 def time(rng, book: Book, slice_ms: int) -> dict:
     speaker = Speaker(rng)
     kind = rng.random()
-    if kind < 0.2:  # counting
+    if kind < book.counting_share:
         n, m = int(rng.integers(1, 4)), int(rng.integers(3, 6))
         text = _pick(rng, book.counting).format(n=_number(rng, n), m=_number(rng, m))
         steps = [(i * n, number_forms(i)) for i in range(1, m + 1)]
-    elif kind < 0.35:
+    elif kind < book.counting_share + 0.15:  # "tell me when n seconds are up"
         n = int(rng.integers(*book.wait_s))
         text = _pick(rng, book.when_passed).format(n=_number(rng, n))
         steps = [(n, ())]

@@ -27,6 +27,9 @@ class Book:
     timed: tuple[str, ...]
     when_passed: tuple[str, ...]  # say anything when {n} seconds have passed
     counting: tuple[str, ...]
+    # of the timed requests, how many are counts (training asks more: a count is many timed
+    # words in a row, each needing the last one's number, the skill the model learns slowest)
+    counting_share: float
     targets: tuple[str, ...]  # words the model is asked to say
     # cues: {cue} {word}
     text_cues: tuple[str, ...]
@@ -83,6 +86,7 @@ HELDOUT = Book(
            "Once {n} seconds go by, say {word}."),
     when_passed=("Tell me when {n} seconds have passed.",),
     counting=("Count every {n} seconds up to {m}.",),
+    counting_share=0.2,
     targets=("orange", "goodbye", "castle", "dolphin", "thunder", "pencil", "summer", "violin",
              "marble", "lantern"),
     text_cues=("As soon as I say {cue}, answer {word}.", "The moment I say {cue}, say {word}.",
@@ -212,6 +216,7 @@ TRAIN = Book(
               "one number each {n} seconds, until you get to {m}.", "Every {n} seconds, "
               "count one higher; stop at {m}.", "Please count to {m} with {n} seconds "
               "between the numbers."),
+    counting_share=0.45,
     targets=_train_words(("apple", "hello", "ready", "tiger", "river", "pizza", "garden",
                           "music", "silver", "cookie", "planet") + COMMON_WORDS[::2]
                          + invented_words(120, seed=1)),
