@@ -193,7 +193,11 @@ TRAIN = Book(
                   "oh nice", "that's right", "good", "great", "fine", "agreed", "very true",
                   "oh right", "keep going", "yeah sure", "uh-huh yeah", "mm yeah", "neat",
                   "no way", "ah right", "right, yeah", "oh yes", "sure, sure", "wow, really",
-                  "yeah, that's true", "I understand", "ah, got it", "mm, interesting"),
+                  "yeah, that's true", "I understand", "ah, got it", "mm, interesting",
+                  # a lone "I" or "ok" is a backchannel's start as often as an interruption's
+                  "I bet", "I agree", "I guess so", "I follow", "I think so", "I suppose",
+                  "I believe it", "I knew it", "I hear ya", "I like that", "ok ok", "ok then",
+                  "ok, sure", "ok cool", "ok, right", "okey-dokey", "OK", "k"),
     timed=("Say {word} in {n} seconds.", "In {n} seconds, say {word}.",
            "Wait {n} seconds and then say {word}.", "Please say {word} after {n} seconds.",
            "{n} seconds from now, say {word}.", "I want you to say {word} in {n} seconds.",
