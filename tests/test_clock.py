@@ -52,9 +52,10 @@ def test_silent_slices_tell_the_seconds_of_quiet_and_text_resets_them(loaded, to
     assert all(clock_reading(plain, t) == "" for t in plain.turns)  # negative control: off
 
 
-def test_a_streamed_session_feeds_the_clock_and_its_export_replays_it(tokenizer):
+@pytest.mark.parametrize("both_lanes", [False, True])
+def test_a_streamed_session_feeds_the_clock_and_its_export_replays_it(tokenizer, both_lanes):
     loaded = tiny_loaded(tokenizer)
-    loaded.clock = True
+    loaded.clock, loaded.clock_both_lanes = True, both_lanes
     engine = Engine(loaded, EngineConfig(kv_budget_mb=16))
     sid = engine.open(SessionParams(max_output_tokens=2))
     for text in ["Say yes in two seconds"] + [""] * 12:
@@ -64,9 +65,14 @@ def test_a_streamed_session_feeds_the_clock_and_its_export_replays_it(tokenizer)
     exported = engine.close(sid)
     rebuilt = Timeline.from_export(exported)
     assert rebuilt.layout.clock and rebuilt.tokens() == session.fed + session.unfed
-    assert [clock_reading(rebuilt, t) for t in rebuilt.turns if clock_reading(rebuilt, t)] == \
-        ["1", "2"]
-    exported["layout"].pop("clock")  # negative control: without it the replay differs
+    assert rebuilt.layout.clock_both_lanes is both_lanes
+    spoke = any(rebuilt.spoke(t) for t in rebuilt.turns[:-1])
+    if not both_lanes or not spoke:
+        assert [clock_reading(rebuilt, t) for t in rebuilt.turns if clock_reading(rebuilt, t)] \
+            == ["1", "2"]
+    # negative control: without the clock (or, where the model spoke, with the text lane's
+    # clock in place of both lanes') the replay differs
+    exported["layout"].pop("clock_both_lanes" if both_lanes and spoke else "clock")
     assert Timeline.from_export(exported).tokens() != session.fed + session.unfed
 
 
@@ -101,3 +107,51 @@ def test_the_adapter_carries_the_clock_to_serving(loaded, tmp_path):
         assert served.clock is clock
         engine = Engine(served, EngineConfig(kv_budget_mb=8))
         assert engine.layout(engine.open()).clock is clock
+
+
+def test_a_both_lanes_clock_starts_again_after_the_model_speaks(loaded, tokenizer):
+    m, said = loaded.markers, tokenizer.encode(" one.")
+    silent = [m.silence]
+    outputs = [silent] * 5 + [said] + [silent] * 10  # it speaks at slice 5 (1 s of quiet)
+    turns = lambda: [MicroTurn(k, [], list(out)) for k, out in enumerate(outputs)]  # noqa: E731
+    both = Timeline(m, turns(), SliceLayout(200, clock=True, clock_both_lanes=True))
+    readings = [clock_reading(both, t) for t in both.turns]
+    assert readings == ["", "", "", "", "1", "", "", "", "", "", "1", "", "", "", "", "2"]
+    assert Timeline.from_export(both.export()).tokens() == both.tokens()
+    exported = both.export()
+    exported["layout"].pop("clock_both_lanes")  # negative control: the text lane's clock
+    text_only = Timeline.from_export(exported)
+    assert [clock_reading(text_only, t) for t in text_only.turns] == \
+        ["", "", "", "", "1", "", "", "", "", "2", "", "", "", "", "3", ""]
+
+
+def test_on_a_both_lanes_clock_a_count_is_one_wait_a_number(tokenizer):
+    scenarios = [sc for sc in generate("train", seed=5, per_family=40, families=["time"])
+                 if len(sc.expect.events) > 1]
+    assert len(scenarios) >= 10
+    config = TargetConfig(clock=True, clock_both_lanes=True)
+    for sc in scenarios:
+        target = build_target(sc, None, tokenizer, config)
+        assert score(sc, list(target.outputs)).passed, sc.note
+        spoken = [k for k, out in enumerate(target.outputs) if out]
+        assert len(spoken) == len(sc.expect.events)  # the numbers, and no ack
+        interval = int(sc.note.split("+")[1].split("s")[0])  # "speak at +3s, +6s, ..."
+        # every number after the first is said when the both-lanes clock reads the interval:
+        # exactly `interval` seconds of quiet since the number before
+        gaps = [b - a for a, b in zip(spoken, spoken[1:], strict=False)]
+        assert all(g * sc.slice_ms == interval * 1000 for g in gaps), (sc.note, spoken)
+    text_clock = build_target(scenarios[0], None, tokenizer, TargetConfig(clock=True))
+    assert [o for o in text_clock.outputs if o][0] == "Okay."  # negative control: acked
+
+
+def test_the_adapter_carries_the_both_lanes_clock(loaded, tmp_path):
+    model = copy.deepcopy(loaded.model)
+    add_lora(model, LoRAConfig(rank=2))
+    for both in (True, False):
+        path = tmp_path / f"{both}.safetensors"
+        save_adapter(path, model, LoRAConfig(rank=2),
+                     metadata={"clock": "true", "clock_both_lanes": str(both).lower()})
+        served = copy.deepcopy(loaded)
+        apply_adapter(served, path)
+        engine = Engine(served, EngineConfig(kv_budget_mb=8))
+        assert engine.layout(engine.open()).clock_both_lanes is both

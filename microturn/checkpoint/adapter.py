@@ -100,6 +100,7 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
         apply_adapter(loaded, parent_adapter(path, metadata["parent"]))
     model = loaded.model
     loaded.clock = metadata.get("clock") == "true"
+    loaded.clock_both_lanes = metadata.get("clock_both_lanes") == "true"
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             for target in config.targets:

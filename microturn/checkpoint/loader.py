@@ -50,6 +50,7 @@ class LoadedModel(Checkpoint):
     # its sessions' silent slices tell the seconds of quiet (`SliceLayout.clock`): set by the
     # adapter it was trained with, or by the trainer
     clock: bool = field(default=False, init=False)
+    clock_both_lanes: bool = field(default=False, init=False)  # `SliceLayout.clock_both_lanes`
     _frontend: FrontEnd | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -105,7 +105,8 @@ class Engine:
         is bitwise what the session would have produced had it never left. `params` must
         give the export's sampling for that (`SessionParams.from_export`)."""
         params = params or SessionParams()
-        layout = SliceLayout(params.slice_ms, params.audio, params.video, self.loaded.clock)
+        layout = SliceLayout(params.slice_ms, params.audio, params.video, self.loaded.clock,
+                             self.loaded.clock_both_lanes)
         timeline, resume = (self._resume_from(from_export, layout) if from_export is not None
                             else (Timeline(self.markers, layout=layout), None))
         if (params.audio or params.video) and self.frontend is None:

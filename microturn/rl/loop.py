@@ -253,6 +253,7 @@ class RLRun:
     def save_artifact(self) -> Path:
         path = self.out_dir / "adapter.safetensors"
         metadata = {"step": str(self.step), "clock": str(self.loaded.clock).lower(),
+                    "clock_both_lanes": str(self.loaded.clock_both_lanes).lower(),
                     "method": "rl"}
         if self.parent is not None:
             metadata["parent"] = str(Path(self.parent).resolve())

@@ -44,6 +44,10 @@ class SliceLayout:
     # second: counting 75 identical slices to within one is hard for a small model, reading
     # "12" after "say it in 12 seconds" is not. Part of the format a model was trained on.
     clock: bool = False
+    # The clock also starts again after a slice in which the model spoke: it tells the
+    # seconds since anyone last spoke, so "count every 3 seconds" is "speak at 3" each time,
+    # not "speak at 3 x the next number". Also part of the format.
+    clock_both_lanes: bool = False
 
     def clock_seconds(self, quiet_slices: int) -> int | None:
         """The whole seconds the clock announces in the `quiet_slices`-th quiet slice in a
@@ -95,7 +99,8 @@ class SliceLayout:
     def to_dict(self) -> dict:
         video = None if self.video is None else dataclasses.asdict(self.video)
         data = {"slice_ms": self.slice_ms, "audio": self.audio, "video": video}
-        return data | ({"clock": True} if self.clock else {})
+        return (data | ({"clock": True} if self.clock else {})
+                | ({"clock_both_lanes": True} if self.clock_both_lanes else {}))
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SliceLayout":
@@ -103,7 +108,7 @@ class SliceLayout:
             return cls()
         video = data.get("video")
         return cls(data["slice_ms"], data["audio"], FrameSpec(**video) if video else None,
-                   bool(data.get("clock", False)))
+                   bool(data.get("clock", False)), bool(data.get("clock_both_lanes", False)))
 
 
 @dataclass
@@ -129,10 +134,18 @@ class Timeline:
             self.append(turn)
 
     def append(self, turn: MicroTurn) -> None:
-        """Add the next micro-turn, counting the text lane's quiet for the clock."""
+        """Add the next micro-turn, counting the quiet for the clock: the text lane's, and
+        with `clock_both_lanes` the model's too (after a slice it spoke in, the count starts
+        again at 1, as after a slice the user's text came in)."""
         before = self.turns[-1].quiet if self.turns else 0
+        if self.layout.clock_both_lanes and self.turns and self.spoke(self.turns[-1]):
+            before = 0
         turn.quiet = 0 if turn.input_ids else before + 1
         self.turns.append(turn)
+
+    def spoke(self, turn: MicroTurn) -> bool:
+        """Did the model say anything in the turn (more than silence or an early end)?"""
+        return any(not self.markers.ends_output(t) for t in turn.output_ids)
 
     def input_tokens(self, turn: MicroTurn) -> list[int]:
         """What the model is fed for the input half of a micro-turn, markers included."""

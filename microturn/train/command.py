@@ -36,6 +36,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--clock", action=argparse.BooleanOptionalAction, default=True,
                       help="silent slices tell the seconds of quiet, so timed requests are "
                            "read off a clock, not counted (default: on; saved in the adapter)")
+    data.add_argument("--clock-both-lanes", action="store_true",
+                      help="the clock starts again when the model speaks too: it tells the "
+                           "seconds since anyone spoke (a count is one wait a number; saved "
+                           "in the adapter)")
     data.add_argument("--in-a-room", type=float, default=0.0, metavar="FRACTION",
                       help="this fraction of the text-only scenarios get an audio stream of "
                            "room noise (the same talk with a microphone open)")
@@ -105,7 +109,8 @@ def run_train(args: argparse.Namespace) -> None:
                         moment_weight=args.moment_weight, init_adapter=args.init_adapter)
     targets = TargetConfig(max_output_tokens=args.max_output_tokens,
                            reply_delay=args.reply_delay,
-                           checked_answers=not args.teacher_answers_only, clock=args.clock)
+                           checked_answers=not args.teacher_answers_only, clock=args.clock,
+                           clock_both_lanes=args.clock_both_lanes)
     families = parse_families(args.families)
     weights = parse_family_weights(args.family_weights, families)
     if args.init_adapter is not None and not Path(args.init_adapter).is_file():
@@ -118,6 +123,8 @@ def run_train(args: argparse.Namespace) -> None:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise MicroturnError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], "
                                  f"got {getattr(args, name)}")
+    if args.clock_both_lanes and not args.clock:
+        raise MicroturnError("--clock-both-lanes needs the clock (drop --no-clock)")
     if args.stop_after is not None and args.stop_after < 1:
         raise MicroturnError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.val_per_family < 0:
@@ -127,7 +134,7 @@ def run_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
 
     loaded = load_model(args.model, args.dtype, args.device or "cpu")
-    loaded.clock = args.clock
+    loaded.clock, loaded.clock_both_lanes = args.clock, args.clock_both_lanes
     markers = loaded.markers
     if args.data is not None:
         examples = ExportExamples(args.data)

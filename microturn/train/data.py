@@ -48,11 +48,11 @@ class Examples:
 
 class TargetExamples(Examples):
     def __init__(self, targets: list[Target], tokenizer: Tokenizer, markers: MarkerTokens,
-                 budget: int, clock: bool = False):
+                 budget: int, clock: bool = False, clock_both_lanes: bool = False):
         if not targets:
             raise MicroturnError("training data: no scenarios")
         self.targets, self.tokenizer, self.markers = targets, tokenizer, markers
-        self.budget, self.clock = budget, clock
+        self.budget, self.clock, self.clock_both_lanes = budget, clock, clock_both_lanes
         self._exports: dict[int, dict] = {}
         self._lengths: dict[int, int] = {}
 
@@ -66,7 +66,8 @@ class TargetExamples(Examples):
             targets.append(build_target(sc, teacher, tokenizer, config))
             if progress:
                 progress(1)
-        return cls(targets, tokenizer, markers, config.max_output_tokens, config.clock)
+        return cls(targets, tokenizer, markers, config.max_output_tokens, config.clock,
+                   config.clock_both_lanes)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -74,7 +75,8 @@ class TargetExamples(Examples):
     def export(self, index: int) -> dict:
         if index not in self._exports:
             self._exports[index] = target_export(self.targets[index], self.tokenizer,
-                                                 self.markers, self.budget, clock=self.clock)
+                                                 self.markers, self.budget, clock=self.clock,
+                                                 clock_both_lanes=self.clock_both_lanes)
         return self._exports[index]
 
     def length(self, index: int) -> int:

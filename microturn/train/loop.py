@@ -239,7 +239,8 @@ class TrainingRun:
             return path
         save_adapter(path, self.loaded.model, self.config.lora,
                      self.frontend if self.config.train_frontend else None,
-                     {"step": str(self.step), "clock": str(self.loaded.clock).lower()})
+                     {"step": str(self.step), "clock": str(self.loaded.clock).lower(),
+                      "clock_both_lanes": str(self.loaded.clock_both_lanes).lower()})
         return path
 
     def _start_from(self, path: Path) -> None:

@@ -67,6 +67,7 @@ class TargetConfig:
     ack: str = "Okay."  # "" for none
     checked_answers: bool = True  # a content reply lacking the answer becomes "The answer is X."
     clock: bool = False  # the timelines carry the quiet clock (`SliceLayout.clock`)
+    clock_both_lanes: bool = False  # ... restarted by the model's speech too (no timed ack)
     delegate: bool = True  # arithmetic in content questions goes to the calculator too
 
     def __post_init__(self):
@@ -149,16 +150,22 @@ def build_target(scenario: Scenario, teacher: Teacher, tokenizer: Tokenizer,
     elif family in TIMED_FAMILIES:
         start = e.quiet_from - ACK_SLICES  # the slice of the instruction's last word
         on_clock = config.clock and family == "time"
-        ticks = _clock_ticks(scenario) if on_clock else set()
-        at = [_on_the_clock(event, ticks) if on_clock else event.slice for event in e.events]
+        both = on_clock and config.clock_both_lanes
+        # an ack would restart a both-lanes clock a slice after the user's last word: the
+        # wait's reading would then fall a slice or two late, so that clock's requests go
+        # unacknowledged
+        if config.ack and start >= 0 and not both and not any(
+                says(config.ack, ev.keywords) for ev in e.events if ev.keywords):
+            out[start + 1] = config.ack
+        at = []
+        for event in e.events:  # in order: on a both-lanes clock each word restarts it
+            ticks = _clock_ticks(scenario, out if both else None) if on_clock else set()
+            at.append(_on_the_clock(event, ticks) if on_clock else event.slice)
+            out[at[-1]] = _keyword_speech(event.keywords, chunker)
+        ticks = _clock_ticks(scenario, out if both else None) if on_clock else set()
         # with the clock, every tick after the instruction is a decision too: say it now, or
         # not yet (the model's typical slip is the right word at a neighbouring tick)
         moments = tuple(sorted(set(at) | {k for k in ticks if k > start}))
-        if config.ack and start >= 0 and not any(says(config.ack, ev.keywords)
-                                                 for ev in e.events if ev.keywords):
-            out[start + 1] = config.ack
-        for event, k in zip(e.events, at, strict=True):
-            out[k] = _keyword_speech(event.keywords, chunker)
     elif family in DIALOGUE_FAMILIES:
         moments = (e.turn_end + config.reply_delay,)
         _reply(out, e.turn_end + config.reply_delay, scenario, teacher, chunker, config)
@@ -218,10 +225,13 @@ def _delegate(out: list[str], exact: list, results: list[str], question_end: int
     return (question_end, start, closed, landing, say_at) + tuple(range(landing + 1, say_at))
 
 
-def _clock_ticks(sc: Scenario) -> set[int]:
-    """The slices where the quiet clock tells a whole second."""
+def _clock_ticks(sc: Scenario, outputs: list[str] | None = None) -> set[int]:
+    """The slices where the quiet clock tells a whole second: of the text lane's quiet, or
+    with `outputs` (what the model says in each slice) of both lanes' (`Timeline.append`)."""
     layout, quiet, ticks = SliceLayout(sc.slice_ms, clock=True), 0, set()
     for k, text in enumerate(sc.text_slices()):
+        if outputs is not None and k > 0 and outputs[k - 1]:
+            quiet = 0
         quiet = 0 if text else quiet + 1
         if layout.clock_seconds(quiet) is not None:
             ticks.add(k)
@@ -303,12 +313,14 @@ def target_output_ids(target: Target, tokenizer: Tokenizer, markers: MarkerToken
 
 
 def target_export(target: Target, tokenizer: Tokenizer, markers: MarkerTokens, budget: int,
-                  frame_spec: FrameSpec | None = None, clock: bool = False) -> dict:
+                  frame_spec: FrameSpec | None = None, clock: bool = False,
+                  clock_both_lanes: bool = False) -> dict:
     """The target as an engine export (`Engine.close`'s format: markers, turns, layout),
     plus `scripted`: the indices of the turns whose output is replayed, not learned, and
     `moments`: the turns where the behaviour is decided."""
     sc, frame_spec = target.scenario, frame_spec or FrameSpec()
-    layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None, clock)
+    layout = SliceLayout(sc.slice_ms, sc.has_audio, frame_spec if sc.has_video else None, clock,
+                         clock_both_lanes)
     media = SlicedMedia(sc, frame_spec)
     outputs = target_output_ids(target, tokenizer, markers, budget)
     results = target.results or ("",) * len(outputs)
