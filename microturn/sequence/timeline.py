@@ -6,7 +6,8 @@ Micro-turn k is
 
 - TEXT: the text tokens that arrived in slice k, or `<silence>`. With the quiet clock
   (`SliceLayout.clock`), a silent slice in which the text lane's quiet reaches a whole second
-  says so: `<silence> 1 2` is the slice where 12 s have passed since text last arrived.
+  says so: `<silence> 1 2` is the slice where 12 s have passed since text last arrived (with
+  `SliceLayout.clock_both_lanes`, since text arrived or the model last spoke).
 - RESULT: a background worker's answer that arrived in slice k, `<result> text </result>` in
   plain tokens (`segments.py`); absent in most slices. The output's counterpart, the model's
   `<ask> query </ask>`, is ordinary output text.
