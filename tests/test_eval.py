@@ -19,9 +19,16 @@ from microturn.engine.session import SessionParams
 from microturn.eval import phrasebook
 from microturn.eval.generator import FAMILIES, generate
 from microturn.eval.metrics import score, takes_turn, wilson
-from microturn.eval.micro_turn import MicroTurnSettings, SlicedMedia, run_micro_turn, script_ids
-from microturn.eval.scenario import Scenario, render_audio, render_frames
+from microturn.eval.micro_turn import (
+    MicroTurnSettings,
+    SlicedMedia,
+    quiet_slices,
+    run_micro_turn,
+    script_ids,
+)
+from microturn.eval.scenario import Scenario, Transcript, render_audio, render_frames
 from microturn.eval.turn_based import TurnBasedSettings, run_turn_based
+from microturn.sequence.markers import MarkerTokens
 from microturn.sequence.media_specs import FrameSpec
 from microturn.sequence.timeline import Timeline
 from microturn.train import verify_alignment
@@ -337,5 +344,21 @@ def test_eval_command_on_the_default_model(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert set(record["runs"]) == {"microturn", "turn-based", "raw"}
     assert len(record["scenarios"]) == 2
+    assert "quiet slices closed by a marker alone" in text
+    assert set(record["meta"]["quiet_slices"]) == {"microturn", "raw"}
     assert main(["eval", "--families", "nope"]) == 2
     assert "families: unknown nope" in capsys.readouterr().err
+
+
+def test_quiet_slices_tell_silence_from_tokens_that_print_nothing():
+    markers = MarkerTokens(input_start=100, output_start=101, silence=16, end_of_slice=2)
+    t = Transcript("x", "microturn", outputs=["", "", " hi", "", "", ""],
+                   scripted=[False, False, False, True, False, False],
+                   output_ids=[[16], [7, 7, 7, 7], [339, 2], [16], [5, 7, 2], [2]])
+    q = quiet_slices([t], markers)
+    assert (q.quiet, q.by_marker) == (4, 2)  # the scripted and the spoken slice left out
+    assert q.share == pytest.approx(2 / 4)
+    clean = Transcript("y", "microturn", ["", ""], [False, False], [[16], [2]])
+    assert quiet_slices([clean], markers).share == 1.0
+    other = MarkerTokens(input_start=100, output_start=101, silence=7, end_of_slice=5)
+    assert quiet_slices([clean], other).share == 0.0  # negative control: other markers

@@ -137,3 +137,28 @@ def run_micro_turn(loaded: LoadedModel, scenarios: list[Scenario], system: str,
         running = [r for r in running if r.k < r.scenario.slices]
     worker.close()
     return [done[i] for i in range(len(scenarios))]
+
+
+@dataclass(frozen=True)
+class QuietSlices:
+    """The slices a system kept quiet in (its own, printing nothing) and how many of them it
+    closed with a marker alone (<silence>, or <end_of_slice> at once): a model can also print
+    nothing with other tokens that decode to nothing, which the metrics cannot see but its
+    next slices are fed."""
+    quiet: int
+    by_marker: int
+
+    @property
+    def share(self) -> float:
+        return self.by_marker / self.quiet if self.quiet else 1.0
+
+
+def quiet_slices(transcripts: list[Transcript], markers: MarkerTokens) -> QuietSlices:
+    quiet = by_marker = 0
+    for t in transcripts:
+        for text, scripted, ids in zip(t.outputs, t.scripted, t.output_ids, strict=True):
+            if scripted or text.strip():
+                continue
+            quiet += 1
+            by_marker += len(ids) == 1 and markers.ends_output(ids[0])
+    return QuietSlices(quiet, by_marker)

@@ -17,7 +17,7 @@ from microturn.checkpoint.shipped import load_interaction_model, resolve_adapter
 from microturn.errors import MicroturnError
 from microturn.eval.generator import generate, parse_families
 from microturn.eval.metrics import score
-from microturn.eval.micro_turn import MicroTurnSettings, run_micro_turn
+from microturn.eval.micro_turn import MicroTurnSettings, quiet_slices, run_micro_turn
 from microturn.eval.report import markdown_table, plot, print_table, show, summarise, write_json
 from microturn.eval.turn_based import TurnBasedSettings, run_turn_based
 
@@ -73,13 +73,21 @@ def run_eval(args: argparse.Namespace) -> dict:
              f"({args.per_family} per family); model {tested_name}, base {base.path.name}")
     print_table(console, table, title)
     console.print("run time: " + ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items()))
+    quiet = {system: quiet_slices(transcripts[system], (tested if system == "microturn"
+                                                        else base).markers)
+             for system in ("microturn", "raw") if system in transcripts}
+    if quiet:
+        console.print("quiet slices closed by a marker alone: " + ", ".join(
+            f"{s} {q.share:.0%} of {q.quiet}" for s, q in quiet.items())
+            + " [dim](the rest print nothing with other tokens)[/]")
     if tested is base and {"microturn", "raw"} <= set(systems):
         console.print("[dim]microturn and raw ran the same weights (no adapter): one run[/]")
     meta = {"split": args.split, "seed": args.seed, "per_family": args.per_family,
             "families": counts, "model": str(tested.path), "base_model": str(base.path),
             "adapter": str(adapter) if adapter else None,
             "dtype": args.dtype, "micro_turn": vars(micro), "turn_based": vars(turn),
-            "seconds": seconds, "markdown": markdown_table(table)}
+            "seconds": seconds, "markdown": markdown_table(table),
+            "quiet_slices": {s: vars(q) for s, q in quiet.items()}}
     if args.json:
         write_json(args.json, meta, scenarios, transcripts, verdicts, table)
     if args.plot:
