@@ -11,7 +11,8 @@ details make W' the same bits wherever it is computed, the trainer's forward inc
   single rounding to the model's dtype.
 
 An adapter file is one safetensors file: `lora.<module>.a|b` (fp32), optionally the trained
-front-end (`frontend.*`), and the `LoRAConfig` in its metadata.
+front-end (`frontend.*`) and the markers' trained embedding rows (`rows.ids`, `rows.weight`:
+`train/marker_rows.py`), and the `LoRAConfig` in its metadata.
 """
 
 import json
@@ -116,11 +117,35 @@ def apply_adapter(loaded: LoadedModel, path: str | Path) -> LoRAConfig:
                 merged = merged_weight(linear.weight, a.to(linear.weight.device),
                                        b.to(linear.weight.device), config.scale)
                 linear.weight = nn.Parameter(merged, requires_grad=False)  # repacks panels
+    if "rows.ids" in tensors:
+        write_rows(model, tensors, path)
     if any(k.startswith("frontend.") for k in tensors):
         frontend = loaded.load_frontend(notice=False)  # the adapter's weights replace it below
         load_frontend_tensors(tensors, frontend, path)
         frontend.to(device=model.device, dtype=model.dtype).requires_grad_(False)
     return config
+
+
+def written_weight(weight: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> nn.Parameter:
+    """A frozen copy of `weight` with `rows` (fp32) rounded over the rows `ids`."""
+    out = weight.detach().clone()
+    out[ids.to(out.device)] = rows.to(device=out.device, dtype=out.dtype)
+    return nn.Parameter(out, requires_grad=False)
+
+
+def write_rows(model: Decoder, tensors: dict, path) -> None:
+    """The adapter's marker rows over the (tied) embedding and head: the trainer's W'."""
+    ids, rows = tensors["rows.ids"], tensors.get("rows.weight")
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    if rows is None or rows.shape != (ids.numel(), width) or ids.dim() != 1:
+        raise MicroturnError(f"{path}: rows.weight must be [{ids.numel()}, {width}] beside "
+                             f"rows.ids")
+    if not model.config.tie_word_embeddings or not bool(((ids >= 0) & (ids < vocab)).all()):
+        raise MicroturnError(f"{path}: marker rows need a tied model with every id in "
+                             f"[0, {vocab})")
+    weight = written_weight(model.embed_tokens.weight, ids, rows)
+    model.embed_tokens.weight = weight
+    model.lm_head.weight = weight
 
 
 def parent_adapter(path: str | Path, parent: str) -> Path:

@@ -65,6 +65,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lora-targets", default="qkv,o,gate_up,down")
     opt.add_argument("--train-frontend", action="store_true",
                      help="train the audio/video front-end too (saved with the adapter)")
+    opt.add_argument("--train-markers", action="store_true",
+                     help="train the timeline markers' embedding rows too (saved with the "
+                          "adapter): a marker the base never trained gets a logit of its own")
     opt.add_argument("--checkpoint-every", type=int, default=50)
     opt.add_argument("--moment-weight", type=float, default=1.0,
                      help="loss weight of the slices where a behaviour is decided (a timed "
@@ -104,7 +107,8 @@ def run_train(args: argparse.Namespace) -> None:
                         lr=args.lr or 2e-4, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                         weight_decay=args.weight_decay, seed=args.seed,
                         deterministic=args.deterministic, full=args.full, lora=lora,
-                        train_frontend=args.train_frontend, validate_every=args.val_every,
+                        train_frontend=args.train_frontend,
+                        train_markers=args.train_markers, validate_every=args.val_every,
                         checkpoint_every=args.checkpoint_every,
                         moment_weight=args.moment_weight, init_adapter=args.init_adapter)
     targets = TargetConfig(max_output_tokens=args.max_output_tokens,

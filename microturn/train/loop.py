@@ -8,7 +8,8 @@ their summed token NLL divided by the step's token count, one backward each, cli
 at the step's learning rate (linear warmup, then cosine down to `min_lr_ratio`). The forward is
 the engine's own model code with deterministic kernels (the sampler's bits). LoRA by default
 (`lora.py`: only A and B learn), or every weight with `full`; the front-end learns too with
-`train_frontend`.
+`train_frontend`, and the timeline markers' embedding rows with `train_markers`
+(`marker_rows.py`: a marker the base never trained can tie with unused tokens).
 
 `out_dir` holds `checkpoint.safetensors` (trainable weights, optimizer state, step, data
 position: a resumed run continues bit for bit), `history.json`, the final artifact
@@ -34,6 +35,7 @@ from microturn.eval.scenario import Scenario
 from microturn.train.data import Examples, Position, batches_from, tokens_in, training_batch
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import add_lora, load_adapter, lora_modules, save_adapter
+from microturn.train.marker_rows import add_marker_rows, marker_rows
 from microturn.train.run_checkpoint import read_checkpoint, restore, write_checkpoint
 from microturn.train.validate import Validation, validate
 
@@ -55,6 +57,7 @@ class LoopConfig:
     full: bool = False  # every weight learns (no adapter)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_frontend: bool = False
+    train_markers: bool = False  # the markers' embedding rows (tied: their logits too)
     validate_every: int = 0  # steps; 0: only at the end (when there are validation scenarios)
     checkpoint_every: int = 50
     moment_weight: float = 1.0  # loss weight of the slices where a behaviour is decided
@@ -70,6 +73,8 @@ class LoopConfig:
             raise MicroturnError("warmup and validate_every must be >= 0")
         if not 1.0 <= self.moment_weight <= 100.0:
             raise MicroturnError(f"moment_weight must be in [1, 100], got {self.moment_weight}")
+        if self.full and self.train_markers:
+            raise MicroturnError("train_markers: a full fine-tune trains every row already")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MicroturnError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -113,6 +118,9 @@ class TrainingRun:
             model.requires_grad_(True)
         elif not lora_modules(model):
             add_lora(model, config.lora)
+        if config.train_markers and marker_rows(model) is None:
+            m = loaded.markers
+            add_marker_rows(model, [m.input_start, m.output_start, m.silence, m.end_of_slice])
         if self.frontend is not None:
             self.frontend.requires_grad_(config.train_frontend)
         if config.init_adapter is not None:
@@ -212,11 +220,11 @@ class TrainingRun:
     def load(self, path: Path) -> None:
         tensors, metadata = read_checkpoint(path)
         saved = json.loads(metadata["config"])
-        for key in ("full", "lora", "train_frontend"):
+        for key in ("full", "lora", "train_frontend", "train_markers"):
             ours = json.loads(json.dumps(asdict(self.config)[key]))
-            if saved[key] != ours:
-                raise MicroturnError(f"{path}: checkpoint was trained with {key}={saved[key]}, "
-                                     f"this run has {key}={ours}")
+            if saved.get(key, False) != ours:
+                raise MicroturnError(f"{path}: checkpoint was trained with {key}="
+                                     f"{saved.get(key, False)}, this run has {key}={ours}")
         restore(path, tensors, metadata, self.params, self.optimizer)
         self.step = int(metadata["step"])
         self.position = Position(int(metadata["epoch"]), int(metadata["batch"]))

@@ -33,6 +33,7 @@ from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
 from microturn.model.decoder import Decoder
 from microturn.model.linear import Linear
+from microturn.train.marker_rows import marker_rows, rows_off, rows_served
 
 
 class MergedLoRA(torch.autograd.Function):
@@ -132,7 +133,8 @@ def serving(model: Decoder) -> Iterator[Decoder]:
     for name, module in wrapped.items():
         _set_module(model, name, module.merged_linear())
     try:
-        yield model
+        with rows_served(model):
+            yield model
     finally:
         for name, module in wrapped.items():
             _set_module(model, name, module)
@@ -146,7 +148,8 @@ def adapters_off(model: Decoder) -> Iterator[Decoder]:
     for name, module in wrapped.items():
         _set_module(model, name, module.base)
     try:
-        yield model
+        with rows_off(model):
+            yield model
     finally:
         for name, module in wrapped.items():
             _set_module(model, name, module)
@@ -156,13 +159,17 @@ def adapters_off(model: Decoder) -> Iterator[Decoder]:
 
 def save_adapter(path: str | Path, model: Decoder, config: LoRAConfig,
                  frontend: FrontEnd | None = None, metadata: dict | None = None) -> None:
-    """One small safetensors file: the adapter, the front-end if given, the config."""
+    """One small safetensors file: the adapter, the marker rows if the model trains them, the
+    front-end if given, the config."""
     tensors = {}
     for name, module in lora_modules(model).items():
         tensors[f"lora.{name}.a"] = module.a.detach().contiguous()
         tensors[f"lora.{name}.b"] = module.b.detach().contiguous()
     if not tensors:
         raise MicroturnError("save_adapter: the model carries no LoRA adapter")
+    if (rows := marker_rows(model)) is not None:
+        tensors |= {"rows.ids": rows.ids.detach().cpu().contiguous(),
+                    "rows.weight": rows.rows.detach().contiguous()}
     if frontend is not None:
         tensors |= {f"frontend.{k}": v.detach().contiguous()
                     for k, v in frontend.state_dict().items()}
@@ -177,7 +184,8 @@ def load_adapter(path: str | Path, model: Decoder,
     side. An adapter of a lower rank than the model's grows into it: its A and B fill the
     first rows and columns (B rescaled to the model's alpha / rank), the rest keep their
     initialisation (B zero), so the model computes what the file's adapter computes and has
-    room to learn more. Front-end weights, when the file has them, go into `frontend`."""
+    room to learn more. Marker rows and front-end weights, when the file has them, go into the
+    model's trainable rows (`add_marker_rows`) and `frontend`."""
     config, tensors, _ = read_adapter(path)
     modules = lora_modules(model)
     with torch.no_grad():
@@ -191,5 +199,19 @@ def load_adapter(path: str | Path, model: Decoder,
             module.a[:config.rank].copy_(a)
             module.b[:, :config.rank].copy_(b if config.scale == module.scale
                                             else b * (config.scale / module.scale))
+    load_rows(tensors, model, path)
     load_frontend_tensors(tensors, frontend, path)
     return config
+
+
+def load_rows(tensors: dict, model: Decoder, path) -> None:
+    rows = marker_rows(model)
+    if "rows.ids" not in tensors:
+        return
+    if rows is None or not torch.equal(tensors["rows.ids"], rows.ids.cpu()):
+        have = "none" if rows is None else rows.ids.tolist()
+        raise MicroturnError(f"{path}: carries trained rows for tokens "
+                             f"{tensors['rows.ids'].tolist()}; this run trains {have} "
+                             "(train the marker rows too: --train-markers)")
+    with torch.no_grad():
+        rows.rows.copy_(take(tensors, "rows.weight", tuple(rows.rows.shape), path))
