@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped interaction model, from scratch: fourteen `microturn train` runs, each from the
+# The shipped interaction model, from scratch: fifteen `microturn train` runs, each from the
 # previous one's adapter (docs/MODEL_CARD.md says why each). About 8 h on 2 vCPUs.
 # Runs 1-3 predate the quiet clock (`--no-clock`); runs 5-7 learn it (`--clock`, the default);
 # run 7 adds the background family (asks to the calculator) and dialogue with a room's audio.
@@ -8,9 +8,11 @@
 # background family. Run 14 draws sound onsets and waits wider than the eval; run 16 grows the
 # adapter to rank 24 (its first 8 are run 14's) and keeps its best validation, step 32 of a
 # 160-step schedule. Runs 19-21 learn voice sessions (the user's voice in the audio: stop at
-# its onset) and then win back backchannels. (Runs 4, 8, 12, 13, 15, 17 and 18 were experiments
-# that were not shipped: docs/LOG.md.) Runs 1-20 were made with earlier training phrasebooks or
-# targets than the ones here now (docs/MODEL_CARD.md); run 21 with these.
+# its onset) and then win back backchannels; run 29 trains the markers' embedding rows beside
+# the adapter (`--train-markers`: silence gets a logit of its own, docs/MODEL_CARD.md).
+# (Runs 4, 8, 12, 13, 15, 17, 18 and 22-28 were experiments that were not shipped:
+# docs/LOG.md.) Runs 1-20 were made with earlier training phrasebooks or
+# targets than the ones here now (docs/MODEL_CARD.md); runs 21 and 29 with these.
 # Run it again after a stop: each run resumes from its last checkpoint, a finished one is done.
 set -euo pipefail
 microturn train --out runs/im1 --per-family 24 --rounds 8 --steps 450 --batch-size 4 \
@@ -82,5 +84,11 @@ microturn train --out runs/im21 --init-adapter runs/im20/best-adapter.safetensor
   --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
   --batch-size 4 --lr 1e-4 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
   --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
-cp runs/im21/best-adapter.safetensors microturn/models/interaction-smollm2-135m.safetensors
+microturn train --out runs/im29 --init-adapter runs/im21/best-adapter.safetensors --seed 29 \
+  --per-family 4 --rounds 8 --catch-trials 0.12 --train-markers \
+  --family-weights backchannel=6,interruption=5,time=5,cue_audio=3,background=2,cue_visual=2,content=2,cue_text=1 \
+  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
+  --batch-size 4 --lr 1e-4 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
+  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+cp runs/im29/best-adapter.safetensors microturn/models/interaction-smollm2-135m.safetensors
 

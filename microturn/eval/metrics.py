@@ -238,7 +238,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> Rate:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Rate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    # the interval holds p exactly; min/max keep a rounding (21 of 21: 0.9999999999999999) out
+    return Rate(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n)
 
 
 def rate(verdicts: list[Verdict], key: str) -> Rate:
