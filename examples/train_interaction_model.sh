@@ -12,7 +12,8 @@
 # the adapter (`--train-markers`: silence gets a logit of its own, docs/MODEL_CARD.md).
 # (Runs 4, 8, 12, 13, 15, 17, 18 and 22-28 were experiments that were not shipped:
 # docs/LOG.md.) Runs 1-20 were made with earlier training phrasebooks or
-# targets than the ones here now (docs/MODEL_CARD.md); runs 21 and 29 with these.
+# targets than the ones here now (docs/MODEL_CARD.md); runs 21 and 29 with these, less the 24
+# training monologues added after run 29 (docs/LOG.md, runs 31-34).
 # Run it again after a stop: each run resumes from its last checkpoint, a finished one is done.
 set -euo pipefail
 microturn train --out runs/im1 --per-family 24 --rounds 8 --steps 450 --batch-size 4 \

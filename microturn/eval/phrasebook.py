@@ -174,7 +174,56 @@ TRAIN = Book(
                 "Octopuses are remarkable animals with three hearts, blue blood and arms that "
                 "can taste what they touch while they explore the sea floor",
                 "To learn a new language, start with the words you use every day, listen to "
-                "native speakers and practise a little bit each morning"),
+                "native speakers and practise a little bit each morning",
+                # more topics, and full stops inside: a sentence's end is not the turn's
+                "Volcanoes form where melted rock rises through cracks in the crust. Over "
+                "many eruptions the lava and ash pile up into a mountain",
+                "A good cup of tea needs fresh water, just off the boil. Let the leaves steep "
+                "for three or four minutes, then take them out",
+                "Bees visit thousands of flowers every day to collect nectar, which they carry "
+                "back to the hive and slowly turn into honey",
+                "The first trains ran on wooden rails pulled by horses. Steam engines came "
+                "later and made travel across a whole country possible in a day",
+                "If you want to grow tomatoes, give them a sunny spot and plenty of water. "
+                "Tie the stems to a stick as they get taller",
+                "Sleep matters more than most people think: the brain sorts the day's "
+                "memories at night and the body repairs its muscles",
+                "Chess starts with sixteen pieces on each side. The pawns move forward one "
+                "square at a time, and the knight jumps in the shape of an L",
+                "Lighthouses warned ships away from rocks long before radar. Each one flashes "
+                "its own pattern so sailors can tell which coast they are near",
+                "Our solar system has eight planets, from small rocky Mercury close to the "
+                "sun out to the cold blue giant Neptune",
+                "To fix a flat tyre, take the wheel off, find the hole in the tube and cover "
+                "it with a patch. Then pump it up slowly",
+                "Penguins cannot fly, but they swim fast, using their wings like flippers "
+                "to chase fish under the ice",
+                "The old town has narrow streets and a market square. On Saturdays farmers "
+                "sell cheese, bread and fruit from their stalls",
+                "Maps used to be drawn by hand from the notes of travellers, so many of the "
+                "early ones had whole rivers in the wrong place",
+                "Running a first marathon takes months of training. Most plans build up "
+                "slowly, with one long run each week and easy days between",
+                "Clouds are made of tiny drops of water or ice. When the drops grow heavy "
+                "enough they fall as rain or snow",
+                "A piano has eighty-eight keys, and each one moves a small hammer that "
+                "strikes a string inside the case",
+                "Our team meets every Monday to plan the week. We go through the open tasks "
+                "and decide who takes which one",
+                "Elephants remember places where they found water years ago, and the oldest "
+                "female leads the herd back there in a dry season",
+                "Paper was first made from plant fibres soaked in water and pressed flat. "
+                "The sheets were dried in the sun before anyone wrote on them",
+                "The recipe for soup is simple: soften an onion in butter, add chopped "
+                "vegetables and stock, and let it cook for half an hour",
+                "Glass is mostly sand heated until it melts. Glassblowers shape it while it "
+                "glows, turning and blowing through a long pipe",
+                "Whales sing songs that can travel for many miles under water, and the "
+                "songs change a little from one year to the next",
+                "The museum's new wing shows old clocks. Some are tiny pocket watches, and "
+                "one is a tower clock as tall as a house",
+                "Saving money gets easier with a plan. Put a small amount aside each week "
+                "before you spend anything else"),
     interruptions=("Wait, stop for a second.", "Sorry, can I ask something else?",
                    "Hold on, that is not what I meant.", "Actually, never mind that.",
                    "Stop, I have another question.", "Hang on, let me interrupt you.",
