@@ -51,14 +51,21 @@ def adapted(loaded, config=None, seed=1):
     return model
 
 
+def served_export(loaded, trainer, config, tmp_path):
+    """The trainer's adapter saved, merged into a copy of the base as serving does, and one
+    session streamed through the engine beside others: (the served model, its export)."""
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(path, trainer, config)
+    served = copy.deepcopy(loaded)
+    apply_adapter(served, path)
+    return served, stream_target(served, True, others=2, ticks=6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_engine_on_merged_weights_equals_trainer_with_adapter(tokenizer, tmp_path, dtype):
     loaded = base_model(tokenizer, dtype)
     trainer = adapted(loaded)
-    save_adapter(tmp_path / "adapter.safetensors", trainer, LoRAConfig(rank=4, alpha=8))
-    served = copy.deepcopy(loaded)
-    apply_adapter(served, tmp_path / "adapter.safetensors")
-    export = stream_target(served, True, others=2, ticks=6)
+    _, export = served_export(loaded, trainer, LoRAConfig(rank=4, alpha=8), tmp_path)
     report = verify_alignment(export, trainer)
     assert report.aligned and report.compared == len(export["logprobs"]) - 1
     # the adapter changed what the model computes: the base model is not aligned with it

@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
-from test_determinism import stream_target
-from test_lora import adapted, base_model
+from test_lora import adapted, base_model, served_export
 
 from microturn import MicroturnError
-from microturn.checkpoint.adapter import LoRAConfig, apply_adapter, read_adapter
+from microturn.checkpoint.adapter import LoRAConfig, read_adapter
 from microturn.checkpoint.loader import load_tokenizer
 from microturn.kernels import build
 from microturn.train import verify_alignment
@@ -50,12 +49,8 @@ def with_rows(loaded, seed=2):
 def test_engine_serving_trained_rows_equals_trainer(tokenizer, tmp_path, dtype):
     loaded = base_model(tokenizer, dtype)
     trainer = with_rows(loaded)
-    path = tmp_path / "adapter.safetensors"
-    save_adapter(path, trainer, CONFIG)
-    served = copy.deepcopy(loaded)
-    apply_adapter(served, path)
+    served, export = served_export(loaded, trainer, CONFIG, tmp_path)
     assert served.model.lm_head.weight is served.model.embed_tokens.weight  # still tied
-    export = stream_target(served, True, others=2, ticks=6)
     report = verify_alignment(export, trainer)
     assert report.aligned and report.compared == len(export["logprobs"]) - 1
     # negative controls: the same adapter without its rows, and one row nudged
