@@ -79,6 +79,18 @@ async def talk(url: str, modality: str, wav_pcm: bytes, question: str, most_s: f
     return events
 
 
+def answered_talk(url: str, modality: str, wav_pcm: bytes, question: str, tries: int = 2):
+    """`talk`, once more in a new session if the first got no response: on the server's clock
+    the slice the typed text lands in moves with the machine's load, and at some of those
+    alignments the model lets an instruction in an audio session go (docs/MODEL_CARD.md,
+    Limits). What these tests check is the protocol around a response, not that rate."""
+    for _ in range(tries):
+        events = asyncio.run(talk(url, modality, wav_pcm, question))
+        if of(events, "response.done"):
+            break
+    return events
+
+
 def of(events, kind):
     return [e for e in events if e.type == kind]
 
@@ -86,7 +98,7 @@ def of(events, kind):
 def test_openai_sdk_streams_audio_and_text_in_and_gets_text_deltas(shipped_engine, tmp_path):
     wav = pcm24k(speech_wav(tmp_path, "Hello, can you hear me?"))
     with serving(shipped_engine, api_key=KEY) as served:
-        events = asyncio.run(talk(served.url, "text", wav, INSTRUCTION))
+        events = answered_talk(served.url, "text", wav, INSTRUCTION)
     kinds = [e.type for e in events]
     assert kinds[0] == "session.created" and "session.updated" in kinds
     assert not of(events, "error"), of(events, "error")
@@ -111,7 +123,7 @@ def test_openai_sdk_streams_audio_and_text_in_and_gets_text_deltas(shipped_engin
 def test_openai_sdk_gets_spoken_output_as_pcm16_deltas(shipped_engine, tmp_path):
     wav = pcm24k(speech_wav(tmp_path, "Hi there."))
     with serving(shipped_engine, api_key=KEY) as served:
-        events = asyncio.run(talk(served.url, "audio", wav, INSTRUCTION))
+        events = answered_talk(served.url, "audio", wav, INSTRUCTION)
     assert not of(events, "error"), of(events, "error")
     audio = b"".join(base64.b64decode(e.delta) for e in of(events, "response.output_audio.delta"))
     transcript = "".join(e.delta for e in of(events, "response.output_audio_transcript.delta"))
