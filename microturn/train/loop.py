@@ -9,7 +9,9 @@ at the step's learning rate (linear warmup, then cosine down to `min_lr_ratio`).
 the engine's own model code with deterministic kernels (the sampler's bits). LoRA by default
 (`lora.py`: only A and B learn), or every weight with `full`; the front-end learns too with
 `train_frontend`, and the timeline markers' embedding rows with `train_markers`
-(`marker_rows.py`: a marker the base never trained can tie with unused tokens).
+(`marker_rows.py`: a marker the base never trained can tie with unused tokens). Weights the
+model holds in bf16 (the front-end, a full fine-tune) learn as fp32 masters
+(`master_weights.py`), since AdamW's small steps round away on a bf16 weight.
 
 `out_dir` holds `checkpoint.safetensors` (trainable weights, optimizer state, step, data
 position: a resumed run continues bit for bit), `history.json`, the final artifact
@@ -36,6 +38,7 @@ from microturn.train.data import Examples, Position, batches_from, tokens_in, tr
 from microturn.train.logprobs import sequence_logprobs
 from microturn.train.lora import add_lora, load_adapter, lora_modules, save_adapter
 from microturn.train.marker_rows import add_marker_rows, marker_rows
+from microturn.train.master_weights import MasterWeights
 from microturn.train.run_checkpoint import read_checkpoint, restore, write_checkpoint
 from microturn.train.validate import Validation, validate
 
@@ -125,7 +128,8 @@ class TrainingRun:
             self.frontend.requires_grad_(config.train_frontend)
         if config.init_adapter is not None:
             self._start_from(Path(config.init_adapter))
-        self.params = self._trainable()
+        self.weights = MasterWeights(self._trainable())
+        self.params = self.weights.params  # what the optimizer steps and checkpoints hold
         if not self.params:
             raise MicroturnError("training: nothing to train")
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr,
@@ -185,10 +189,12 @@ class TrainingRun:
             loss = -(logprobs * batch.weights()).sum() / counted
             loss.backward()
             total += float(loss.detach())
+        self.weights.take_grads()
         params = list(self.params.values())
         norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.weights.write()
         self.step += 1
         return StepRecord(self.step, total, lr, norm, sum(tokens_in(b) for b in batches),
                           time.perf_counter() - started)
@@ -226,6 +232,7 @@ class TrainingRun:
                 raise MicroturnError(f"{path}: checkpoint was trained with {key}="
                                      f"{saved.get(key, False)}, this run has {key}={ours}")
         restore(path, tensors, metadata, self.params, self.optimizer)
+        self.weights.write()
         self.step = int(metadata["step"])
         self.position = Position(int(metadata["epoch"]), int(metadata["batch"]))
         self.history = [StepRecord(**r) for r in json.loads(metadata["history"])]
