@@ -254,6 +254,33 @@ def test_schedule_and_config_errors():
         LoopConfig(accumulate=0)
 
 
+def test_the_front_end_can_learn_at_a_scaled_rate(tokenizer, tmp_path):
+    """--frontend-lr-scale: the front-end's weights in their own group at X times the
+    schedule; the rest at the schedule; a checkpoint refuses a run with another scale."""
+    def run(scale, out, steps=1):
+        loaded, examples = setup(tokenizer, range(8))
+        config = LoopConfig(steps=steps, batch_size=4, lr=1e-3, warmup=0, train_frontend=True,
+                            frontend_lr_scale=scale, lora=LoRAConfig(rank=4, alpha=8))
+        trainer = TrainingRun(loaded, examples, config, out, progress=False)
+        trainer.train()
+        return trainer
+
+    trainer = run(5.0, tmp_path / "a")
+    adapter, front = trainer.optimizer.param_groups
+    assert front["lr"] == pytest.approx(5 * adapter["lr"]) and adapter["lr"] > 0
+    names = {id(p): n for n, p in trainer.params.items()}
+    assert all(names[id(p)].startswith("frontend.") for p in front["params"])
+    assert not any(names[id(p)].startswith("frontend.") for p in adapter["params"])
+    assert len(run(1.0, tmp_path / "b").optimizer.param_groups) == 1  # the default: one
+    with pytest.raises(Exception, match="frontend_lr_scale=5.0, this run has "
+                                        "frontend_lr_scale=2.0"):
+        run(2.0, tmp_path / "a", steps=2)
+    with pytest.raises(Exception, match="only with train_frontend"):
+        LoopConfig(frontend_lr_scale=2.0)
+    with pytest.raises(Exception, match=r"frontend_lr_scale must be in \(0, 100\]"):
+        LoopConfig(frontend_lr_scale=0.0, train_frontend=True)
+
+
 def test_cli_train_errors_in_one_line(capsys, tmp_path):
     assert cli.main(["train", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "microturn: error: steps must be >= 1, got 0"

@@ -65,6 +65,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lora-targets", default="qkv,o,gate_up,down")
     opt.add_argument("--train-frontend", action="store_true",
                      help="train the audio/video front-end too (saved with the adapter)")
+    opt.add_argument("--frontend-lr-scale", type=float, default=1.0, metavar="X",
+                     help="the front-end's learning rate is X times --lr's schedule (it starts "
+                          "from a fresh draw where the adapter tunes trained weights)")
     opt.add_argument("--train-markers", action="store_true",
                      help="train the timeline markers' embedding rows too (saved with the "
                           "adapter): a marker the base never trained gets a logit of its own")
@@ -108,6 +111,7 @@ def run_train(args: argparse.Namespace) -> None:
                         weight_decay=args.weight_decay, seed=args.seed,
                         deterministic=args.deterministic, full=args.full, lora=lora,
                         train_frontend=args.train_frontend,
+                        frontend_lr_scale=args.frontend_lr_scale,
                         train_markers=args.train_markers, validate_every=args.val_every,
                         checkpoint_every=args.checkpoint_every,
                         moment_weight=args.moment_weight, init_adapter=args.init_adapter)

@@ -60,6 +60,7 @@ class LoopConfig:
     full: bool = False  # every weight learns (no adapter)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_frontend: bool = False
+    frontend_lr_scale: float = 1.0  # the front-end's lr is this times the schedule's
     train_markers: bool = False  # the markers' embedding rows (tied: their logits too)
     validate_every: int = 0  # steps; 0: only at the end (when there are validation scenarios)
     checkpoint_every: int = 50
@@ -78,6 +79,11 @@ class LoopConfig:
             raise MicroturnError(f"moment_weight must be in [1, 100], got {self.moment_weight}")
         if self.full and self.train_markers:
             raise MicroturnError("train_markers: a full fine-tune trains every row already")
+        if not 0 < self.frontend_lr_scale <= 100:
+            raise MicroturnError(f"frontend_lr_scale must be in (0, 100], got "
+                                 f"{self.frontend_lr_scale}")
+        if self.frontend_lr_scale != 1.0 and not self.train_frontend:
+            raise MicroturnError("frontend_lr_scale: only with train_frontend")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MicroturnError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -132,7 +138,7 @@ class TrainingRun:
         self.params = self.weights.params  # what the optimizer steps and checkpoints hold
         if not self.params:
             raise MicroturnError("training: nothing to train")
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr,
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.step, self.position = 0, Position()
         self.history: list[StepRecord] = []
@@ -171,7 +177,7 @@ class TrainingRun:
         c, started = self.config, time.perf_counter()
         lr = learning_rate(c, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batches = []
         for _ in range(c.accumulate):
             self.position, indices = next(stream)
@@ -226,11 +232,13 @@ class TrainingRun:
     def load(self, path: Path) -> None:
         tensors, metadata = read_checkpoint(path)
         saved = json.loads(metadata["config"])
-        for key in ("full", "lora", "train_frontend", "train_markers"):
+        unset = {"frontend_lr_scale": 1.0}  # what a checkpoint from before the key meant
+        for key in ("full", "lora", "train_frontend", "train_markers", "frontend_lr_scale"):
             ours = json.loads(json.dumps(asdict(self.config)[key]))
-            if saved.get(key, False) != ours:
+            if saved.get(key, unset.get(key, False)) != ours:
                 raise MicroturnError(f"{path}: checkpoint was trained with {key}="
-                                     f"{saved.get(key, False)}, this run has {key}={ours}")
+                                     f"{saved.get(key, unset.get(key, False))}, this run has "
+                                     f"{key}={ours}")
         restore(path, tensors, metadata, self.params, self.optimizer)
         self.weights.write()
         self.step = int(metadata["step"])
@@ -273,6 +281,19 @@ class TrainingRun:
                                  f"high or higher)")
         load_adapter(path, self.loaded.model,
                      self.frontend if self.config.train_frontend else None)
+
+    def _param_groups(self) -> list[dict]:
+        """One group, or with a front-end lr scale the front-end's weights in a second (the
+        same parameter order either way, so the optimizer state's indices do not move)."""
+        scale = self.config.frontend_lr_scale
+        if scale == 1.0 or not any(name.startswith("frontend.") for name in self.params):
+            return [{"params": list(self.params.values())}]
+        front = [name.startswith("frontend.") for name in self.params]
+        if front != sorted(front):
+            raise MicroturnError("training: the front-end's weights must come last")
+        params, first = list(self.params.values()), front.index(True)
+        return [{"params": params[:first], "lr_scale": 1.0},
+                {"params": params[first:], "lr_scale": scale}]
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         out = {n: p for n, p in self.loaded.model.named_parameters() if p.requires_grad}
