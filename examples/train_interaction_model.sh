@@ -20,6 +20,10 @@
 # runs 31-37 with all of them.
 # Run it again after a stop: each run resumes from its last checkpoint, a finished one is done.
 set -euo pipefail
+# runs 29-37 share everything but where they start, their seed, catch trials, mix and rate
+late=(--per-family 4 --rounds 8 --train-markers --in-a-room 0.3 --teacher-answers-only
+      --moment-weight 3 --steps 48 --batch-size 4 --warmup 3 --lora-rank 24 --lora-alpha 48
+      --train-frontend --val-every 16 --val-per-family 10 --checkpoint-every 16)
 microturn train --out runs/im1 --per-family 24 --rounds 8 --steps 450 --batch-size 4 \
   --lr 1e-3 --warmup 20 --no-clock --lora-rank 8 --lora-alpha 16 --train-frontend --val-every 150 \
   --val-per-family 4 --checkpoint-every 25 && \
@@ -90,40 +94,28 @@ microturn train --out runs/im21 --init-adapter runs/im20/best-adapter.safetensor
   --batch-size 4 --lr 1e-4 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
   --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
 microturn train --out runs/im29 --init-adapter runs/im21/best-adapter.safetensors --seed 29 \
-  --per-family 4 --rounds 8 --catch-trials 0.12 --train-markers \
+  --catch-trials 0.12 --lr 1e-4 \
   --family-weights backchannel=6,interruption=5,time=5,cue_audio=3,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 1e-4 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 microturn train --out runs/im31 --init-adapter runs/im29/best-adapter.safetensors --seed 31 \
-  --per-family 4 --rounds 8 --catch-trials 0.12 --train-markers \
+  --catch-trials 0.12 --lr 8e-5 \
   --family-weights backchannel=7,interruption=5,time=4,cue_audio=4,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 8e-5 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 microturn train --out runs/im33 --init-adapter runs/im31/best-adapter.safetensors --seed 33 \
-  --per-family 4 --rounds 8 --catch-trials 0.12 --train-markers \
+  --catch-trials 0.12 --lr 6e-5 \
   --family-weights cue_audio=6,backchannel=5,interruption=4,time=4,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 6e-5 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 microturn train --out runs/im35 --init-adapter runs/im33/best-adapter.safetensors --seed 35 \
-  --per-family 4 --rounds 8 --catch-trials 0.15 --train-markers \
+  --catch-trials 0.15 --lr 4e-5 \
   --family-weights cue_audio=6,backchannel=6,interruption=4,time=4,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 4e-5 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 microturn train --out runs/im36 --init-adapter runs/im35/adapter.safetensors --seed 36 \
-  --per-family 4 --rounds 8 --catch-trials 0.15 --train-markers \
+  --catch-trials 0.15 --lr 4e-5 \
   --family-weights cue_audio=6,backchannel=6,interruption=4,time=4,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 4e-5 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 microturn train --out runs/im37 --init-adapter runs/im36/adapter.safetensors --seed 37 \
-  --per-family 4 --rounds 8 --catch-trials 0.15 --train-markers \
+  --catch-trials 0.15 --lr 4e-5 --frontend-lr-scale 5 \
   --family-weights cue_audio=7,backchannel=6,interruption=4,time=4,background=2,cue_visual=2,content=2,cue_text=1 \
-  --in-a-room 0.3 --teacher-answers-only --moment-weight 3 --steps 48 \
-  --batch-size 4 --lr 4e-5 --warmup 3 --lora-rank 24 --lora-alpha 48 --train-frontend \
-  --frontend-lr-scale 5 --val-every 16 --val-per-family 10 --checkpoint-every 16 && \
+  "${late[@]}" && \
 cp runs/im37/adapter.safetensors microturn/models/interaction-smollm2-135m.safetensors
 

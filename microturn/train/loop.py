@@ -232,13 +232,13 @@ class TrainingRun:
     def load(self, path: Path) -> None:
         tensors, metadata = read_checkpoint(path)
         saved = json.loads(metadata["config"])
-        unset = {"frontend_lr_scale": 1.0}  # what a checkpoint from before the key meant
+        ours = json.loads(json.dumps(asdict(self.config)))
+        default = json.loads(json.dumps(asdict(LoopConfig())))  # a key older files lack
         for key in ("full", "lora", "train_frontend", "train_markers", "frontend_lr_scale"):
-            ours = json.loads(json.dumps(asdict(self.config)[key]))
-            if saved.get(key, unset.get(key, False)) != ours:
+            if saved.get(key, default[key]) != ours[key]:
                 raise MicroturnError(f"{path}: checkpoint was trained with {key}="
-                                     f"{saved.get(key, unset.get(key, False))}, this run has "
-                                     f"{key}={ours}")
+                                     f"{saved.get(key, default[key])}, this run has "
+                                     f"{key}={ours[key]}")
         restore(path, tensors, metadata, self.params, self.optimizer)
         self.weights.write()
         self.step = int(metadata["step"])
@@ -283,17 +283,15 @@ class TrainingRun:
                      self.frontend if self.config.train_frontend else None)
 
     def _param_groups(self) -> list[dict]:
-        """One group, or with a front-end lr scale the front-end's weights in a second (the
-        same parameter order either way, so the optimizer state's indices do not move)."""
+        """One group, or with a front-end lr scale the front-end's weights in a second."""
         scale = self.config.frontend_lr_scale
-        if scale == 1.0 or not any(name.startswith("frontend.") for name in self.params):
+        if scale == 1.0:
             return [{"params": list(self.params.values())}]
-        front = [name.startswith("frontend.") for name in self.params]
-        if front != sorted(front):
-            raise MicroturnError("training: the front-end's weights must come last")
-        params, first = list(self.params.values()), front.index(True)
-        return [{"params": params[:first], "lr_scale": 1.0},
-                {"params": params[first:], "lr_scale": scale}]
+        front = [n.startswith("frontend.") for n in self.params]
+        params = list(self.params.values())
+        return [{"params": [p for p, f in zip(params, front, strict=True) if not f]},
+                {"params": [p for p, f in zip(params, front, strict=True) if f],
+                 "lr_scale": scale}]
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         out = {n: p for n, p in self.loaded.model.named_parameters() if p.requires_grad}
