@@ -237,7 +237,7 @@ def paged_case(dtype, block_size, dim, lengths, news, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size,dim", [(16, 64), (32, 16), (256, 16), (7, 8), (7, 16)])
 def test_paged_attention_across_chunks_and_splits(dtype, block_size, dim):
-    """Histories crossing the kernel's 128-slot chunks and 512-slot splits, a 25-token segment
+    """Histories crossing the kernel's 256-slot chunks and 512-slot splits, a 25-token segment
     (75 query rows: two row groups), ragged lengths: against float64, and every token's row
     bitwise equal when it is computed alone (a decode step) or with its segment alone. (Odd
     blocks of 16 channels: the bf16 dot-product kernel's slot pairs straddle blocks.)"""

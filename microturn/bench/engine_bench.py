@@ -62,6 +62,8 @@ class ShapeResult:
     evictions: int
     mean_feed: float  # positions one session feeds in a tick's input step (markers, media)
     mean_context: float  # KV slots one session's input step reads back
+    p99_feed: float  # the same at the tick of the p99 rank (by context)
+    p99_context: float
     capacity_sessions: int | None = None
     roofline_sessions: int | None = None  # the most sessions whose tick floor fits the slice
     # --audio / --video: the front-end's work per tick (dMel, patching, embedding) and the
@@ -155,6 +157,11 @@ class Floors:
         return n
 
 
+def p99_rank(values: list) -> int:
+    """The index of the 99th percentile in `values` sorted (nearest rank, rounded down)."""
+    return min(len(values) - 1, int(0.99 * len(values)))
+
+
 class ShapeRun:
     """One engine streaming the load shape, a tick at a time (so that two modes can be
     ticked in lockstep and see the same machine noise)."""
@@ -189,6 +196,7 @@ class ShapeRun:
         self.busy = 0.0  # seconds spent in ticks (throughput excludes the other mode's turns)
         self.phase_floors: dict[str, float] = {}  # with a profile: each phase's floor, summed
         self.turn_ends: list[int] = []  # the first session's sequence length after each turn
+        self.tick_loads: list[tuple[float, float]] = []  # per measured tick: mean feed, context
 
     def turn(self, index: int) -> float:
         engine, ids = self.engine, self.ids
@@ -226,6 +234,8 @@ class ShapeRun:
             self.tokens += sum(feeds.values()) + len(ids) * (self.output_tokens - 1)
             self.fed += sum(feeds.values())
             self.read += sum(after.values())
+            self.tick_loads.append((statistics.mean(feeds.values()),
+                                    statistics.mean(after.values())))
             self.samples += len(ids)
             self.misses += latency * 1e3 > self.slice_ms
             self.busy += latency
@@ -256,10 +266,13 @@ class ShapeRun:
         ratio = [m / f for m, f in zip(ms, self.floors_ms, strict=True)]
         n = min(HEAD_TAIL, max(1, len(ms) // 2))
         head, tail = statistics.mean(ms[:n]), statistics.mean(ms[-n:])
+        # the load of the tick at the p99 rank of the floors: what the roofline fits in the
+        # slice, so that it asks of the floor what capacity asks of the ticks
+        p99_feed, p99_context = sorted(self.tick_loads, key=lambda load: load[1])[p99_rank(ms)]
         return ShapeResult(
             shape=self.shape, deterministic=self.deterministic, sessions=len(ids),
             turns=self.turns, input_tokens=self.input_tokens, output_tokens=self.output_tokens,
-            p50_ms=statistics.median(ms), p99_ms=sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
+            p50_ms=statistics.median(ms), p99_ms=sorted(ms)[p99_rank(ms)],
             mean_turn_ms_head=head, mean_turn_ms_tail=tail, tail_head_ratio=tail / head,
             floor_ms=statistics.mean(self.floors_ms), floor_ratio=statistics.median(ratio),
             efficiency_tail_head_ratio=statistics.mean(ratio[-n:]) / statistics.mean(ratio[:n]),
@@ -267,7 +280,8 @@ class ShapeRun:
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool_stats().blocks_total,
             evictions=evictions, mean_feed=self.fed / max(1, self.samples),
-            mean_context=self.read / max(1, self.samples), **self._media_result(ms), **reach)
+            mean_context=self.read / max(1, self.samples), p99_feed=p99_feed,
+            p99_context=p99_context, **self._media_result(ms), **reach)
 
     def _reach(self, token: int) -> float:
         """Session seconds from the turn that holds sequence index `token` to the end."""
@@ -387,7 +401,8 @@ def mode_name(deterministic: bool) -> str:
 def find_capacity(loaded, floors, shape, args, console,
                   deterministic: bool) -> tuple[int, int]:
     """Largest N whose p99 tick latency stays under the slice (doubling, then bisection),
-    and the roofline capacity at the probes' session length: what the floor would allow."""
+    and the roofline capacity: the most sessions whose floor, at the load of the probe's p99
+    tick (its context), fits the slice, as capacity asks of that tick's latency."""
     in_tokens, out_tokens = SHAPES[shape]
     probes: dict[int, ShapeResult] = {}
 
@@ -408,7 +423,7 @@ def find_capacity(loaded, floors, shape, args, console,
             mid = (low + high) // 2
             low, high = (mid, high) if fits(mid) else (low, mid)
     probe = probes[max(low, 1)]
-    return low, floors.roofline(loaded, probe.mean_feed, probe.mean_context, out_tokens,
+    return low, floors.roofline(loaded, probe.p99_feed, probe.p99_context, out_tokens,
                                 args.slice_ms)
 
 

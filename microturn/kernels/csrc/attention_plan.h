@@ -118,7 +118,9 @@ void attend_units(const AttentionPlan& plan, const AttentionPlan::Pass& pass, in
   float* row_sum = row_max + pass.slots;
   const int64_t n_units = static_cast<int64_t>(pass.units.size());
   share_units(n_units, [&](auto take) {
-    AttentionWorkspace own;
+    // outside a team each pool thread keeps its own across calls: a prefill pass calls this
+    // once a layer, and fresh buffers cost an allocation and their zeroing every time
+    thread_local AttentionWorkspace own;
     AttentionWorkspace& w = kept ? *kept : own;
     for (int64_t u; (u = take()) < n_units;) {
       const AttentionUnit& unit = pass.units[u];

@@ -22,6 +22,15 @@ void linear_rows(const T* x, int64_t m, int64_t k, const torch::Tensor& panels, 
   packed_rows(wide.data(), panels.data_ptr<T>(), bias, y, m, n, k, residual);
 }
 
+// f(t0, t1) over rows [0, n): in a team each thread takes all of them (into its own copies),
+// else they are spread over the pool's threads (a prefill's hundreds of rows)
+constexpr int64_t ROTARY_GRAIN = 8;
+template <typename F>
+void every_row(int64_t n, int64_t grain, F&& f) {
+  if (seat.team) return f(int64_t{0}, n);
+  at::parallel_for(0, n, grain, f);
+}
+
 // All decoder layers of one pass through the paged KV pool, in one call: the same kernels in
 // the same order as the Python layer loop, rounding to the model's dtype at the same points
 // (so the same bits), on buffers allocated once per pass. No torch op runs inside the loop:
@@ -80,10 +89,16 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       // slots (a race only in name: whichever store lands, every later read sees those bytes)
       T* rotated = seat.team ? own_qkv.data() : qkv.data();
       if (seat.team) std::copy(qkv.data(), qkv.data() + n * width, rotated);
-      rotary_rows(rotated, cos, sin, n, hq + hkv, width, d, interleaved);
-      write_rows(k_pool, v_pool, panel_keys, rotated + q_size, rotated + q_size + kv_size,
-                 write_blocks, write_offsets, n, hkv, bs, d, width);
-      for (int64_t t = 0; t < n; ++t) scale_rows(rotated + t * width, q_scale, q32.data() + t * q_size, q_size);
+      // tokens [t0, t1): rotated, their K/V stored, their queries scaled to fp32
+      every_row(n, ROTARY_GRAIN, [&](int64_t t0, int64_t t1) {
+        T* rows = rotated + t0 * width;
+        rotary_rows(rows, cos + t0 * (d / 2), sin + t0 * (d / 2), t1 - t0, hq + hkv, width, d,
+                    interleaved);
+        write_rows(k_pool, v_pool, panel_keys, rows + q_size, rows + q_size + kv_size,
+                   write_blocks + t0, write_offsets + t0, t1 - t0, hkv, bs, d, width);
+        for (int64_t t = t0; t < t1; ++t)
+          scale_rows(rotated + t * width, q_scale, q32.data() + t * q_size, q_size);
+      });
       clock.lap(PHASE_ROTARY);
       for (const AttentionPlan::Pass& pass : plan.passes) {
         paged_units(paged, plan, pass, q32.data(), k_pool, v_pool, partials.data(),
@@ -93,7 +108,9 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                    seat.team ? &attention.total : nullptr);
         if (seat.team && plan.passes.size() > 1) team_barrier();  // the next pass reuses them
       }
-      scale_rows(att32.data(), 1.0f, att.data(), n * q_size);
+      every_row(n, ROTARY_GRAIN, [&](int64_t t0, int64_t t1) {
+        scale_rows(att32.data() + t0 * q_size, 1.0f, att.data() + t0 * q_size, (t1 - t0) * q_size);
+      });
       clock.lap(PHASE_ATTENTION);
       linear(att.data(), q_size, w[3], nullptr, x, hidden, RESIDUAL, REVERSED);
       clock.lap(PHASE_O);
