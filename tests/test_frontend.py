@@ -311,3 +311,37 @@ def test_frontend_weights_save_load_and_corrupt_file(tiny, tmp_path, capsys):
     broken.path = checkpoint
     with pytest.raises(MicroturnError, match="cannot read front-end weights"):
         broken.load_frontend()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dmel_kernel_sums_the_modules_tree_bit_for_bit(dtype):
+    """Inference sums a frame's 80 table rows in the CPU kernel, training in torch ops (with
+    autograd): the two must give the same bits, or the engine and the trainer would embed the
+    same audio differently. Negative controls: one code moved to the next bin changes its
+    frame's bits; in fp32 a sequential sum over the channels gives other bits (bf16 rows sum
+    exactly in fp32 in any order)."""
+    from microturn.frontend.embedding import DMelEmbedding
+    from microturn.kernels import build
+
+    if build.load() is None:
+        pytest.skip("no CPU kernels here")
+    spec = DMelSpec()
+    stage = DMelEmbedding(spec, 64)
+    torch.nn.init.normal_(stage.table, generator=torch.Generator().manual_seed(0))
+    stage = stage.to(dtype)
+    codes = torch.randint(0, spec.bins, (37, spec.channels), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        kernel = stage(codes)
+    modules = stage(codes).detach()  # the table requires grad: torch's ops
+    assert kernel.dtype == modules.dtype == torch.float32
+    assert torch.equal(kernel, modules)
+    moved = codes.clone()
+    moved[5, 7] = (moved[5, 7] + 1) % spec.bins
+    with torch.no_grad():
+        assert not torch.equal(stage(moved)[5], modules[5])
+    if dtype == torch.float32:
+        sequential = stage.table[codes.long() + stage.offsets].float().sum(1)
+        assert not torch.equal(sequential, kernel)
+    with pytest.raises(RuntimeError, match="below 16 bins"):
+        build.load().dmel_embedding(stage.table.detach(), codes | 16, spec.bins)

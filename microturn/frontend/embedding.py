@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from microturn.errors import MicroturnError
+from microturn.kernels import ops
 from microturn.model.linear import Linear
 from microturn.sequence.markers import MediaTokens
 from microturn.sequence.media_specs import DMelSpec, FrameSpec
@@ -41,7 +42,12 @@ class DMelEmbedding(nn.Module):
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """uint8 [frames, channels] -> [frames, width], summed in fp32 by a fixed pairwise
         tree over the channels: elementwise adds only, so no frame's sum depends on how many
-        frames are in the batch (a library reduction may split differently by shape)."""
+        frames are in the batch (a library reduction may split differently by shape). Without
+        autograd the CPU kernel sums the same tree in registers (the same bits)."""
+        kernels = ops.kernels_for(self.table)
+        if (kernels and codes.dtype == torch.uint8
+                and not (torch.is_grad_enabled() and self.table.requires_grad)):
+            return kernels.dmel_embedding(self.table, codes, self.spec.bins)
         rows = self.table[codes.long() + self.offsets].float()  # [frames, channels, width]
         while rows.shape[1] > 1:
             half = rows.shape[1] // 2

@@ -19,6 +19,7 @@ void rotary_qkv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
 torch::Tensor silu_mul(torch::Tensor gate_up);
 std::vector<torch::Tensor> rotary_angles(torch::Tensor positions, torch::Tensor inv_freq);
 torch::Tensor token_logprobs(torch::Tensor logits, torch::Tensor targets);
+torch::Tensor dmel_embedding(torch::Tensor table, torch::Tensor codes, int64_t bins);
 LayerStack layer_stack(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> sources,
                        int64_t vocab, ModelShape shape);
 torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pass,

@@ -36,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_qkv_", &rotary_qkv_, "in-place rotary on the q and k heads of a fused qkv");
   m.def("rotary_angles", &rotary_angles, "cos/sin of rotary angles, per element in double");
   m.def("token_logprobs", &token_logprobs, "log-probability of one target per row of logits");
+  m.def("dmel_embedding", &dmel_embedding,
+        "dMel frames -> the sums of their channels' table rows (DMelEmbedding's tree, fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
   m.def("phase_profile", [](bool on) { return g_phase_profile.exchange(on); },
         "keep each paged pass's wall time by phase (bench engine --profile); returns the old");

@@ -7,7 +7,8 @@
 // on CPUs without bf16 arithmetic.
 //
 // One file per family (simd, team, linear, attention kernels and planning, paged attention,
-// element-wise ops, the decoder pass, bindings); this header is what every file includes.
+// element-wise ops, the dMel embedding, the decoder pass, bindings); this header is what
+// every file includes.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
