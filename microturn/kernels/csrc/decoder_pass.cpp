@@ -46,7 +46,11 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
                     const int32_t* starts, int64_t segments, const int64_t* write_blocks,
                     const int64_t* write_offsets) {
   const int64_t q_size = hq * d, kv_size = hkv * d, width = q_size + 2 * kv_size;
-  std::vector<T> qkv(n * width), gate_up(n * 2 * intermediate);
+  // prefill-sized bf16 passes take silu with the gate/up projection (no gate/up buffer)
+  bool fused_silu = false;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    fused_silu = n > TEAM_ROWS && fused_silu_applies(weights[5], intermediate);
+  std::vector<T> qkv(n * width), gate_up(fused_silu ? 0 : n * 2 * intermediate);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const PagedRows paged = PagedRows{table, rows, keys, starts, table_width, segments, hq, hkv,
                                     bs, d, panel_keys, PANEL}
@@ -116,11 +120,21 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       clock.lap(PHASE_O);
       rms_norm_rows(x, w[4].data_ptr<T>(), normed.data(), n, hidden, eps);
       clock.lap(PHASE_NORM);
-      linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate, PLAIN,
-             IN_ORDER);
-      clock.lap(PHASE_GATE_UP);
-      silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
-      clock.lap(PHASE_SILU);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (fused_silu) {
+          dot_rows_silu(reinterpret_cast<const uint16_t*>(normed.data()),
+                        reinterpret_cast<const uint16_t*>(w[5].data_ptr<T>()), act.data(), n,
+                        intermediate, hidden);
+          clock.lap(PHASE_GATE_UP);
+        }
+      }
+      if (!fused_silu) {
+        linear(normed.data(), hidden, w[5], nullptr, gate_up.data(), 2 * intermediate, PLAIN,
+               IN_ORDER);
+        clock.lap(PHASE_GATE_UP);
+        silu_mul_rows(gate_up.data(), act.data(), n, intermediate);
+        clock.lap(PHASE_SILU);
+      }
       linear(act.data(), intermediate, w[6], nullptr, x, hidden, RESIDUAL, REVERSED);
       clock.lap(PHASE_DOWN);
     }

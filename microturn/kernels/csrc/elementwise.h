@@ -139,6 +139,46 @@ void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t f) {
   });
 }
 
+// silu(gate) * up straight from a fused gate/up projection's tiles (bf16, dot-product
+// packing, f a multiple of 64): a unit takes gate group g and up group g + f / 64 of one row
+// block, rounds both to bf16 as the projection's store would, and runs silu_mul_wide on them:
+// the bits of the projection followed by silu_mul_rows, without the [rows, 2f] buffer, its
+// second pass and that pass's parallel region.
+inline bool fused_silu_applies(const torch::Tensor& panels, int64_t f) {
+  return dot_packed(panels) && f % DOT_COLS == 0 && cpu_has_avx512();
+}
+
+template <int MR>
+MICROTURN_DOT_TARGET void dot_block_silu(const uint16_t* x, int64_t k, const uint16_t* packed,
+                                         int64_t g, int64_t half_groups, at::BFloat16* act,
+                                         int64_t f) {
+  alignas(64) float gate[MR * DOT_COLS], up[MR * DOT_COLS];
+  alignas(64) at::BFloat16 gate16[DOT_COLS], up16[DOT_COLS];
+  const int64_t group_elems = (k + 1) / 2 * 2 * DOT_COLS;
+  dot_tile<MR>(x, k, k, packed + g * group_elems, gate);
+  dot_tile<MR>(x, k, k, packed + (g + half_groups) * group_elems, up);
+  for (int m = 0; m < MR; ++m) {
+    for (int64_t j = 0; j < DOT_COLS; j += 8) {
+      store8(gate16 + j, _mm256_loadu_ps(gate + m * DOT_COLS + j));
+      store8(up16 + j, _mm256_loadu_ps(up + m * DOT_COLS + j));
+    }
+    silu_mul_wide(gate16, up16, act + m * f + g * DOT_COLS, DOT_COLS);
+  }
+}
+
+// act [m, f] = silu(gate) * up of x [m, k] times the packed gate/up weight [2f, k] (see
+// fused_silu_applies); units as dot_rows walks them, over the gate groups
+inline void dot_rows_silu(const uint16_t* x, const uint16_t* packed, at::BFloat16* act,
+                          int64_t m, int64_t f, int64_t k) {
+  const int64_t half = f / DOT_COLS, blocks = (m + DOT_ROWS - 1) / DOT_ROWS;
+  for_units(half * blocks, blocks == 1, [&](int64_t u) {
+    const int64_t g = u % half, r0 = (u / half) * DOT_ROWS, r1 = std::min(m, r0 + DOT_ROWS);
+    row_tiles(r0, r1, [&](auto mr, int64_t r) {
+      dot_block_silu<decltype(mr)::value>(x + r * k, k, packed, g, half, act + r * f, f);
+    });
+  });
+}
+
 // cos and sin [n][half] of position(t) * inv_freq[i], the product rounded to fp32 first
 template <typename PositionOf>
 void angles_into(int64_t n, PositionOf position, const float* inv_freq, int64_t half, float* cos,

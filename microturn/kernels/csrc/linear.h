@@ -370,10 +370,18 @@ inline __m256 exp8(__m256 x) {
 }
 
 // The maximum of x[0:n] (exact whatever the order, so 8 lanes at a time).
+// (four running maxima: one chain of dependent vmaxps was most of a softmax chunk's time)
 inline float max_of(const float* x, int64_t n) {
-  __m256 lanes = _mm256_set1_ps(-INFINITY);
+  __m256 lanes = _mm256_set1_ps(-INFINITY), b = lanes, c = lanes, d = lanes;
   int64_t s = 0;
+  for (; s + 32 <= n; s += 32) {
+    lanes = _mm256_max_ps(lanes, _mm256_loadu_ps(x + s));
+    b = _mm256_max_ps(b, _mm256_loadu_ps(x + s + 8));
+    c = _mm256_max_ps(c, _mm256_loadu_ps(x + s + 16));
+    d = _mm256_max_ps(d, _mm256_loadu_ps(x + s + 24));
+  }
   for (; s + 8 <= n; s += 8) lanes = _mm256_max_ps(lanes, _mm256_loadu_ps(x + s));
+  lanes = _mm256_max_ps(_mm256_max_ps(lanes, b), _mm256_max_ps(c, d));
   alignas(32) float tmp[8];
   _mm256_store_ps(tmp, lanes);
   float top = -INFINITY;
