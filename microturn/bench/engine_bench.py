@@ -66,6 +66,9 @@ class ShapeResult:
     p99_context: float
     capacity_sessions: int | None = None
     roofline_sessions: int | None = None  # the most sessions whose tick floor fits the slice
+    # the machine as measured before the capacity probe, which the roofline takes
+    roofline_bandwidth_gbs: float | None = None
+    roofline_peak_gflops: float | None = None
     # --audio / --video: the front-end's work per tick (dMel, patching, embedding) and the
     # positions each modality adds to one input slice, on average
     frontend_ms: float | None = None
@@ -375,13 +378,16 @@ def profile_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int
     result = run.result()
     return {"shape": shape, "sessions": sessions, "turns": turns, "tick_ms": result.p50_ms,
             "mean_tick_ms": profile.tick_seconds * per, "floor_ms": result.floor_ms,
+            "bandwidth_GBps": floors.bandwidth / 1e9, "matmul_GFLOPs": floors.peak / 1e9,
             "rows": rows}
 
 
 def print_profile(out: Console, profile: dict) -> None:
     table = Table(title=f"where a tick goes: {profile['shape']}, {profile['sessions']} "
                         f"sessions, mean of {profile['turns']} ticks "
-                        f"({profile['mean_tick_ms']:.1f} ms; floor {profile['floor_ms']:.1f} ms)")
+                        f"({profile['mean_tick_ms']:.1f} ms; floor {profile['floor_ms']:.1f} ms "
+                        f"at {profile['bandwidth_GBps']:.0f} GB/s, "
+                        f"{profile['matmul_GFLOPs']:.0f} GFLOP/s)")
     for column in ("phase", "ms per tick", "share", "floor ms", "x floor", "over floor ms"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for row in profile["rows"]:
@@ -398,20 +404,25 @@ def mode_name(deterministic: bool) -> str:
     return "deterministic" if deterministic else "shape-dependent"
 
 
-def find_capacity(loaded, floors, shape, args, console,
-                  deterministic: bool) -> tuple[int, int]:
+def find_capacity(loaded, compute, shape, args, console,
+                  deterministic: bool) -> tuple[int, int, Floors]:
     """Largest N whose p99 tick latency stays under the slice (doubling, then bisection),
     and the roofline capacity: the most sessions whose floor, at the load of the probe's p99
-    tick (its context), fits the slice, as capacity asks of that tick's latency."""
+    tick (its context), fits the slice, as capacity asks of that tick's latency. Each probe
+    measures the machine first and the roofline takes the capacity probe's measurement: this
+    VM's bandwidth and sustained speed move by a third within minutes, and a roofline from
+    another minute than its probe's compares two machines."""
     in_tokens, out_tokens = SHAPES[shape]
-    probes: dict[int, ShapeResult] = {}
+    probes: dict[int, tuple[ShapeResult, Floors]] = {}
 
     def fits(n: int) -> bool:
+        floors = Floors.measure(loaded, compute)
         result, = run_shape(loaded, floors, shape, n, args.capacity_turns, in_tokens,
                             out_tokens, args.slice_ms, False, args.kv_budget_mb, console,
                             [deterministic], args.audio, args.video)
-        probes[n] = result
-        console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms")
+        probes[n] = result, floors
+        console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms "
+                    f"({floors.bandwidth / 1e9:.0f} GB/s, {floors.peak / 1e9:.0f} GFLOP/s)")
         return result.p99_ms < args.slice_ms
 
     low = 0
@@ -422,9 +433,9 @@ def find_capacity(loaded, floors, shape, args, console,
         while high - low > 1:
             mid = (low + high) // 2
             low, high = (mid, high) if fits(mid) else (low, mid)
-    probe = probes[max(low, 1)]
+    probe, floors = probes[max(low, 1)]
     return low, floors.roofline(loaded, probe.p99_feed, probe.p99_context, out_tokens,
-                                args.slice_ms)
+                                args.slice_ms), floors
 
 
 @torch.inference_mode()
@@ -451,8 +462,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                                 console, modes, args.audio, args.video,
                                 args.context_limit):
             if args.find_capacity and shape in SHAPES:
-                result.capacity_sessions, result.roofline_sessions = find_capacity(
-                    loaded, floors, shape, args, console, result.deterministic)
+                result.capacity_sessions, result.roofline_sessions, machine = find_capacity(
+                    loaded, compute, shape, args, console, result.deterministic)
+                result.roofline_bandwidth_gbs = machine.bandwidth / 1e9
+                result.roofline_peak_gflops = machine.peak / 1e9
             results.append(result)
     out = Console(width=160)
     out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
@@ -479,6 +492,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                       str(r.evictions), f"{r.peak_rss_mb:.0f}")
     out.print(table)
     for r in results:
+        if r.roofline_sessions is not None:
+            out.print(f"{r.shape} roofline: the machine before the capacity probe, "
+                      f"{r.roofline_bandwidth_gbs:.1f} GB/s, {r.roofline_peak_gflops:.0f} "
+                      "GFLOP/s; the floor at the load of that probe's p99 tick")
         if r.frontend_ms is not None:
             positions = ", ".join(f"{name} {value:.1f}" for name, value in (
                 ("audio", r.audio_positions_per_slice), ("video", r.video_positions_per_slice))
@@ -502,8 +519,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
             found = [r.capacity_sessions for r in results if r.shape == shape
                      and r.capacity_sessions]
             sessions = found[0] if found else args.sessions  # at capacity where it was found
-            profiles.append(profile_shape(loaded, floors, shape, sessions, args.turns,
-                                          in_tokens, out_tokens, args, console))
+            # the floors of the profile's own minute (see find_capacity)
+            profiles.append(profile_shape(loaded, Floors.measure(loaded, compute), shape,
+                                          sessions, args.turns, in_tokens, out_tokens, args,
+                                          console))
             print_profile(out, profiles[-1])
     if args.json:
         with open(args.json, "w") as f:
