@@ -27,3 +27,26 @@ def test_roofline_is_the_last_session_count_whose_floor_fits(loaded):
     assert floors.roofline(loaded, 20, 400, 2, 0.01) == 0
     small, big = floors.roofline(loaded, 20, 400, 2, 50), floors.roofline(loaded, 20, 4000, 2, 50)
     assert big < small  # a longer history reads more KV: fewer sessions fit
+
+
+def test_the_roofline_takes_the_load_of_the_p99_tick(loaded):
+    """Capacity asks that the p99 tick fit the slice, and a session's context grows tick by
+    tick, so the roofline is taken at the load of the p99 tick (its context), not the mean's:
+    never more sessions than the mean load would allow, and fewer once the history is long."""
+    import torch
+
+    from microturn.bench.engine_bench import ShapeRun, p99_rank
+
+    assert [p99_rank(list(range(n))) for n in (1, 40, 100, 200)] == [0, 39, 99, 198]
+    floors = Floors(bandwidth=20e9, peak=50e9, weights=4_000_000, layer_weights=3_000_000)
+    with torch.inference_mode():
+        run = ShapeRun(loaded, floors, "speech", 2, 12, 16, 2, 200, 64, True)
+        for index in range(12 + run.warmup):
+            run.turn(index)
+        result = run.result()
+    contexts = [context for _, context in run.tick_loads]
+    assert contexts == sorted(contexts) and contexts[0] < contexts[-1]  # histories grow
+    assert result.p99_context == contexts[p99_rank(contexts)] > result.mean_context
+    at_p99 = floors.roofline(loaded, result.p99_feed, result.p99_context * 40, 2, 50)
+    at_mean = floors.roofline(loaded, result.mean_feed, result.mean_context * 40, 2, 50)
+    assert at_p99 < at_mean
