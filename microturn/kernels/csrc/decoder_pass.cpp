@@ -95,10 +95,10 @@ void decoder_layers(T* x, const std::vector<torch::Tensor>& weights, int64_t lay
       if (seat.team) std::copy(qkv.data(), qkv.data() + n * width, rotated);
       // tokens [t0, t1): rotated, their K/V stored, their queries scaled to fp32
       every_row(n, ROTARY_GRAIN, [&](int64_t t0, int64_t t1) {
-        T* rows = rotated + t0 * width;
-        rotary_rows(rows, cos + t0 * (d / 2), sin + t0 * (d / 2), t1 - t0, hq + hkv, width, d,
+        T* first = rotated + t0 * width;
+        rotary_rows(first, cos + t0 * (d / 2), sin + t0 * (d / 2), t1 - t0, hq + hkv, width, d,
                     interleaved);
-        write_rows(k_pool, v_pool, panel_keys, rows + q_size, rows + q_size + kv_size,
+        write_rows(k_pool, v_pool, panel_keys, first + q_size, first + q_size + kv_size,
                    write_blocks + t0, write_offsets + t0, t1 - t0, hkv, bs, d, width);
         for (int64_t t = t0; t < t1; ++t)
           scale_rows(rotated + t * width, q_scale, q32.data() + t * q_size, q_size);
