@@ -571,24 +571,6 @@ MICROTURN_DOT_TARGET inline __m512 exp2_dot(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
-// the maximum of s[0, n) in 16 lanes, four running maxima (max_of's value: a maximum is
-// exact in any order)
-MICROTURN_DOT_TARGET inline float max_of_dot(const float* s, int64_t n) {
-  const __m512 none = _mm512_set1_ps(-INFINITY);
-  __m512 a = none, b = none, c = none, d = none;
-  int64_t j = 0;
-  for (; j + 64 <= n; j += 64) {
-    a = _mm512_max_ps(a, _mm512_loadu_ps(s + j));
-    b = _mm512_max_ps(b, _mm512_loadu_ps(s + j + 16));
-    c = _mm512_max_ps(c, _mm512_loadu_ps(s + j + 32));
-    d = _mm512_max_ps(d, _mm512_loadu_ps(s + j + 48));
-  }
-  for (; j + 16 <= n; j += 16) a = _mm512_max_ps(a, _mm512_loadu_ps(s + j));
-  if (j < n)
-    b = _mm512_max_ps(b, _mm512_mask_loadu_ps(none, static_cast<__mmask16>((1u << (n - j)) - 1), s + j));
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a, b), _mm512_max_ps(c, d)));
-}
-
 // p[j] = exp(s[j] - top) as bf16 for j < valid (0 past it, to the next multiple of 16);
 // returns their fp32 sum (the row's normaliser keeps them unrounded)
 MICROTURN_DOT_TARGET inline float softmax_chunk_dot(const float* s, int64_t valid, float top,
@@ -723,7 +705,7 @@ struct DotSplit {
     const int64_t chunks = ld / CHUNK;
     for (int64_t r = first_row(c0); r < rows; ++r) {
       const int64_t valid = std::min(n_keys[r] - c0, n);
-      factor[r * chunks] = raise_row_max(max_of_dot(sc + r * ld, valid), row_max[r], row_sum[r]);
+      factor[r * chunks] = raise_row_max(max_of(sc + r * ld, valid), row_max[r], row_sum[r]);
       row_sum[r] += softmax_chunk_dot(sc + r * ld, valid, row_max[r], probs + r * ld);
     }
   }
