@@ -94,6 +94,12 @@ def run_bench_engine(args: argparse.Namespace) -> None:
     run_engine_bench(args)
 
 
+def run_bench_attention(args: argparse.Namespace) -> None:
+    from microturn.bench.attention_bench import run_attention_bench
+
+    run_attention_bench(args)
+
+
 def run_bench_moe(args: argparse.Namespace) -> None:
     from microturn.bench.moe_bench import run_moe_bench
 
@@ -418,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--deterministic", dest="compare_modes", action="store_true",
                         help="run deterministic mode and the fastest-per-shape mode side by side")
     engine.set_defaults(run=run_bench_engine)
+
+    attention = which.add_parser("attention", help="one paged-attention call of the engine's "
+                                 "shapes alone, against its floor")
+    attention.add_argument("--sessions", type=int, default=10)
+    attention.add_argument("--tokens", type=int, default=19, help="new tokens per session")
+    attention.add_argument("--context", type=int, default=500, help="slots of history each")
+    attention.add_argument("--layers", type=int, default=30,
+                           help="separate pools a call walks (1: one pool again, K/V hot)")
+    attention.add_argument("--repeats", type=int, default=7)
+    attention.add_argument("--decode", action="store_true",
+                           help="also the decode step's call (one token a session)")
+    attention.set_defaults(run=run_bench_attention)
 
     moe = which.add_parser("moe", help="MoE experts at micro-turn shapes: gather (gemv) vs "
                            "grouped (GEMM) vs torch, against the weight-read floor")
