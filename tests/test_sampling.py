@@ -85,3 +85,17 @@ def test_the_policy_logprob_is_the_drawn_distributions():
     model = float(logits.log_softmax(-1)[token])  # negative control: the model's own differs
     assert abs(policy - model) > 0.1
     assert sample_with_logprob(logits, SamplingParams(), None) == (int(logits.argmax()), 0.0)
+
+
+def test_greedy_rows_together_give_each_rows_own_token():
+    """The engine draws every greedy session in one batched argmax: each row must get the
+    index it gets alone, ties included (the first maximum). Negative control: the last
+    maximum of a tied row is another index, so the comparison can fail."""
+    from microturn.sampling import greedy_tokens
+
+    rows = torch.randn(5, 300, generator=torch.Generator().manual_seed(3)).bfloat16()
+    rows[2, 17] = rows[2, 250] = rows[2].max() + 1  # a tie: the first one wins
+    together = greedy_tokens(rows)
+    assert together == [sample(row, SamplingParams()) for row in rows]
+    assert together[2] == 17
+    assert int(299 - rows[2].flip(0).float().argmax()) == 250 != together[2]

@@ -30,7 +30,7 @@ from microturn.engine.torch_thread import on_torch_thread
 from microturn.errors import MicroturnError
 from microturn.frontend.embedding import FrontEnd
 from microturn.kernels import ops, policy
-from microturn.sampling import draw_seed, sample_with_logprob
+from microturn.sampling import draw_seed, greedy_tokens, sample_with_logprob
 from microturn.sequence.markers import MarkerTokens, MediaTokens
 from microturn.sequence.media_specs import FrameSpec
 from microturn.sequence.residency import Eviction, Residency, replay
@@ -461,15 +461,13 @@ class Engine:
 
     def _draw_all(self, sessions: list[Session], rows: torch.Tensor,
                   draws: list[bool]) -> list[int | None]:
-        """One token per session that draws. The greedy ones take one batched argmax (the
-        same index as each row's own: a row's argmax depends on that row only; one fp32 copy
-        of their rows instead of one per session, each a fresh ~200 KB allocation)."""
+        """One token per session that draws; the greedy ones in one batched call."""
         greedy = [i for i, (s, draw) in enumerate(zip(sessions, draws, strict=True))
                   if draw and s.params.sampling.greedy]
         drawn: list[int | None] = [None] * len(sessions)
         if greedy:
             picked = rows[greedy] if len(greedy) < len(sessions) else rows
-            for i, token in zip(greedy, picked.float().argmax(-1).tolist(), strict=True):
+            for i, token in zip(greedy, greedy_tokens(picked), strict=True):
                 drawn[i] = token
                 sessions[i].policy_logprobs[len(sessions[i].fed)] = 0.0
         for i, (s, draw) in enumerate(zip(sessions, draws, strict=True)):
