@@ -58,8 +58,9 @@ def test_page_streams_microphone_and_text_and_shows_both_lanes(tmp_path):
                                ".startsWith('live')", timeout=20_000)
         # the server says which slices carried audio: the microphone got through. The words
         # take the file's first ~2 s; typing after 4 s of audio puts the instruction in the
-        # quiet room, where the model answers it (typed into the words, it rightly waits for
-        # the speaker, and the test would time the race instead of the page)
+        # quiet room, where the model acknowledges it. Typed into the words, what it does
+        # hangs on where they land (seen: "lantern." at once here, nothing in 40 s in CI):
+        # the test would time that race instead of the page
         page.wait_for_function("Number(document.getElementById('heard').textContent) >= 20",
                                timeout=30_000)
         page.fill("#text", "When you hear a bell, say lantern.")
