@@ -508,14 +508,15 @@ MICROTURN_DOT_TARGET inline void value_pair_dot(__m512 (&a)[MR][C], const uint16
 // acc[m][j0 : j0 + 16C] += p[m][s] v[s][..] + p[m][s+1] v[s+1][..] over the slot pairs from
 // `from` (even) to `to` (an odd `to` pairs its last slot with zero); rows[s] is slot s's value
 // row, p holds bf16 probabilities (row stride ldp words, word i = slots 2i, 2i + 1)
-template <int MR, int C, bool Stream>
+template <int MR, int C, bool Stream, bool Fresh = false>
 MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
                                                  const uint16_t* const* rows, int64_t j0,
                                                  float* acc, int64_t d, int64_t from, int64_t to,
                                                  StreamAhead* stream) {
   __m512 a[MR][C];
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
+    for (int c = 0; c < C; ++c)
+      a[m][c] = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * d + j0 + 16 * c);
   const __m512i low = _mm512_load_si512(PAIR_LOW), high = _mm512_load_si512(PAIR_HIGH);
   int64_t s = from;
   for (; s + 1 < to; s += 2) {
@@ -527,7 +528,9 @@ MICROTURN_DOT_TARGET inline void value_block_dot(const uint32_t* p, int64_t ldp,
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + m * d + j0 + 16 * c, a[m][c]);
 }
 
-template <int MR>
+// (Fresh: acc's rows start from zero, not from what they hold: a split's first chunk, whose
+// accumulators then need no zeroing first: the same sums, as 0 + x is x)
+template <int MR, bool Fresh = false>
 MICROTURN_DOT_TARGET inline void value_rows_dot(const uint32_t* p, int64_t ldp,
                                                 const uint16_t* const* rows, float* acc,
                                                 int64_t d, int64_t from, int64_t to,
@@ -535,8 +538,9 @@ MICROTURN_DOT_TARGET inline void value_rows_dot(const uint32_t* p, int64_t ldp,
   auto blocks = [&](auto streamed) {
     constexpr bool S = decltype(streamed)::value;
     int64_t j = 0;  // d is a multiple of 16
-    for (; j + 64 <= d; j += 64) value_block_dot<MR, 4, S>(p, ldp, rows, j, acc, d, from, to, stream);
-    for (; j < d; j += 16) value_block_dot<MR, 1, S>(p, ldp, rows, j, acc, d, from, to, stream);
+    for (; j + 64 <= d; j += 64)
+      value_block_dot<MR, 4, S, Fresh>(p, ldp, rows, j, acc, d, from, to, stream);
+    for (; j < d; j += 16) value_block_dot<MR, 1, S, Fresh>(p, ldp, rows, j, acc, d, from, to, stream);
   };
   if (stream) {
     blocks(std::true_type{});
@@ -611,6 +615,8 @@ struct DotSplit {
   // prefetch instructions: -20 % hot). More rows reuse each chunk's K/V for many products and
   // keep the chunk-by-chunk order, with the K/V requested ahead of the reads.
   bool keys_first() const { return rows <= KEYS_FIRST_ROWS; }
+  // more rows run a chunk a row tile at a time (row_tiles_through)
+  bool through_row_tiles() const { return !keys_first() && h.panel_keys; }
 
   MICROTURN_DOT_TARGET void start(const float* q) {
     const int64_t d = h.d;
@@ -620,7 +626,7 @@ struct DotSplit {
     w.rescale.resize(rows * (ld / CHUNK));
     w.query_pairs.resize(rows * d);
     if (!h.panel_keys) w.key_panels.resize(CHUNK * d);
-    std::fill(acc, acc + rows * d, 0.0f);
+    if (!through_row_tiles()) std::fill(acc, acc + rows * d, 0.0f);
     std::fill(row_max, row_max + rows, -INFINITY);
     std::fill(row_sum, row_sum + rows, 0.0f);
     round_to_bf16(q, w.query_pairs.data(), rows * d);
@@ -736,6 +742,52 @@ struct DotSplit {
         value_rows_dot<1>(pp + r * ldp, ldp, value_row, acc + r * d, d, common, valid, nullptr);
     }
   }
+
+  // Chunk by chunk: the chunk at c0 a row tile at a time, its scores, softmax and values while
+  // they are in L1 (all rows' scores first made the softmax read them back from L2). Each row's
+  // operations and their order are those of scores(), softmax() and values(), so its bits.
+  MICROTURN_DOT_TARGET void row_tiles_through(int64_t c0) {
+    const int64_t d = h.d, pairs = d / 2;
+    const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
+    const int64_t first = first_row(c0);
+    const uint16_t* value_row[CHUNK];
+    find_value_rows(c0, n, value_row);
+    const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
+    const uint16_t* panel_ptr[CHUNK / PANEL];
+    for (int64_t p = 0; p < panels; ++p) panel_ptr[p] = k_pool + h.key_panel(c0 + p * PANEL);
+    auto panel_at = [&](int64_t p) { return panel_ptr[p]; };
+    const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
+    float* sc = w.scores.data();  // one tile's rows, reused by every tile
+    uint16_t* probs = w.probs.data();
+    const auto* pp = reinterpret_cast<const uint32_t*>(probs);
+    const int64_t ldp = CHUNK / 2;
+    row_tiles(first, rows, [&](auto mr, int64_t r) {
+      constexpr int MR = decltype(mr)::value;
+      StreamAhead* lead = r == first ? stream : nullptr;
+      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, 2 * h.key_width, panels, sc,
+                       CHUNK, lead);
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t valid = std::min(n_keys[r + i] - c0, n);
+        const float* row = sc + i * CHUNK;
+        rescale(raise_row_max(max_of(row, valid), row_max[r + i], row_sum[r + i]),
+                acc + (r + i) * d, d);
+        row_sum[r + i] += softmax_chunk_dot(row, valid, row_max[r + i], probs + i * CHUNK);
+      }
+      // the tile's rows over the slot pairs they all see, then each row's own remainder
+      const int64_t common = std::min(n_keys[r] - c0, n) / 2 * 2;
+      if (c0 == s_begin) {  // every row sees the split's first slot: all start here
+        value_rows_dot<MR, true>(pp, ldp, value_row, acc + r * d, d, 0, common, lead);
+      } else {
+        value_rows_dot<MR>(pp, ldp, value_row, acc + r * d, d, 0, common, lead);
+      }
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t valid = std::min(n_keys[r + i] - c0, n);
+        if (valid > common)
+          value_rows_dot<1>(pp + i * ldp, ldp, value_row, acc + (r + i) * d, d, common, valid,
+                            nullptr);
+      }
+    });
+  }
 };
 
 // attend_split (below) with bf16 dot products: the same online softmax over the same chunks
@@ -745,6 +797,10 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
                                            float* row_sum, AttentionScratch& w) {
   DotSplit split{h, n_keys, rows, s_begin, s_end, acc, row_max, row_sum, w};
   split.start(q);
+  if (split.through_row_tiles()) {
+    for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) split.row_tiles_through(c0);
+    return;
+  }
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
     split.scores(c0);
     split.softmax(c0);
