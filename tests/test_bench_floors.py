@@ -1,6 +1,7 @@
 """The engine benchmark's roofline capacity: the most sessions whose tick floor fits the slice."""
 
 import pytest
+import torch
 from test_engine import tiny_loaded
 
 from microturn.bench.engine_bench import Floors
@@ -50,3 +51,26 @@ def test_the_roofline_takes_the_load_of_the_p99_tick(loaded):
     at_p99 = floors.roofline(loaded, result.p99_feed, result.p99_context * 40, 2, 50)
     at_mean = floors.roofline(loaded, result.mean_feed, result.mean_context * 40, 2, 50)
     assert at_p99 < at_mean
+
+
+def test_thread_round_trip_is_a_real_hand_off_between_two_threads():
+    from microturn.bench.machine import thread_round_trip_ns
+    from microturn.kernels import build
+
+    if build.load() is None:
+        pytest.skip("needs the CPU kernels")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert thread_round_trip_ns() is None  # one thread: nothing to hand a line to
+        torch.set_num_threads(2)
+        ns = thread_round_trip_ns()
+        # a cache line's trip and back: tens of ns at least, and far below a scheduler slice
+        # unless the two threads share one CPU (then it waits on preemption: not this machine)
+        assert ns is not None and 10 < ns < 100_000, ns
+        assert build.load().thread_round_trip_ns(rounds=1000, samples=1) > 10
+    finally:
+        torch.set_num_threads(threads)
+    floors = Floors(bandwidth=20e9, peak=50e9, weights=1, layer_weights=1, round_trip_ns=71.4)
+    assert floors.describe() == "20.0 GB/s, 50 GFLOP/s, threads 71 ns round trip"
+    assert "threads" not in Floors(20e9, 50e9, 1, 1).describe()

@@ -22,7 +22,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from microturn.bench.machine import best_seconds, measure_machine
+from microturn.bench.machine import best_seconds, measure_machine, thread_round_trip_ns
 from microturn.checkpoint.loader import DTYPES, LoadedModel, load_model
 from microturn.engine.engine import Engine, EngineConfig
 from microturn.engine.session import SessionInfo, SessionParams
@@ -69,6 +69,7 @@ class ShapeResult:
     # the machine as measured before the capacity probe, which the roofline takes
     roofline_bandwidth_gbs: float | None = None
     roofline_peak_gflops: float | None = None
+    roofline_round_trip_ns: float | None = None
     # --audio / --video: the front-end's work per tick (dMel, patching, embedding) and the
     # positions each modality adds to one input slice, on average
     frontend_ms: float | None = None
@@ -97,6 +98,9 @@ class Floors:
     peak: float  # FLOP/s
     weights: int  # parameters read by every forward (the tied embedding once)
     layer_weights: int  # matmul parameters of the layers (2 FLOPs each per token)
+    # how far apart the two threads sit (machine.thread_round_trip_ns): not in the floor, but
+    # ticks at the same floor run ~1.2x longer in a VM's far minutes
+    round_trip_ns: float | None = None
 
     @classmethod
     def measure(cls, loaded: LoadedModel, compute: torch.dtype) -> "Floors":
@@ -108,7 +112,13 @@ class Floors:
         peak = max(peaks.matmul_flops_per_second["compute"], engine_linear_peak(model))
         return cls(peaks.read_bytes_per_second, peak,
                    sum(p.numel() for p in model.parameters()),
-                   sum(p.numel() for p in model.layers.parameters() if p.dim() == 2))
+                   sum(p.numel() for p in model.layers.parameters() if p.dim() == 2),
+                   thread_round_trip_ns())
+
+    def describe(self) -> str:
+        apart = ("" if self.round_trip_ns is None
+                 else f", threads {self.round_trip_ns:.0f} ns round trip")
+        return f"{self.bandwidth / 1e9:.1f} GB/s, {self.peak / 1e9:.0f} GFLOP/s{apart}"
 
     def tick(self, loaded: LoadedModel, passes: list[list[tuple[int, int]]]) -> float:
         """passes: per forward, (new tokens, context after them) for each session in it."""
@@ -379,6 +389,7 @@ def profile_shape(loaded: LoadedModel, floors: Floors, shape: str, sessions: int
     return {"shape": shape, "sessions": sessions, "turns": turns, "tick_ms": result.p50_ms,
             "mean_tick_ms": profile.tick_seconds * per, "floor_ms": result.floor_ms,
             "bandwidth_GBps": floors.bandwidth / 1e9, "matmul_GFLOPs": floors.peak / 1e9,
+            "round_trip_ns": floors.round_trip_ns,
             "rows": rows}
 
 
@@ -387,7 +398,9 @@ def print_profile(out: Console, profile: dict) -> None:
                         f"sessions, mean of {profile['turns']} ticks "
                         f"({profile['mean_tick_ms']:.1f} ms; floor {profile['floor_ms']:.1f} ms "
                         f"at {profile['bandwidth_GBps']:.0f} GB/s, "
-                        f"{profile['matmul_GFLOPs']:.0f} GFLOP/s)")
+                        f"{profile['matmul_GFLOPs']:.0f} GFLOP/s"
+                        + ("" if profile["round_trip_ns"] is None else
+                           f"; threads {profile['round_trip_ns']:.0f} ns round trip") + ")")
     for column in ("phase", "ms per tick", "share", "floor ms", "x floor", "over floor ms"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for row in profile["rows"]:
@@ -422,7 +435,7 @@ def find_capacity(loaded, compute, shape, args, console,
                             [deterministic], args.audio, args.video)
         probes[n] = result, floors
         console.log(f"capacity probe {shape}: {n} sessions, p99 {result.p99_ms:.0f} ms "
-                    f"({floors.bandwidth / 1e9:.0f} GB/s, {floors.peak / 1e9:.0f} GFLOP/s)")
+                    f"({floors.describe()})")
         return result.p99_ms < args.slice_ms
 
     low = 0
@@ -466,10 +479,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
                     loaded, compute, shape, args, console, result.deterministic)
                 result.roofline_bandwidth_gbs = machine.bandwidth / 1e9
                 result.roofline_peak_gflops = machine.peak / 1e9
+                result.roofline_round_trip_ns = machine.round_trip_ns
             results.append(result)
     out = Console(width=160)
-    out.print(f"bandwidth {floors.bandwidth / 1e9:.1f} GB/s, matmul peak "
-              f"{floors.peak / 1e9:.0f} GFLOP/s ({compute}); {args.dtype}; "
+    out.print(f"machine {floors.describe()} ({compute}); {args.dtype}; "
               f"{'real time' if args.realtime else 'as fast as possible'}; "
               f"slice {args.slice_ms} ms")
     table = Table(title=f"microturn bench engine: {args.sessions} session(s) x {args.turns} "
@@ -493,9 +506,11 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     out.print(table)
     for r in results:
         if r.roofline_sessions is not None:
+            apart = ("" if r.roofline_round_trip_ns is None
+                     else f", threads {r.roofline_round_trip_ns:.0f} ns round trip")
             out.print(f"{r.shape} roofline: the machine before the capacity probe, "
                       f"{r.roofline_bandwidth_gbs:.1f} GB/s, {r.roofline_peak_gflops:.0f} "
-                      "GFLOP/s; the floor at the load of that probe's p99 tick")
+                      f"GFLOP/s{apart}; the floor at the load of that probe's p99 tick")
         if r.frontend_ms is not None:
             positions = ", ".join(f"{name} {value:.1f}" for name, value in (
                 ("audio", r.audio_positions_per_slice), ("video", r.video_positions_per_slice))
@@ -529,5 +544,6 @@ def run_engine_bench(args: argparse.Namespace) -> None:
             json.dump({"dtype": args.dtype, "slice_ms": args.slice_ms,
                        "bandwidth_GBps": floors.bandwidth / 1e9,
                        "matmul_GFLOPs": floors.peak / 1e9,
+                       "round_trip_ns": floors.round_trip_ns,
                        "results": [asdict(r) for r in results], "profiles": profiles}, f,
                       indent=2)

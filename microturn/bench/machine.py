@@ -77,6 +77,19 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 12) -> floa
     return 2 * size**3 / seconds
 
 
+def thread_round_trip_ns() -> float | None:
+    """Nanoseconds for a cache line to go from the first intra-op thread to the second and back
+    (the median of five samples): ~60-80 when two vCPUs share a last-level cache, several times
+    that across chiplets, which a VM may switch between within minutes. None without the CPU
+    kernels or a second thread."""
+    from microturn.kernels import build
+
+    kernels = build.load()
+    if kernels is None or torch.get_num_threads() < 2:
+        return None
+    return kernels.thread_round_trip_ns()
+
+
 def measure_machine(dtypes: dict[str, torch.dtype]) -> MachinePeaks:
     """Bandwidth, and the matmul peak of each named dtype (the dtype the matmul runs in)."""
     return MachinePeaks(read_bandwidth(),

@@ -26,3 +26,4 @@ torch::Tensor paged_decoder_forward(const LayerStack& stack, const PagedPass& pa
                                     torch::Tensor token_ids, c10::optional<torch::Tensor> embeds,
                                     torch::Tensor positions,
                                     c10::optional<torch::Tensor> logits_at);
+double thread_round_trip_ns(int64_t rounds, int64_t samples);

@@ -39,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dmel_embedding", &dmel_embedding,
         "dMel frames -> the sums of their channels' table rows (DMelEmbedding's tree, fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("thread_round_trip_ns", &thread_round_trip_ns, nogil, py::arg("rounds") = 20000,
+        py::arg("samples") = 5,
+        "ns for a cache line to go from the pool's first thread to its second and back (median)");
   m.def("phase_profile", [](bool on) { return g_phase_profile.exchange(on); },
         "keep each paged pass's wall time by phase (bench engine --profile); returns the old");
   m.def("phase_seconds", [] {
