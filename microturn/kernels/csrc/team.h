@@ -65,10 +65,11 @@ void as_team(int threads, Body&& body) {
 constexpr int64_t FOLD_GRAIN = 16;   // attention row groups folded per thread
 
 // Runs body(take) once on each intra-op thread (at most n of them), where take() hands out the
-// units 0, 1, 2, ... (n and past it: done) to whichever thread asks next. On a shared machine
-// one core often runs slower than the other for a while (static halves left it 15-30 % behind
-// in attention); this way it simply takes fewer units. What a unit computes never depends on
-// the thread that runs it, so neither do the results.
+// units 0, 1, 2, ... (n and past it: done) to whichever thread asks next (two threads outside a
+// team: from the two ends). On a shared machine one core often runs slower than the other for
+// a while (static halves left it 15-30 % behind in attention); this way it simply takes fewer
+// units. What a unit computes never depends on the thread that runs it, so neither do the
+// results.
 template <typename Body>
 void share_units(int64_t n, Body&& body) {
   if (seat.team) {
@@ -79,10 +80,24 @@ void share_units(int64_t n, Body&& body) {
     team_barrier();
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto take = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1,
-                   [&](int64_t, int64_t) { body(take); });
+  std::atomic<int64_t> taken{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
+    if (workers != 2) {
+      body([&taken] { return taken.fetch_add(1, std::memory_order_relaxed); });
+      return;
+    }
+    // Two threads take from the two ends (units are listed row by row): each mostly works on
+    // its own rows, which the next op, split in row halves, then finds in its own cache (on a
+    // VM whose two vCPUs sit on different chiplets a line from the other costs ~350 ns). The
+    // shared count keeps the takes disjoint: a + b <= n.
+    int64_t own = 0;
+    body([&] {
+      if (taken.fetch_add(1, std::memory_order_relaxed) >= n) return n;
+      const int64_t k = own++;
+      return worker == 0 ? k : n - 1 - k;
+    });
+  });
 }
 
 // f(u) for every unit u in [0, n). A decode step's units (one row's matvec over weight groups)
