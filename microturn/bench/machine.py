@@ -87,7 +87,7 @@ def thread_round_trip_ns() -> float | None:
     kernels = build.load()
     if kernels is None or torch.get_num_threads() < 2:
         return None
-    return kernels.thread_round_trip_ns()
+    return kernels.thread_round_trip_ns() or None  # 0: the pool gave it one thread
 
 
 def measure_machine(dtypes: dict[str, torch.dtype]) -> MachinePeaks:

@@ -22,7 +22,7 @@ double thread_round_trip_ns(int64_t rounds, int64_t samples) {
     Baton baton;
     double ns = 0.0;
 #pragma omp parallel num_threads(2)
-    {
+    if (omp_get_num_threads() == 2) {  // (a nested region may get one: no partner to wait for)
       const int64_t me = omp_get_thread_num();
       const auto started = std::chrono::steady_clock::now();
       // thread 0 writes odd turns, thread 1 even ones: each waits for the other's write
@@ -38,5 +38,5 @@ double thread_round_trip_ns(int64_t rounds, int64_t samples) {
     round_trips.push_back(ns);
   }
   std::sort(round_trips.begin(), round_trips.end());
-  return round_trips[round_trips.size() / 2];  // the median sample
+  return round_trips[round_trips.size() / 2];  // the median sample (0: no second thread)
 }
