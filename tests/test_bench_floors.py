@@ -48,6 +48,9 @@ def test_the_roofline_takes_the_load_of_the_p99_tick(loaded):
     contexts = [context for _, context in run.tick_loads]
     assert contexts == sorted(contexts) and contexts[0] < contexts[-1]  # histories grow
     assert result.p99_context == contexts[p99_rank(contexts)] > result.mean_context
+    # the run says where the threads sat at its two ends (None: this Floors measured none)
+    assert result.round_trip_ns_start is None
+    assert result.round_trip_ns_end is None or result.round_trip_ns_end > 10
     at_p99 = floors.roofline(loaded, result.p99_feed, result.p99_context * 40, 2, 50)
     at_mean = floors.roofline(loaded, result.mean_feed, result.mean_context * 40, 2, 50)
     assert at_p99 < at_mean

@@ -64,6 +64,11 @@ class ShapeResult:
     mean_context: float  # KV slots one session's input step reads back
     p99_feed: float  # the same at the tick of the p99 rank (by context)
     p99_context: float
+    # the threads' cache-line round trip before the run and after it: the ends of a long run
+    # may fall in different kinds of a VM's minutes (machine.thread_round_trip_ns), which
+    # moves the tail/head ratios by up to ~1.2x
+    round_trip_ns_start: float | None = None
+    round_trip_ns_end: float | None = None
     capacity_sessions: int | None = None
     roofline_sessions: int | None = None  # the most sessions whose tick floor fits the slice
     # the machine as measured before the capacity probe, which the roofline takes
@@ -294,7 +299,8 @@ class ShapeRun:
             kv_blocks_peak=self.peak_blocks, kv_blocks_total=engine.pool_stats().blocks_total,
             evictions=evictions, mean_feed=self.fed / max(1, self.samples),
             mean_context=self.read / max(1, self.samples), p99_feed=p99_feed,
-            p99_context=p99_context, **self._media_result(ms), **reach)
+            p99_context=p99_context, round_trip_ns_start=self.floors.round_trip_ns,
+            round_trip_ns_end=thread_round_trip_ns(), **self._media_result(ms), **reach)
 
     def _reach(self, token: int) -> float:
         """Session seconds from the turn that holds sequence index `token` to the end."""
@@ -524,6 +530,12 @@ def run_engine_bench(args: argparse.Namespace) -> None:
             out.print(f"{r.shape} {mode_name(r.deterministic)}: long session: every text and "
                       f"marker token of the last {r.text_reach_s:.0f} s is resident, media of "
                       f"the last {r.media_reach_s:.0f} s ({r.evictions} evictions)")
+    for r in results:
+        if r.round_trip_ns_start and r.round_trip_ns_end:
+            out.print(f"{r.shape} {mode_name(r.deterministic)}: threads "
+                      f"{r.round_trip_ns_start:.0f} ns round trip before the run, "
+                      f"{r.round_trip_ns_end:.0f} ns after it (far minutes run ~1.2x slower: "
+                      "compare the tail/head ratios of runs whose ends agree)")
     for det, fast in zip(results[::2], results[1::2], strict=True) if args.compare_modes else ():
         out.print(f"{det.shape}: deterministic mode costs "
                   f"{(det.p50_ms / fast.p50_ms - 1) * 100:+.1f}% p50 tick latency, "
