@@ -97,6 +97,11 @@ def engine_linear_peak(model, rows: int = 256, repeats: int = 8) -> float:
     return 2 * rows * linear.weight.numel() / seconds
 
 
+def threads_apart(round_trip_ns: float | None, separator: str = ", ") -> str:
+    """How far apart the threads sat, for a report line ("" where not measured)."""
+    return "" if round_trip_ns is None else f"{separator}threads {round_trip_ns:.0f} ns round trip"
+
+
 @dataclass(frozen=True)
 class Floors:
     bandwidth: float  # bytes/s
@@ -121,9 +126,9 @@ class Floors:
                    thread_round_trip_ns())
 
     def describe(self) -> str:
-        apart = ("" if self.round_trip_ns is None
-                 else f", threads {self.round_trip_ns:.0f} ns round trip")
-        return f"{self.bandwidth / 1e9:.1f} GB/s, {self.peak / 1e9:.0f} GFLOP/s{apart}"
+        return (f"{self.bandwidth / 1e9:.1f} GB/s, {self.peak / 1e9:.0f} GFLOP/s"
+                f"{threads_apart(self.round_trip_ns)}")
+
 
     def tick(self, loaded: LoadedModel, passes: list[list[tuple[int, int]]]) -> float:
         """passes: per forward, (new tokens, context after them) for each session in it."""
@@ -405,8 +410,7 @@ def print_profile(out: Console, profile: dict) -> None:
                         f"({profile['mean_tick_ms']:.1f} ms; floor {profile['floor_ms']:.1f} ms "
                         f"at {profile['bandwidth_GBps']:.0f} GB/s, "
                         f"{profile['matmul_GFLOPs']:.0f} GFLOP/s"
-                        + ("" if profile["round_trip_ns"] is None else
-                           f"; threads {profile['round_trip_ns']:.0f} ns round trip") + ")")
+                        f"{threads_apart(profile['round_trip_ns'], '; ')})")
     for column in ("phase", "ms per tick", "share", "floor ms", "x floor", "over floor ms"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for row in profile["rows"]:
@@ -512,11 +516,10 @@ def run_engine_bench(args: argparse.Namespace) -> None:
     out.print(table)
     for r in results:
         if r.roofline_sessions is not None:
-            apart = ("" if r.roofline_round_trip_ns is None
-                     else f", threads {r.roofline_round_trip_ns:.0f} ns round trip")
             out.print(f"{r.shape} roofline: the machine before the capacity probe, "
                       f"{r.roofline_bandwidth_gbs:.1f} GB/s, {r.roofline_peak_gflops:.0f} "
-                      f"GFLOP/s{apart}; the floor at the load of that probe's p99 tick")
+                      f"GFLOP/s{threads_apart(r.roofline_round_trip_ns)}; the floor at the "
+                      "load of that probe's p99 tick")
         if r.frontend_ms is not None:
             positions = ", ".join(f"{name} {value:.1f}" for name, value in (
                 ("audio", r.audio_positions_per_slice), ("video", r.video_positions_per_slice))

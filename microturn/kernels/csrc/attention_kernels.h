@@ -625,7 +625,7 @@ struct DotSplit {
   // keep the chunk-by-chunk order, with the K/V requested ahead of the reads.
   bool keys_first() const { return rows <= KEYS_FIRST_ROWS; }
   // more rows run a chunk a row tile at a time (row_tiles_through)
-  bool through_row_tiles() const { return !keys_first() && h.panel_keys; }
+  bool through_row_tiles() const { return !keys_first(); }
 
   MICROTURN_DOT_TARGET void start(const float* q) {
     const int64_t d = h.d;
@@ -665,33 +665,39 @@ struct DotSplit {
     }
   }
 
+  // The key panels of the chunk at c0 (n slots): each panel's address once a chunk (a pool
+  // panel's takes four integer divisions), not once for every row tile that reads it; a pool
+  // of key rows has them copied into panels of channel pairs first. Returns the pair stride.
+  MICROTURN_DOT_TARGET int64_t key_panels_of(int64_t c0, int64_t n, const uint16_t** panel_ptr) {
+    const int64_t d = h.d, pairs = d / 2, panels = (n + PANEL - 1) / PANEL;
+    const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
+    if (h.panel_keys) {
+      for (int64_t p = 0; p < panels; ++p) panel_ptr[p] = k_pool + h.key_panel(c0 + p * PANEL);
+      return 2 * h.key_width;
+    }
+    const uint16_t* value_row[CHUNK];
+    find_value_rows(c0, n, value_row);
+    const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
+      uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
+      for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
+    }
+    for (int64_t i = n; i < panels * PANEL; ++i)  // the last panel's unused slots: zeros
+      for (int64_t c = 0; c < pairs; ++c)
+        std::memset(w.key_panels.data() + (i / PANEL) * d * PANEL + c * 2 * PANEL + (i % PANEL) * 2, 0, 4);
+    for (int64_t p = 0; p < panels; ++p) panel_ptr[p] = w.key_panels.data() + p * d * PANEL;
+    return 2 * PANEL;
+  }
+
   // the scores of the chunk at c0, into scores + (c0 - s_begin) % ld
   MICROTURN_DOT_TARGET void scores(int64_t c0) {
-    const int64_t d = h.d, pairs = d / 2;
+    const int64_t pairs = h.d / 2;
     const int64_t n = std::min(CHUNK, s_end - c0), panels = (n + PANEL - 1) / PANEL;
     const int64_t first = first_row(c0);
-    const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
-    if (!h.panel_keys) {  // key rows -> panels of channel pairs
-      const uint16_t* value_row[CHUNK];
-      find_value_rows(c0, n, value_row);
-      const auto* v_pool = reinterpret_cast<const uint16_t*>(h.v);
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* key = k_pool + (value_row[i] - v_pool);  // keys sit where values do
-        uint16_t* panel = w.key_panels.data() + (i / PANEL) * d * PANEL + (i % PANEL) * 2;
-        for (int64_t c = 0; c < pairs; ++c) std::memcpy(panel + c * 2 * PANEL, key + 2 * c, 4);
-      }
-      for (int64_t i = n; i < panels * PANEL; ++i)  // the last panel's unused slots: zeros
-        for (int64_t c = 0; c < pairs; ++c)
-          std::memset(w.key_panels.data() + (i / PANEL) * d * PANEL + c * 2 * PANEL + (i % PANEL) * 2, 0, 4);
-    }
-    // each panel's address once a chunk (a pool panel's takes four integer divisions), not
-    // once for every row tile that reads it
     const uint16_t* panel_ptr[CHUNK / PANEL];
-    for (int64_t p = 0; p < panels; ++p)
-      panel_ptr[p] = h.panel_keys ? k_pool + h.key_panel(c0 + p * PANEL)
-                                  : w.key_panels.data() + p * d * PANEL;
+    const int64_t pair_stride = key_panels_of(c0, n, panel_ptr);
     auto panel_at = [&](int64_t p) { return panel_ptr[p]; };
-    const int64_t pair_stride = 2 * (h.panel_keys ? h.key_width : PANEL);
     const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
     float* sc = w.scores.data() + (c0 - s_begin) % ld;
     StreamAhead* lead = stream;
@@ -761,9 +767,8 @@ struct DotSplit {
     const int64_t first = first_row(c0);
     const uint16_t* value_row[CHUNK];
     find_value_rows(c0, n, value_row);
-    const auto* k_pool = reinterpret_cast<const uint16_t*>(h.k);
     const uint16_t* panel_ptr[CHUNK / PANEL];
-    for (int64_t p = 0; p < panels; ++p) panel_ptr[p] = k_pool + h.key_panel(c0 + p * PANEL);
+    const int64_t pair_stride = key_panels_of(c0, n, panel_ptr);
     auto panel_at = [&](int64_t p) { return panel_ptr[p]; };
     const auto* qp = reinterpret_cast<const uint32_t*>(w.query_pairs.data());
     float* sc = w.scores.data();  // one tile's rows, reused by every tile
@@ -773,8 +778,8 @@ struct DotSplit {
     row_tiles(first, rows, [&](auto mr, int64_t r) {
       constexpr int MR = decltype(mr)::value;
       StreamAhead* lead = r == first ? stream : nullptr;
-      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, 2 * h.key_width, panels, sc,
-                       CHUNK, lead);
+      key_rows_dot<MR>(qp + r * pairs, pairs, pairs, panel_at, pair_stride, panels, sc, CHUNK,
+                       lead);
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t valid = std::min(n_keys[r + i] - c0, n);
         const float* row = sc + i * CHUNK;
@@ -813,10 +818,8 @@ MICROTURN_DOT_TARGET void attend_split_dot(const KvHead<at::BFloat16>& h, const 
   for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) {
     split.scores(c0);
     split.softmax(c0);
-    if (!split.keys_first()) split.values(c0);
   }
-  if (split.keys_first())
-    for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) split.values(c0);
+  for (int64_t c0 = s_begin; c0 < s_end; c0 += CHUNK) split.values(c0);
 }
 
 // The same split of several kv heads of one sequence whose blocks hold them side by side, keys
